@@ -1,0 +1,1 @@
+"""Generated from protos/lmforge/v1 by tools/genproto.py; do not edit."""

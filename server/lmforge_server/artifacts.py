@@ -1,0 +1,73 @@
+"""The artifact store: a directory with atomic writes.
+
+Layout: datasets/<owner>/<sha256>/data.txt, jobs/<job-id>/..., models/<model-id>/...
+Writes go to a temporary name beside the target and are renamed into place, so a reader
+never sees half a file and a crash leaves only temporaries (swept by `sweep_temporaries`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+
+
+class ArtifactStore:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, *parts: str) -> Path:
+        """The local path of an artifact (it may not exist)."""
+        return self.root.joinpath(*parts)
+
+    def dataset_dir(self, owner: str, sha256: str) -> Path:
+        return self.path("datasets", owner, sha256)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.path("jobs", job_id)
+
+    def model_dir(self, model_id: str) -> Path:
+        return self.path("models", model_id)
+
+    @contextlib.contextmanager
+    def atomic_file(self, target: Path, mode: str = "wb") -> Iterator:
+        """Open a temporary file beside `target`; it replaces `target` only on success."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{target.name}")
+        try:
+            with open(tmp, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    @contextlib.contextmanager
+    def atomic_dir(self, target: Path) -> Iterator[Path]:
+        """Yield a temporary directory that is renamed to `target` only on success."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{target.name}")
+        tmp.mkdir()
+        try:
+            yield tmp
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def remove(self, target: Path) -> None:
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
