@@ -343,3 +343,28 @@ def count_parameters(m: ModelConfig) -> ParameterCount:
     flops = 6 * matmul_params + 12 * m.n_layers * d * m.context_length
     return ParameterCount(total, embedding, attention, mlp, norm, flops)
 
+
+
+def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from a Hugging Face LlamaForCausalLM config.json (fine-tuning source)."""
+    archs = config.get("architectures") or ["LlamaForCausalLM"]
+    if config.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in archs:
+        raise ValueError(f"not a Llama model: model_type {config.get('model_type')!r}")
+    d = int(config["hidden_size"])
+    n_heads = int(config["num_attention_heads"])
+    if config.get("head_dim") not in (None, d // n_heads):
+        raise ValueError("head_dim other than hidden_size / num_attention_heads is not supported")
+    return ModelConfig(
+        n_layers=int(config["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
+        d_model=d,
+        intermediate_size=int(config["intermediate_size"]),
+        context_length=int(config.get("max_position_embeddings", 2048)),
+        vocab_size=int(config["vocab_size"]),
+        tokenizer="pretrained",
+        dropout=float(config.get("attention_dropout", 0.0)),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        rope_theta=float(config.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+    )

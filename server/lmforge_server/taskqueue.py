@@ -1,0 +1,38 @@
+"""The Celery app on Redis, configured once for both sides: the API server sends
+`lmforge.train` tasks, the workers (lmforge_worker.app) run them."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from lmforge_server.settings import Settings
+
+TRAIN_TASK = "lmforge.train"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("lmforge", broker=settings.redis_url, set_as_current=False)
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    app.conf.update(
+        # At-least-once: a task is acked after it ran, and redelivered if its worker died;
+        # the job's lease (not Celery) keeps two workers off one job.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_routes={TRAIN_TASK: {"queue": settings.train_queue}},
+        task_default_queue=settings.train_queue,
+        task_ignore_result=True,
+        result_backend=None,
+        broker_transport_options=transport,
+        visibility_timeout=settings.visibility_timeout_s,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+def enqueue_training(app: Celery, settings: Settings, job_id: str) -> None:
+    app.send_task(TRAIN_TASK, args=[job_id], queue=settings.train_queue)

@@ -1,0 +1,59 @@
+"""The Celery worker: `lmforge worker` runs one process (solo pool) per GPU on queue `gpu`.
+
+Solo pool on purpose: the task runs in the worker's main process, which never forks after
+CUDA is initialised, and a SIGTERM reaches the training loop (it checkpoints and gives the
+job back instead of dying mid-step).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from celery import Celery, signals
+
+from lmforge_server.artifacts import ArtifactStore
+from lmforge_server.settings import Settings
+from lmforge_server.store import Store
+from lmforge_server.taskqueue import TRAIN_TASK, make_celery
+from lmforge_worker import runner
+
+log = logging.getLogger("lmforge.worker")
+
+
+def build_app(settings: Settings) -> Celery:
+    app = make_celery(settings)
+    store = Store.from_url(settings.redis_url)
+    artifacts = ArtifactStore(settings.artifacts_dir)
+
+    @app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)
+    def train(job_id: str) -> str | None:
+        return runner.run_job(settings, store, artifacts, job_id)
+
+    return app
+
+
+@signals.worker_shutting_down.connect
+def _on_shutdown(**_) -> None:
+    runner.SHUTDOWN.set()
+
+
+def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
+    """Runs a Celery worker on settings.redis_url until SIGINT/SIGTERM (blocks)."""
+    if not settings.redis_url:
+        raise SystemExit("lmforge worker needs a Redis: --redis-url or LMFORGE_REDIS_URL")
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = build_app(settings)
+    app.worker_main(
+        [
+            "worker",
+            "--queues", settings.train_queue,
+            "--pool", "solo",
+            "--concurrency", "1",
+            "--hostname", f"lmforge-{os.getpid()}@{socket.gethostname()}",
+            "--loglevel", loglevel,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )  # fmt: skip
