@@ -536,9 +536,7 @@ async def _reap_orphans(settings: Settings, store: st.Store, celery, pool) -> No
                 state = await loop.run_in_executor(pool, store.recover_orphan, job_id)
                 if state == st.QUEUED:
                     log.warning("job %s: its worker was lost; requeued", job_id)
-                    await loop.run_in_executor(
-                        pool, enqueue_training, celery, settings, job_id
-                    )
+                    await loop.run_in_executor(pool, enqueue_training, celery, settings, job_id)
         except Exception:
             log.exception("orphan reaper failed; retrying")
 

@@ -96,4 +96,3 @@ class RedisServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def _parse_api_keys(raw: str) -> dict[str, str]:
-    """"key1:tenant1,key2:tenant2" -> {key: tenant}."""
+    """ "key1:tenant1,key2:tenant2" -> {key: tenant}."""
     keys: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
         key, _, tenant = item.partition(":")

@@ -344,7 +344,6 @@ def count_parameters(m: ModelConfig) -> ParameterCount:
     return ParameterCount(total, embedding, attention, mlp, norm, flops)
 
 
-
 def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
     """A ModelConfig from a Hugging Face LlamaForCausalLM config.json (fine-tuning source)."""
     archs = config.get("architectures") or ["LlamaForCausalLM"]

@@ -151,7 +151,7 @@ def new_id(prefix: str) -> str:
 
 
 def parse_model_ref(ref: str) -> tuple[str, int | None]:
-    """"name@3" -> ("name", 3); "name@latest" and "name" -> ("name", None)."""
+    """ "name@3" -> ("name", 3); "name@latest" and "name" -> ("name", None)."""
     name, _, version = ref.partition("@")
     if not version or version == "latest":
         return name, None

@@ -120,7 +120,9 @@ class _Hooks:
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         try:
-            self.store.promote_checkpoint(self.job.id, self.job.attempt, self.token, str(path), step)
+            self.store.promote_checkpoint(
+                self.job.id, self.job.attempt, self.token, str(path), step
+            )
         except st.LeaseLost:
             self.beat.lost.set()
 
