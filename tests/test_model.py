@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+
 from lmforge_server.specs import ModelConfig, count_parameters
 from lmforge_worker.model import (
     Llama,

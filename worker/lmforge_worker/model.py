@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from lmforge_server.specs import ModelConfig
 
 # One layer's cache: (key, value), each [B, n_kv_heads, T, head_dim].
