@@ -1,0 +1,80 @@
+"""Where the servers are and how to talk to them: addresses, API key, TLS, channel options.
+
+`ConnectionConfig.resolve` is the one place the SDK reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from lmforge._retry import RetryPolicy
+
+DEFAULT_API_ADDR = "127.0.0.1:50051"
+DEFAULT_INFERENCE_ADDR = "127.0.0.1:50052"
+DEFAULT_TIMEOUT = 60.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Ping a connection that carries a call but no data, so a watch or a stream waiting on
+    # a silent server notices a dead peer (a killed process, a dropped NAT entry) within
+    # ~80 s. Not more often: gRPC servers by default punish pings under a minute apart.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    # Reconnect quickly after a server restart; our own retries add the backoff.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+]
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    api_addr: str
+    inference_addr: str
+    api_key: str | None
+    timeout: float | None
+    tls_ca_file: str | None
+    retry: RetryPolicy
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        api_addr: str | None = None,
+        inference_addr: str | None = None,
+        api_key: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        tls_ca_file: str | os.PathLike[str] | None = None,
+        retry: RetryPolicy | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> ConnectionConfig:
+        """Arguments first, then LMFORGE_API_ADDR, LMFORGE_INFERENCE_ADDR, LMFORGE_API_KEY and
+        LMFORGE_TLS_CA_FILE, then the local defaults."""
+        env = os.environ if env is None else env
+        return cls(
+            api_addr=api_addr or env.get("LMFORGE_API_ADDR") or DEFAULT_API_ADDR,
+            inference_addr=inference_addr
+            or env.get("LMFORGE_INFERENCE_ADDR")
+            or DEFAULT_INFERENCE_ADDR,
+            api_key=api_key or env.get("LMFORGE_API_KEY") or None,
+            timeout=timeout,
+            tls_ca_file=str(tls_ca_file or env.get("LMFORGE_TLS_CA_FILE") or "") or None,
+            retry=retry or RetryPolicy(),
+        )
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials trusting the CA file, or None for a plaintext channel."""
+        if not self.tls_ca_file:
+            return None
+        return grpc.ssl_channel_credentials(root_certificates=Path(self.tls_ca_file).read_bytes())

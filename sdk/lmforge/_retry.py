@@ -1,0 +1,79 @@
+"""The retry policy: which failures are retried and how long to back off between tries.
+
+Shared by the sync and async clients, which only differ in how they sleep.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for calls that are safe to repeat.
+
+    Only UNAVAILABLE is retried (the server is not there yet, restarting, or the connection
+    dropped): every other status is the server's answer and retrying would not change it.
+    """
+
+    max_attempts: int = 8
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+    #: Each delay is drawn from [(1 - jitter) * backoff, backoff] so clients that lost the
+    #: same server do not come back in lockstep.
+    jitter: float = 0.5
+
+    def delays(self, *, forever: bool = False) -> Iterator[float]:
+        """The sleep before each retry: max_attempts - 1 of them, or endless with `forever`
+        (for streams that resume, bounded by time instead)."""
+        backoff, tries = self.initial_backoff, 1
+        while forever or tries < self.max_attempts:
+            yield backoff * (1.0 - self.jitter * random.random())
+            backoff = min(self.max_backoff, backoff * self.multiplier)
+            tries += 1
+
+    @staticmethod
+    def retryable(error: grpc.RpcError) -> bool:
+        return _code(error) == grpc.StatusCode.UNAVAILABLE
+
+    @staticmethod
+    def resumable(error: grpc.RpcError) -> bool:
+        """A server-streaming call that broke off this way can be resumed where it was: the
+        server went away (UNAVAILABLE) or cancelled the call while shutting down (CANCELLED,
+        which our own cancel never reaches, as it closes the stream first)."""
+        return _code(error) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+def _code(error: grpc.RpcError) -> grpc.StatusCode | None:
+    code = getattr(error, "code", None)
+    return code() if callable(code) else None
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+class Deadline:
+    """An absolute deadline for a call and all of its retries (None: no deadline)."""
+
+    def __init__(self, timeout: float | None):
+        unbounded = timeout is None or math.isinf(timeout)
+        self.at = None if unbounded else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        """Seconds left for the next try (at least a millisecond, so gRPC reports the expiry)."""
+        return None if self.at is None else max(0.001, self.at - time.monotonic())
+
+    def allows(self, delay: float) -> bool:
+        """Whether sleeping `delay` still leaves time for another try."""
+        return self.at is None or time.monotonic() + delay < self.at
+
+    @property
+    def expired(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at

@@ -1,0 +1,469 @@
+"""The asyncio client: `AsyncClient`, the same surface as `Client` with `await`/`async for`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+import grpc
+import grpc.aio
+
+from lmforge import _convert, errors
+from lmforge._connection import CHANNEL_OPTIONS, DEFAULT_TIMEOUT, ConnectionConfig
+from lmforge._progress import JobProgressBar
+from lmforge._retry import Deadline, RetryPolicy
+from lmforge._upload import CHUNK_BYTES, PreparedUpload, ProgressCallback, UploadSource
+from lmforge.client import RECONNECT_TIMEOUT
+from lmforge.types import (
+    Completion,
+    CompletionChunk,
+    Dataset,
+    Job,
+    JobEvent,
+    JobState,
+    Model,
+    ModelInfo,
+    ModelSpec,
+    Page,
+    TrainingSpec,
+)
+from lmforge.v1 import inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
+
+__all__ = ["AsyncClient", "AsyncPager", "AsyncCompletionStream"]
+
+T = TypeVar("T")
+
+
+def _channel(config: ConnectionConfig, addr: str) -> grpc.aio.Channel:
+    creds = config.credentials()
+    if creds is None:
+        return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
+
+
+class AsyncPager(Generic[T]):
+    """The results of a list call: `async for` over the items (pages are fetched as
+    needed), or over `.pages()`."""
+
+    def __init__(self, fetch: Callable[[str], Awaitable[Page[T]]]):
+        self._fetch = fetch
+
+    async def pages(self) -> AsyncIterator[Page[T]]:
+        token = ""
+        while True:
+            page = await self._fetch(token)
+            yield page
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    async def __aiter__(self) -> AsyncIterator[T]:
+        async for page in self.pages():
+            for item in page.items:
+                yield item
+
+
+class AsyncCompletionStream:
+    """The deltas of one generation: `async for` over it; `await stream.close()` (or leave
+    its `async with` block) to stop early, which cancels the generation on the server."""
+
+    def __init__(
+        self, start: Callable[[float | None], Any], deadline: Deadline, retry: RetryPolicy
+    ):
+        self._start, self._deadline = start, deadline
+        self._delays = retry.delays()
+        self._call = start(deadline.remaining())
+        self._it = self._call.__aiter__()
+        self._received = False
+        self._closed = False
+        self._parts: list[str] = []
+        self.final: CompletionChunk | None = None
+
+    def __aiter__(self) -> AsyncCompletionStream:
+        return self
+
+    async def __anext__(self) -> CompletionChunk:
+        while not self._closed:
+            try:
+                msg = await self._it.__anext__()
+            except StopAsyncIteration:
+                self._closed = True
+                break
+            except grpc.RpcError as e:
+                if self._closed:
+                    break
+                delay = next(self._delays, None) if RetryPolicy.retryable(e) else None
+                # Nothing was generated yet, so starting again repeats nothing.
+                if not self._received and delay is not None and self._deadline.allows(delay):
+                    await asyncio.sleep(delay)
+                    self._call = self._start(self._deadline.remaining())
+                    self._it = self._call.__aiter__()
+                    continue
+                self._closed = True
+                raise errors.from_rpc_error(e) from e
+            self._received = True
+            chunk = _convert.completion_chunk(msg)
+            self._parts.append(chunk.text)
+            if chunk.final:
+                self.final = chunk
+            return chunk
+        raise StopAsyncIteration
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return "".join(self._parts)
+
+    async def close(self) -> None:
+        """Stops reading; a generation still running is cancelled on the server."""
+        if not self._closed:
+            self._closed = True
+            self._call.cancel()
+
+    async def __aenter__(self) -> AsyncCompletionStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class _Resource:
+    def __init__(self, client: AsyncClient):
+        self._client = client
+
+
+class AsyncDatasets(_Resource):
+    """Text corpora to train on: `client.datasets`. See `lmforge.client.Datasets`."""
+
+    async def upload(
+        self,
+        source: UploadSource,
+        *,
+        name: str | None = None,
+        progress: ProgressCallback | None = None,
+        chunk_size: int = CHUNK_BYTES,
+        timeout: float | None = None,
+    ) -> Dataset:
+        """Uploads a corpus (a path, bytes, or a binary file object) in chunks with its sha256."""
+        # Hashing a large file would stall the event loop.
+        prepared = await asyncio.to_thread(PreparedUpload, source, name, chunk_size)
+        try:
+            msg = await self._client._call(
+                self._client._datasets.UploadDataset,
+                lambda: prepared.requests(progress),
+                timeout=timeout,
+                streaming=True,
+            )
+        finally:
+            prepared.close()
+        return _convert.dataset(msg)
+
+    async def get(self, dataset_id: str | Dataset, *, timeout: float | None = None) -> Dataset:
+        req = training_pb2.GetDatasetRequest(id=_convert.ref(dataset_id))
+        return _convert.dataset(
+            await self._client._call(self._client._datasets.GetDataset, req, timeout=timeout)
+        )
+
+    def list(self, *, page_size: int = 100, timeout: float | None = None) -> AsyncPager[Dataset]:
+        async def fetch(token: str) -> Page[Dataset]:
+            req = training_pb2.ListDatasetsRequest(page_size=page_size, page_token=token)
+            resp = await self._client._call(
+                self._client._datasets.ListDatasets, req, timeout=timeout
+            )
+            return _convert.page([_convert.dataset(d) for d in resp.datasets], resp.next_page_token)
+
+        return AsyncPager(fetch)
+
+    async def delete(self, dataset_id: str | Dataset, *, timeout: float | None = None) -> None:
+        req = training_pb2.DeleteDatasetRequest(id=_convert.ref(dataset_id))
+        await self._client._call(self._client._datasets.DeleteDataset, req, timeout=timeout)
+
+
+class AsyncJobs(_Resource):
+    """Training jobs: `client.jobs`. See `lmforge.client.Jobs`."""
+
+    async def create(
+        self,
+        *,
+        dataset: str | Dataset,
+        preset: str = "",
+        model: ModelSpec | Mapping[str, Any] | None = None,
+        training: TrainingSpec | Mapping[str, Any] | None = None,
+        model_name: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Job:
+        """Queues a training job; retried safely through `request_id` (generated if not given)."""
+        req = training_pb2.CreateJobRequest(
+            dataset_id=_convert.ref(dataset),
+            spec=_convert.job_spec_to_pb(preset, model, training),
+            model_name=model_name,
+            request_id=request_id or uuid.uuid4().hex,
+        )
+        return _convert.job(
+            await self._client._call(self._client._jobs.CreateJob, req, timeout=timeout)
+        )
+
+    async def get(self, job_id: str | Job, *, timeout: float | None = None) -> Job:
+        req = training_pb2.GetJobRequest(id=_convert.ref(job_id))
+        return _convert.job(
+            await self._client._call(self._client._jobs.GetJob, req, timeout=timeout)
+        )
+
+    def list(
+        self,
+        *,
+        state: str | JobState | None = None,
+        page_size: int = 100,
+        timeout: float | None = None,
+    ) -> AsyncPager[Job]:
+        state_pb = _convert.job_state_to_pb(state) if state else 0
+
+        async def fetch(token: str) -> Page[Job]:
+            req = training_pb2.ListJobsRequest(
+                page_size=page_size, page_token=token, state=state_pb
+            )
+            resp = await self._client._call(self._client._jobs.ListJobs, req, timeout=timeout)
+            return _convert.page([_convert.job(j) for j in resp.jobs], resp.next_page_token)
+
+        return AsyncPager(fetch)
+
+    async def cancel(self, job_id: str | Job, *, timeout: float | None = None) -> Job:
+        req = training_pb2.CancelJobRequest(id=_convert.ref(job_id))
+        return _convert.job(
+            await self._client._call(self._client._jobs.CancelJob, req, timeout=timeout)
+        )
+
+    async def watch(
+        self,
+        job_id: str | Job,
+        *,
+        after_event_id: str = "",
+        timeout: float | None = None,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
+    ) -> AsyncIterator[JobEvent]:
+        """The job's events, resuming transparently after a dropped connection or a
+        restarted server; ends with the terminal event. See `Client.jobs.watch`."""
+        jid = _convert.ref(job_id)
+        client, deadline = self._client, Deadline(timeout)
+        last, failing_since, delays = after_event_id, None, None
+        while True:
+            req = training_pb2.WatchJobRequest(id=jid, after_event_id=last)
+            call = client._jobs.WatchJob(
+                req, timeout=deadline.remaining(), metadata=client._config.metadata
+            )
+            error: grpc.RpcError | None = None
+            try:
+                async for msg in call:
+                    event = _convert.job_event(msg)
+                    last, failing_since, delays = event.id, None, None
+                    yield event
+                    if event.terminal:
+                        return
+            except grpc.RpcError as e:
+                if not RetryPolicy.resumable(e):
+                    raise errors.from_rpc_error(e) from e
+                error = e
+            finally:
+                call.cancel()
+            if failing_since is None:
+                failing_since, delays = time.monotonic(), client._config.retry.delays(forever=True)
+            delay = next(delays)
+            if time.monotonic() + delay - failing_since > reconnect_timeout or not deadline.allows(
+                delay
+            ):
+                if error is not None:
+                    raise errors.from_rpc_error(error) from error
+                raise errors.UnavailableError("the job's event stream ended before the job did")
+            await asyncio.sleep(delay)
+
+    async def wait(
+        self, job_id: str | Job, *, timeout: float | None = None, progress: bool = False
+    ) -> Job:
+        """Waits for the job to finish; returns it if it SUCCEEDED, else raises
+        `JobFailedError` (or `WaitTimeoutError` after `timeout`)."""
+        job = await self.get(job_id)
+        if not job.done:
+            bar = JobProgressBar(job) if progress else None
+            try:
+                async for event in self.watch(job.id, timeout=timeout):
+                    if bar:
+                        bar.update(event)
+            except errors.DeadlineExceededError:
+                raise errors.WaitTimeoutError(job.id, timeout or 0.0) from None
+            finally:
+                if bar:
+                    bar.close()
+            job = await self.get(job.id)
+        if job.state is not JobState.SUCCEEDED:
+            raise errors.JobFailedError(job)
+        return job
+
+
+class AsyncModels(_Resource):
+    """Trained models: `client.models`. See `lmforge.client.Models`."""
+
+    def list(
+        self, *, name: str | None = None, page_size: int = 100, timeout: float | None = None
+    ) -> AsyncPager[Model]:
+        async def fetch(token: str) -> Page[Model]:
+            req = training_pb2.ListModelsRequest(
+                page_size=page_size, page_token=token, name=name or ""
+            )
+            resp = await self._client._call(self._client._models.ListModels, req, timeout=timeout)
+            return _convert.page([_convert.model(m) for m in resp.models], resp.next_page_token)
+
+        return AsyncPager(fetch)
+
+    async def get(self, model: str | Model, *, timeout: float | None = None) -> Model:
+        req = training_pb2.GetModelRequest(id=_convert.ref(model))
+        return _convert.model(
+            await self._client._call(self._client._models.GetModel, req, timeout=timeout)
+        )
+
+    async def delete(self, model: str | Model, *, timeout: float | None = None) -> None:
+        req = training_pb2.DeleteModelRequest(id=_convert.ref(model))
+        await self._client._call(self._client._models.DeleteModel, req, timeout=timeout)
+
+    async def info(self, model: str | Model, *, timeout: float | None = None) -> ModelInfo:
+        req = inference_pb2.GetModelInfoRequest(model=_convert.ref(model))
+        return _convert.model_info(
+            await self._client._call(self._client._inference.GetModelInfo, req, timeout=timeout)
+        )
+
+
+class AsyncClient:
+    """The asyncio twin of `lmforge.Client`; same arguments, same resources.
+
+    async with AsyncClient() as client:
+        async with client.stream("shakespeare", "ROMEO:") as stream:
+            async for delta in stream:
+                print(delta.text, end="")
+    """
+
+    def __init__(
+        self,
+        *,
+        api_addr: str | None = None,
+        inference_addr: str | None = None,
+        api_key: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        tls_ca_file: str | None = None,
+        retry: RetryPolicy | None = None,
+    ):
+        self._config = ConnectionConfig.resolve(
+            api_addr=api_addr,
+            inference_addr=inference_addr,
+            api_key=api_key,
+            timeout=timeout,
+            tls_ca_file=tls_ca_file,
+            retry=retry,
+        )
+        self._api_channel = _channel(self._config, self._config.api_addr)
+        self._inference_channel = _channel(self._config, self._config.inference_addr)
+        self._datasets = training_pb2_grpc.DatasetServiceStub(self._api_channel)
+        self._jobs = training_pb2_grpc.JobServiceStub(self._api_channel)
+        self._models = training_pb2_grpc.ModelServiceStub(self._api_channel)
+        self._inference = inference_pb2_grpc.InferenceServiceStub(self._inference_channel)
+        self.datasets = AsyncDatasets(self)
+        self.jobs = AsyncJobs(self)
+        self.models = AsyncModels(self)
+
+    @property
+    def api_addr(self) -> str:
+        return self._config.api_addr
+
+    @property
+    def inference_addr(self) -> str:
+        return self._config.inference_addr
+
+    async def _call(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        *,
+        timeout: float | None,
+        streaming: bool = False,
+    ) -> Any:
+        """`Client._call` with await: deadline, API key, retries on UNAVAILABLE."""
+        if timeout is None and not streaming:
+            timeout = self._config.timeout
+        deadline, delays = Deadline(timeout), self._config.retry.delays()
+        while True:
+            req = request() if callable(request) else request
+            try:
+                return await method(
+                    req, timeout=deadline.remaining(), metadata=self._config.metadata
+                )
+            except grpc.RpcError as e:
+                delay = next(delays, None) if RetryPolicy.retryable(e) else None
+                if delay is None or not deadline.allows(delay):
+                    raise errors.from_rpc_error(e) from e
+                await asyncio.sleep(delay)
+
+    async def generate(
+        self,
+        model: str | Model,
+        prompt: str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        logprobs: bool = False,
+        truncate_prompt: bool = False,
+        timeout: float | None = None,
+    ) -> Completion:
+        """Generates a completion of `prompt` with `model`. See `Client.generate`."""
+        req = _convert.generate_request(
+            model, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+            logprobs=logprobs, truncate_prompt=truncate_prompt,
+        )  # fmt: skip
+        return _convert.completion(await self._call(self._inference.Generate, req, timeout=timeout))
+
+    def stream(
+        self,
+        model: str | Model,
+        prompt: str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        logprobs: bool = False,
+        truncate_prompt: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncCompletionStream:
+        """Text deltas as they are produced; closing the stream cancels the generation."""
+        req = _convert.generate_request(
+            model, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+            logprobs=logprobs, truncate_prompt=truncate_prompt,
+        )  # fmt: skip
+
+        def start(remaining: float | None) -> Any:
+            return self._inference.GenerateStream(
+                req, timeout=remaining, metadata=self._config.metadata
+            )
+
+        return AsyncCompletionStream(start, Deadline(timeout), self._config.retry)
+
+    async def close(self) -> None:
+        await self._api_channel.close()
+        await self._inference_channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,508 @@
+"""The synchronous client: `Client().datasets / .jobs / .models`, `.generate`, `.stream`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from lmforge import _convert, errors
+from lmforge._connection import CHANNEL_OPTIONS, DEFAULT_TIMEOUT, ConnectionConfig
+from lmforge._progress import JobProgressBar
+from lmforge._retry import Deadline, RetryPolicy
+from lmforge._upload import CHUNK_BYTES, PreparedUpload, ProgressCallback, UploadSource
+from lmforge.types import (
+    Completion,
+    CompletionChunk,
+    Dataset,
+    Job,
+    JobEvent,
+    JobState,
+    Model,
+    ModelInfo,
+    ModelSpec,
+    Page,
+    TrainingSpec,
+)
+from lmforge.v1 import inference_pb2_grpc, training_pb2, training_pb2_grpc
+
+__all__ = ["Client", "Pager", "CompletionStream"]
+
+T = TypeVar("T")
+#: How long `jobs.watch` keeps reconnecting to an API server that went away.
+RECONNECT_TIMEOUT = 120.0
+
+
+def _channel(config: ConnectionConfig, addr: str) -> grpc.Channel:
+    creds = config.credentials()
+    if creds is None:
+        return grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
+
+
+class Pager(Generic[T]):
+    """The results of a list call: iterate for the items (pages are fetched as needed),
+    or call `.pages()` for the pages themselves."""
+
+    def __init__(self, fetch: Callable[[str], Page[T]]):
+        self._fetch = fetch
+
+    def pages(self) -> Iterator[Page[T]]:
+        token = ""
+        while True:
+            page = self._fetch(token)
+            yield page
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def __iter__(self) -> Iterator[T]:
+        for page in self.pages():
+            yield from page.items
+
+
+class CompletionStream:
+    """The deltas of one generation, in order. Iterate it; close it (or leave its `with`
+    block) to stop early, which cancels the generation on the server.
+
+    After the last delta, `.final` holds it (finish reason, usage, timings) and `.text` the
+    whole generated text.
+    """
+
+    def __init__(
+        self, start: Callable[[float | None], Any], deadline: Deadline, retry: RetryPolicy
+    ):
+        self._start, self._deadline = start, deadline
+        self._delays = retry.delays()
+        self._call = start(deadline.remaining())
+        self._received = False
+        self._closed = False
+        self._parts: list[str] = []
+        self.final: CompletionChunk | None = None
+
+    def __iter__(self) -> CompletionStream:
+        return self
+
+    def __next__(self) -> CompletionChunk:
+        while not self._closed:
+            try:
+                msg = next(self._call)
+            except StopIteration:
+                self._closed = True
+                break
+            except grpc.RpcError as e:
+                if self._closed:  # closed from another thread while we waited
+                    break
+                delay = next(self._delays, None) if RetryPolicy.retryable(e) else None
+                # Nothing was generated yet, so starting again repeats nothing.
+                if not self._received and delay is not None and self._deadline.allows(delay):
+                    time.sleep(delay)
+                    self._call = self._start(self._deadline.remaining())
+                    continue
+                self._closed = True
+                raise errors.from_rpc_error(e) from e
+            self._received = True
+            chunk = _convert.completion_chunk(msg)
+            self._parts.append(chunk.text)
+            if chunk.final:
+                self.final = chunk
+            return chunk
+        raise StopIteration
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return "".join(self._parts)
+
+    def close(self) -> None:
+        """Stops reading; a generation still running is cancelled on the server."""
+        if not self._closed:
+            self._closed = True
+            self._call.cancel()
+
+    def __enter__(self) -> CompletionStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Resource:
+    def __init__(self, client: Client):
+        self._client = client
+
+
+class Datasets(_Resource):
+    """Text corpora to train on: `client.datasets`."""
+
+    def upload(
+        self,
+        source: UploadSource,
+        *,
+        name: str | None = None,
+        progress: ProgressCallback | None = None,
+        chunk_size: int = CHUNK_BYTES,
+        timeout: float | None = None,
+    ) -> Dataset:
+        """Uploads a corpus (a path, bytes, or a binary file object) in chunks with its sha256.
+
+        The same bytes give the same dataset, so a retried upload is harmless. `name`
+        defaults to the file's name. `progress(bytes_sent, total_bytes)` is called after each
+        chunk. `timeout` bounds the whole upload (default: none).
+        """
+        prepared = PreparedUpload(source, name, chunk_size)
+        try:
+            msg = self._client._call(
+                self._client._datasets.UploadDataset,
+                lambda: prepared.requests(progress),
+                timeout=timeout,
+                streaming=True,
+            )
+        finally:
+            prepared.close()
+        return _convert.dataset(msg)
+
+    def get(self, dataset_id: str | Dataset, *, timeout: float | None = None) -> Dataset:
+        req = training_pb2.GetDatasetRequest(id=_convert.ref(dataset_id))
+        return _convert.dataset(
+            self._client._call(self._client._datasets.GetDataset, req, timeout=timeout)
+        )
+
+    def list(self, *, page_size: int = 100, timeout: float | None = None) -> Pager[Dataset]:
+        """Every dataset of the caller, fetched a page at a time as the iterator advances."""
+
+        def fetch(token: str) -> Page[Dataset]:
+            req = training_pb2.ListDatasetsRequest(page_size=page_size, page_token=token)
+            resp = self._client._call(self._client._datasets.ListDatasets, req, timeout=timeout)
+            return _convert.page([_convert.dataset(d) for d in resp.datasets], resp.next_page_token)
+
+        return Pager(fetch)
+
+    def delete(self, dataset_id: str | Dataset, *, timeout: float | None = None) -> None:
+        req = training_pb2.DeleteDatasetRequest(id=_convert.ref(dataset_id))
+        self._client._call(self._client._datasets.DeleteDataset, req, timeout=timeout)
+
+
+class Jobs(_Resource):
+    """Training jobs: `client.jobs`."""
+
+    def create(
+        self,
+        *,
+        dataset: str | Dataset,
+        preset: str = "",
+        model: ModelSpec | Mapping[str, Any] | None = None,
+        training: TrainingSpec | Mapping[str, Any] | None = None,
+        model_name: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Job:
+        """Queues a training job on a dataset. Fields left unset in `model` and `training`
+        come from the preset ("tiny", "small", "baby", "gpt2-small"; the server's default
+        when empty).
+
+        Retried safely: the server returns the same job for the same `request_id`, which is
+        generated when not given.
+        """
+        req = training_pb2.CreateJobRequest(
+            dataset_id=_convert.ref(dataset),
+            spec=_convert.job_spec_to_pb(preset, model, training),
+            model_name=model_name,
+            request_id=request_id or uuid.uuid4().hex,
+        )
+        return _convert.job(self._client._call(self._client._jobs.CreateJob, req, timeout=timeout))
+
+    def get(self, job_id: str | Job, *, timeout: float | None = None) -> Job:
+        req = training_pb2.GetJobRequest(id=_convert.ref(job_id))
+        return _convert.job(self._client._call(self._client._jobs.GetJob, req, timeout=timeout))
+
+    def list(
+        self,
+        *,
+        state: str | JobState | None = None,
+        page_size: int = 100,
+        timeout: float | None = None,
+    ) -> Pager[Job]:
+        """The caller's jobs (only those in `state` when given), fetched a page at a time."""
+        state_pb = _convert.job_state_to_pb(state) if state else 0
+
+        def fetch(token: str) -> Page[Job]:
+            req = training_pb2.ListJobsRequest(
+                page_size=page_size, page_token=token, state=state_pb
+            )
+            resp = self._client._call(self._client._jobs.ListJobs, req, timeout=timeout)
+            return _convert.page([_convert.job(j) for j in resp.jobs], resp.next_page_token)
+
+        return Pager(fetch)
+
+    def cancel(self, job_id: str | Job, *, timeout: float | None = None) -> Job:
+        """Asks the job to stop; it checkpoints and ends CANCELLED within seconds."""
+        req = training_pb2.CancelJobRequest(id=_convert.ref(job_id))
+        return _convert.job(self._client._call(self._client._jobs.CancelJob, req, timeout=timeout))
+
+    def watch(
+        self,
+        job_id: str | Job,
+        *,
+        after_event_id: str = "",
+        timeout: float | None = None,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
+    ) -> Iterator[JobEvent]:
+        """The job's events from the start (or after `after_event_id`), then live ones,
+        ending with the terminal event.
+
+        A dropped connection or a restarted API server is invisible: the iterator reconnects
+        with backoff and resumes after the last event it yielded, for up to
+        `reconnect_timeout` seconds without success. `timeout` bounds the whole watch.
+        """
+        jid = _convert.ref(job_id)
+        client, deadline = self._client, Deadline(timeout)
+        last, failing_since, delays = after_event_id, None, None
+        while True:
+            req = training_pb2.WatchJobRequest(id=jid, after_event_id=last)
+            call = client._jobs.WatchJob(
+                req, timeout=deadline.remaining(), metadata=client._config.metadata
+            )
+            error: grpc.RpcError | None = None
+            try:
+                for msg in call:
+                    event = _convert.job_event(msg)
+                    last, failing_since, delays = event.id, None, None
+                    yield event
+                    if event.terminal:
+                        return
+            except grpc.RpcError as e:
+                if not RetryPolicy.resumable(e):
+                    raise errors.from_rpc_error(e) from e
+                error = e
+            finally:
+                call.cancel()
+            if failing_since is None:
+                failing_since, delays = time.monotonic(), client._config.retry.delays(forever=True)
+            delay = next(delays)
+            if time.monotonic() + delay - failing_since > reconnect_timeout or not deadline.allows(
+                delay
+            ):
+                if error is not None:
+                    raise errors.from_rpc_error(error) from error
+                raise errors.UnavailableError("the job's event stream ended before the job did")
+            time.sleep(delay)
+
+    def wait(
+        self, job_id: str | Job, *, timeout: float | None = None, progress: bool = False
+    ) -> Job:
+        """Blocks until the job finishes and returns it if it SUCCEEDED.
+
+        Raises `JobFailedError` if it FAILED or was CANCELLED, `WaitTimeoutError` after
+        `timeout` seconds (the job keeps running). `progress=True` draws a progress bar on
+        stderr: step/total, loss, tokens/s and ETA.
+        """
+        job = self.get(job_id)
+        if not job.done:
+            bar = JobProgressBar(job) if progress else None
+            try:
+                for event in self.watch(job.id, timeout=timeout):
+                    if bar:
+                        bar.update(event)
+            except errors.DeadlineExceededError:
+                raise errors.WaitTimeoutError(job.id, timeout or 0.0) from None
+            finally:
+                if bar:
+                    bar.close()
+            job = self.get(job.id)
+        if job.state is not JobState.SUCCEEDED:
+            raise errors.JobFailedError(job)
+        return job
+
+
+class Models(_Resource):
+    """Trained models: `client.models`."""
+
+    def list(
+        self, *, name: str | None = None, page_size: int = 100, timeout: float | None = None
+    ) -> Pager[Model]:
+        """The caller's models (only versions of `name` when given), a page at a time."""
+
+        def fetch(token: str) -> Page[Model]:
+            req = training_pb2.ListModelsRequest(
+                page_size=page_size, page_token=token, name=name or ""
+            )
+            resp = self._client._call(self._client._models.ListModels, req, timeout=timeout)
+            return _convert.page([_convert.model(m) for m in resp.models], resp.next_page_token)
+
+        return Pager(fetch)
+
+    def get(self, model: str | Model, *, timeout: float | None = None) -> Model:
+        """By id, "name@version", "name@latest" or "name"."""
+        req = training_pb2.GetModelRequest(id=_convert.ref(model))
+        return _convert.model(
+            self._client._call(self._client._models.GetModel, req, timeout=timeout)
+        )
+
+    def delete(self, model: str | Model, *, timeout: float | None = None) -> None:
+        req = training_pb2.DeleteModelRequest(id=_convert.ref(model))
+        self._client._call(self._client._models.DeleteModel, req, timeout=timeout)
+
+    def info(self, model: str | Model, *, timeout: float | None = None) -> ModelInfo:
+        """How the inference server serves the model (it loads it if needed)."""
+        from lmforge.v1 import inference_pb2
+
+        req = inference_pb2.GetModelInfoRequest(model=_convert.ref(model))
+        return _convert.model_info(
+            self._client._call(self._client._inference.GetModelInfo, req, timeout=timeout)
+        )
+
+
+class Client:
+    """A connection to an lmforge API server and inference server.
+
+    Arguments left None come from LMFORGE_API_ADDR, LMFORGE_INFERENCE_ADDR, LMFORGE_API_KEY
+    and LMFORGE_TLS_CA_FILE, then 127.0.0.1:50051 / :50052 without a key or TLS. `timeout`
+    is the default deadline of unary calls in seconds (None: no deadline); streams (watch,
+    stream, upload) have none unless one is passed to the call. Idempotent calls are retried
+    on UNAVAILABLE under `retry`.
+
+        with Client() as client:
+            ds = client.datasets.upload("input.txt")
+            job = client.jobs.create(dataset=ds, preset="small")
+            job = client.jobs.wait(job.id, progress=True)
+            print(client.generate(job.model_id, "ROMEO:", max_tokens=50).text)
+    """
+
+    def __init__(
+        self,
+        *,
+        api_addr: str | None = None,
+        inference_addr: str | None = None,
+        api_key: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        tls_ca_file: str | None = None,
+        retry: RetryPolicy | None = None,
+    ):
+        self._config = ConnectionConfig.resolve(
+            api_addr=api_addr,
+            inference_addr=inference_addr,
+            api_key=api_key,
+            timeout=timeout,
+            tls_ca_file=tls_ca_file,
+            retry=retry,
+        )
+        self._api_channel = _channel(self._config, self._config.api_addr)
+        self._inference_channel = _channel(self._config, self._config.inference_addr)
+        self._datasets = training_pb2_grpc.DatasetServiceStub(self._api_channel)
+        self._jobs = training_pb2_grpc.JobServiceStub(self._api_channel)
+        self._models = training_pb2_grpc.ModelServiceStub(self._api_channel)
+        self._inference = inference_pb2_grpc.InferenceServiceStub(self._inference_channel)
+        self.datasets = Datasets(self)
+        self.jobs = Jobs(self)
+        self.models = Models(self)
+
+    @property
+    def api_addr(self) -> str:
+        return self._config.api_addr
+
+    @property
+    def inference_addr(self) -> str:
+        return self._config.inference_addr
+
+    def _call(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        *,
+        timeout: float | None,
+        streaming: bool = False,
+    ) -> Any:
+        """One call with the deadline, the API key, and retries on UNAVAILABLE; every method
+        that goes through here is safe to repeat. `request` may be a factory (for request
+        streams, which a retry must produce again)."""
+        if timeout is None and not streaming:
+            timeout = self._config.timeout
+        deadline, delays = Deadline(timeout), self._config.retry.delays()
+        while True:
+            req = request() if callable(request) else request
+            try:
+                return method(req, timeout=deadline.remaining(), metadata=self._config.metadata)
+            except grpc.RpcError as e:
+                delay = next(delays, None) if RetryPolicy.retryable(e) else None
+                if delay is None or not deadline.allows(delay):
+                    raise errors.from_rpc_error(e) from e
+                time.sleep(delay)
+
+    def generate(
+        self,
+        model: str | Model,
+        prompt: str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        logprobs: bool = False,
+        truncate_prompt: bool = False,
+        timeout: float | None = None,
+    ) -> Completion:
+        """Generates a completion of `prompt` with `model` (an id, "name@version" or "name").
+
+        Sampling parameters left None take the server's defaults (64 tokens, temperature 1).
+        The same `seed` gives the same text.
+        """
+        req = _convert.generate_request(
+            model, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+            logprobs=logprobs, truncate_prompt=truncate_prompt,
+        )  # fmt: skip
+        return _convert.completion(self._call(self._inference.Generate, req, timeout=timeout))
+
+    def stream(
+        self,
+        model: str | Model,
+        prompt: str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        logprobs: bool = False,
+        truncate_prompt: bool = False,
+        timeout: float | None = None,
+    ) -> CompletionStream:
+        """Like `generate`, but yields text deltas as they are produced.
+
+            with client.stream("shakespeare", "ROMEO:", max_tokens=200) as stream:
+                for delta in stream:
+                    print(delta.text, end="", flush=True)
+
+        Closing the stream early cancels the generation on the server.
+        """
+        req = _convert.generate_request(
+            model, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+            logprobs=logprobs, truncate_prompt=truncate_prompt,
+        )  # fmt: skip
+
+        def start(remaining: float | None) -> Any:
+            return self._inference.GenerateStream(
+                req, timeout=remaining, metadata=self._config.metadata
+            )
+
+        return CompletionStream(start, Deadline(timeout), self._config.retry)
+
+    def close(self) -> None:
+        self._api_channel.close()
+        self._inference_channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
