@@ -138,9 +138,6 @@ def run_job(
     Returns the job's state when this call ended it (or gave it back as QUEUED), or None when
     the job was not ours to run (leased elsewhere, already ended).
     """
-    from lmforge_worker import training
-    from lmforge_worker.export import export_onnx
-
     token = f"{socket.gethostname()}-{secrets.token_hex(4)}"
     device = pick_device(settings.device)
     job = store.acquire(job_id, token, settings.lease_ttl_s, device_name(device))
@@ -151,6 +148,9 @@ def run_job(
     beat.start()
     hooks = _Hooks(store, job, token, beat)
     try:
+        from lmforge_worker import training
+        from lmforge_worker.export import export_onnx
+
         return _train_export_register(
             settings, store, artifacts, job, token, device, hooks, training, export_onnx
         )

@@ -1,0 +1,142 @@
+"""Shared fixtures: real redis-server, real API/inference servers and Celery worker processes.
+
+Everything runs on loopback with free ports and a temp data directory; nothing here
+touches a Redis at 6379 or any state outside tmp.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from lmforge.v1 import common_pb2, training_pb2, training_pb2_grpc
+from lmforge_server.redis_server import RedisServer
+from lmforge_server.settings import Settings
+from lmforge_server.stack import BUNDLED_CORPUS, Stack
+
+CORPUS = BUNDLED_CORPUS.read_text()
+# About 60 KB of Shakespeare: enough for a tiny model's loss to fall.
+SMALL_CORPUS = CORPUS[:60_000]
+
+
+def make_settings(data_dir: Path, **overrides) -> Settings:
+    base = dict(
+        data_dir=data_dir,
+        api_addr="127.0.0.1:0",
+        inference_addr="127.0.0.1:0",
+        lease_ttl_s=2.0,
+        reaper_interval_s=0.5,
+        torch_threads=1,
+        device="cpu",
+        inference_device="cpu",
+    )
+    base.update(overrides)
+    return Settings(**base)
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    """One whole stack (Redis, API, inference, one worker) shared by the session's tests."""
+    import importlib.util, os
+    settings = make_settings(tmp_path_factory.mktemp("stack"))
+    with Stack(settings, inference=os.environ.get("NOINF") is None) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def api_channel(stack) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(stack.api_addr) as channel:
+        yield channel
+
+
+class Api:
+    """Stubs of the training API on one channel, with the few helpers tests repeat."""
+
+    def __init__(self, channel: grpc.Channel, metadata=()):
+        self.datasets = training_pb2_grpc.DatasetServiceStub(channel)
+        self.jobs = training_pb2_grpc.JobServiceStub(channel)
+        self.models = training_pb2_grpc.ModelServiceStub(channel)
+        self.metadata = tuple(metadata)
+
+    def upload(self, data: bytes, name: str = "corpus", sha256: str | None = None, chunk=64 << 10):
+        def requests():
+            yield training_pb2.UploadDatasetRequest(
+                header=training_pb2.UploadDatasetHeader(
+                    name=name, sha256=sha256 or hashlib.sha256(data).hexdigest()
+                )
+            )
+            for i in range(0, len(data), chunk):
+                yield training_pb2.UploadDatasetRequest(chunk=data[i : i + chunk])
+
+        return self.datasets.UploadDataset(requests(), metadata=self.metadata, timeout=30)
+
+    def create(self, dataset_id: str, preset="tiny", request_id="", model_name="", **fields):
+        model = {k[6:]: v for k, v in fields.items() if k.startswith("model_")}
+        training = {k: v for k, v in fields.items() if not k.startswith("model_")}
+        spec = training_pb2.JobSpec(
+            preset=preset,
+            model=common_pb2.ModelSpec(**model),
+            training=common_pb2.TrainingSpec(**training),
+        )
+        return self.jobs.CreateJob(
+            training_pb2.CreateJobRequest(
+                dataset_id=dataset_id, spec=spec, request_id=request_id, model_name=model_name
+            ),
+            metadata=self.metadata,
+            timeout=30,
+        )
+
+    def get(self, job_id: str) -> training_pb2.Job:
+        return self.jobs.GetJob(training_pb2.GetJobRequest(id=job_id), metadata=self.metadata)
+
+    def events(self, job_id: str, after: str = "", timeout: float = 300):
+        return list(
+            self.jobs.WatchJob(
+                training_pb2.WatchJobRequest(id=job_id, after_event_id=after),
+                metadata=self.metadata,
+                timeout=timeout,
+            )
+        )
+
+    def wait_for(self, job_id: str, predicate, timeout: float = 120.0) -> training_pb2.Job:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.get(job_id)
+            if predicate(job):
+                return job
+            time.sleep(0.1)
+        raise TimeoutError(f"job {job_id} never matched; last: {job}")
+
+    def wait_terminal(self, job_id: str, timeout: float = 240.0) -> training_pb2.Job:
+        terminal = {
+            training_pb2.JOB_STATE_SUCCEEDED,
+            training_pb2.JOB_STATE_FAILED,
+            training_pb2.JOB_STATE_CANCELLED,
+        }
+        return self.wait_for(job_id, lambda j: j.state in terminal, timeout)
+
+
+@pytest.fixture(scope="session")
+def api(api_channel) -> Api:
+    return Api(api_channel)
+
+
+@pytest.fixture(scope="session")
+def small_dataset(api) -> training_pb2.Dataset:
+    return api.upload(SMALL_CORPUS.encode(), name="shakespeare-60k")
+
+
+def unique(prefix: str = "r") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"

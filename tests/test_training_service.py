@@ -1,0 +1,166 @@
+"""The training path end to end: real Redis, real API server, real Celery worker processes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import SMALL_CORPUS, Api, make_settings
+
+from lmforge.v1 import training_pb2
+from lmforge_server.stack import Child, Stack
+from lmforge_server.taskqueue import enqueue_training, make_celery
+
+S = training_pb2
+
+
+def _progress_events(events):
+    return [e for e in events if e.type == S.JOB_EVENT_TYPE_PROGRESS]
+
+
+def test_training_job_succeeds_with_falling_loss_and_registers_a_model(api, small_dataset, stack):
+    job = api.create(small_dataset.id, model_name="tiny-shakespeare", max_steps=60)
+    events = api.events(job.id)
+    assert events[-1].terminal and events[-1].state == S.JOB_STATE_SUCCEEDED, events[-1].message
+    states = [e.state for e in events if e.type == S.JOB_EVENT_TYPE_STATE]
+    assert states == [
+        S.JOB_STATE_QUEUED,
+        S.JOB_STATE_RUNNING,
+        S.JOB_STATE_EXPORTING,
+        S.JOB_STATE_SUCCEEDED,
+    ]
+    losses = [e.progress.loss for e in _progress_events(events)]
+    assert len(losses) >= 5
+    assert losses[-1] < losses[0] - 0.5, losses
+    evals = [e for e in events if e.type == S.JOB_EVENT_TYPE_EVAL]
+    assert evals and all(e.progress.val_bits_per_byte > 0 for e in evals)
+
+    done = api.get(job.id)
+    assert done.progress.step == 60 and done.progress.tokens_per_second > 0
+    model = api.models.GetModel(S.GetModelRequest(id="tiny-shakespeare@latest"))
+    assert model.id == done.model_id and model.state == S.MODEL_STATE_READY
+    assert model.parameters.total == job.parameters.total
+    model_dir = Path(stack.settings.artifacts_dir) / "models" / model.id
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "metadata.json"):
+        assert (model_dir / name).is_file(), name
+        assert name in model.files
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    assert meta["dataset_sha256"] == small_dataset.sha256
+    assert meta["parameters"]["total"] == job.parameters.total
+    assert meta["spec"]["training"]["seed"] == job.spec.training.seed
+
+
+def test_watch_resumed_from_an_event_id_yields_exactly_the_remaining_events(api, small_dataset):
+    job = api.create(small_dataset.id, max_steps=30, log_interval=2)
+    # Read a few events live, drop the stream, then resume from the last one seen.
+    stream = api.jobs.WatchJob(S.WatchJobRequest(id=job.id), timeout=300)
+    head = [next(stream) for _ in range(4)]
+    stream.cancel()
+    rest = api.events(job.id, after=head[-1].id)
+    full = api.events(job.id)
+    assert [e.id for e in head + rest] == [e.id for e in full]
+    assert full[-1].terminal
+    for k in (0, len(full) // 2, len(full) - 2):
+        assert [e.id for e in api.events(job.id, after=full[k].id)] == [
+            e.id for e in full[k + 1 :]
+        ]
+    with pytest.raises(grpc.RpcError) as e:
+        api.events(job.id, after="not-an-id")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_cancel_while_running_ends_cancelled_within_seconds_keeping_a_checkpoint(
+    api, small_dataset, stack
+):
+    job = api.create(small_dataset.id, max_steps=1_000_000, checkpoint_interval=1000)
+    api.wait_for(job.id, lambda j: j.state == S.JOB_STATE_RUNNING and j.progress.step > 0)
+    cancelled = api.jobs.CancelJob(S.CancelJobRequest(id=job.id))
+    assert cancelled.state in (S.JOB_STATE_CANCELLING, S.JOB_STATE_CANCELLED)
+    # "Within seconds": the loop checks the flag every step; 30 s only bounds a hung test.
+    done = api.wait_for(job.id, lambda j: j.state == S.JOB_STATE_CANCELLED, timeout=30)
+    events = api.events(job.id)
+    assert events[-1].state == S.JOB_STATE_CANCELLED and events[-1].terminal
+    assert any(e.type == S.JOB_EVENT_TYPE_CHECKPOINT for e in events)
+    checkpoints = list((stack.settings.artifacts_dir / "jobs" / job.id).rglob("*.pt"))
+    assert checkpoints, "the cancelled job's checkpoint is kept"
+    model = api.models.GetModel(S.GetModelRequest(id=done.model_id))
+    assert model.state == S.MODEL_STATE_ABANDONED
+
+
+def _checkpoint_steps(events) -> list[int]:
+    return [
+        int(e.message.rsplit(" ", 1)[-1]) for e in events if e.type == S.JOB_EVENT_TYPE_CHECKPOINT
+    ]
+
+
+def test_killed_worker_job_resumes_from_its_last_checkpoint_on_a_new_worker(tmp_path):
+    settings = make_settings(tmp_path)
+    with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
+        api = Api(ch)
+        ds = api.upload(SMALL_CORPUS.encode())
+        job = api.create(ds.id, max_steps=300, checkpoint_interval=25, eval_interval=100)
+        api.wait_for(job.id, lambda j: j.progress.step >= 60)
+        worker = next(c for c in stack.children if c.role == "worker")
+        worker.kill()  # SIGKILL: no checkpoint, no goodbye
+        killed_at = api.get(job.id)
+        last_checkpoint = max(_checkpoint_steps(api.events(job.id)))
+        assert last_checkpoint >= 25
+
+        fresh = Child("worker", stack.settings, tmp_path / "logs2").start()
+        stack.children.append(fresh)
+        done = api.wait_terminal(job.id, timeout=300)
+        assert done.state == S.JOB_STATE_SUCCEEDED, done.error
+        assert done.attempt == 2
+        events = api.events(job.id)
+        messages = [e.message for e in events if e.type == S.JOB_EVENT_TYPE_STATE]
+        assert any("lost; requeued" in m for m in messages), messages
+        assert any(m.startswith("attempt 2") and "resuming from" in m for m in messages)
+        # Attempt 2 continued from the checkpoint, not from step 0.
+        start2 = next(i for i, e in enumerate(events) if e.message.startswith("attempt 2"))
+        steps2 = [e.progress.step for e in _progress_events(events[start2:])]
+        assert steps2[0] > last_checkpoint and steps2 == sorted(steps2)
+        assert killed_at.progress.step >= last_checkpoint
+
+
+def test_redelivered_task_never_trains_a_job_another_worker_holds(tmp_path):
+    settings = make_settings(tmp_path)
+    with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
+        second = Child("worker", stack.settings, tmp_path / "logs2").start()
+        stack.children.append(second)
+        api = Api(ch)
+        ds = api.upload(SMALL_CORPUS.encode())
+        job = api.create(ds.id, max_steps=150)
+        api.wait_for(job.id, lambda j: j.state == S.JOB_STATE_RUNNING and j.progress.step > 0)
+        # What Celery does after a visibility timeout or a lost connection: deliver again.
+        enqueue_training(make_celery(stack.settings), stack.settings, job.id)
+        deadline = time.monotonic() + 60
+        logs = ""
+        while "skipping this delivery" not in logs and time.monotonic() < deadline:
+            time.sleep(0.2)
+            logs = "".join(c.log_tail(100_000) for c in stack.children)
+        assert "skipping this delivery" in logs
+        done = api.wait_terminal(job.id)
+        assert done.state == S.JOB_STATE_SUCCEEDED and done.attempt == 1
+        starts = [e for e in api.events(job.id) if e.message.startswith("attempt ")]
+        assert len(starts) == 1
+
+
+def test_worker_shutdown_checkpoints_and_another_worker_finishes_the_job(tmp_path):
+    settings = make_settings(tmp_path)
+    with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
+        api = Api(ch)
+        ds = api.upload(SMALL_CORPUS.encode())
+        job = api.create(ds.id, max_steps=300, checkpoint_interval=1000)
+        api.wait_for(job.id, lambda j: j.progress.step >= 40)
+        worker = next(c for c in stack.children if c.role == "worker")
+        worker.stop()  # SIGTERM: warm shutdown
+        requeued = api.get(job.id)
+        assert requeued.state == S.JOB_STATE_QUEUED
+        shutdown_step = _checkpoint_steps(api.events(job.id))[-1]
+        assert shutdown_step >= 40
+        stack.children.append(Child("worker", stack.settings, tmp_path / "logs2").start())
+        done = api.wait_terminal(job.id, timeout=300)
+        assert done.state == S.JOB_STATE_SUCCEEDED and done.attempt == 2
