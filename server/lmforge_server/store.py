@@ -615,3 +615,18 @@ class Store:
         pipe.zrem(f"{P}modelname:{owner}:{rec.name}", rec.id)
         pipe.execute()
         return rec
+
+    def resolve(self, owner: str, ref: str):
+        """The inference server's view of a model (lmforge_server.inference.resolver)."""
+        from pathlib import Path
+
+        from lmforge_server.inference.resolver import ResolvedModel
+
+        rec = self.get_model(owner, ref)
+        return ResolvedModel(
+            model_id=rec.id,
+            name=rec.name,
+            version=rec.version,
+            state=rec.state,
+            path=Path(rec.path),
+        )
