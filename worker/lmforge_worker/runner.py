@@ -15,6 +15,8 @@ import threading
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
+import redis
+
 from lmforge_server import store as st
 from lmforge_server.artifacts import ArtifactStore
 from lmforge_server.settings import Settings
@@ -100,6 +102,8 @@ class _Hooks:
             )
         except st.LeaseLost:
             self.beat.lost.set()
+        except redis.RedisError as e:  # progress is best effort; training goes on
+            log.warning("job %s: progress not recorded: %s", self.job.id, e)
 
     def on_progress(self, p) -> None:
         d = asdict(p) if is_dataclass(p) else dict(p)
