@@ -369,9 +369,11 @@ def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` so a reader sees the old file or the new one, never a part."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; other services read these files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -386,7 +388,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """Writes a safetensors file atomically (temp file, fsync, rename)."""
     from safetensors.torch import save
 
-    _atomic_write_bytes(Path(path), save(state_dict, metadata={"format": "pt"}))
+    write_file_atomic(Path(path), save(state_dict, metadata={"format": "pt"}))
 
 
 def save_pretrained(
@@ -408,7 +410,7 @@ def save_pretrained(
         sd.pop("lm_head.weight", None)
     save_weights(sd, out / "model.safetensors")
     cfg = hf_config(model.config, eos_token_id=eos_token_id)
-    _atomic_write_bytes(out / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
+    write_file_atomic(out / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
     return out
 
 

@@ -1,0 +1,548 @@
+"""The training loop: a pure library (no Celery, Redis or gRPC), driven through `hooks`.
+
+`train` builds the data once in `<work_dir>/data`, trains with AdamW and a warmup + cosine
+schedule, evaluates, keeps the best weights in `<work_dir>/best.safetensors`, writes
+resumable checkpoints into `checkpoint_dir`, and stops cooperatively when
+`hooks.should_stop()` asks. `finalize` turns the result into a Hugging Face-layout model
+directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from lmforge_server.specs import JobSpec, TrainConfig, count_parameters
+from lmforge_worker.data import DataInfo, TokenBins, prepare_data
+from lmforge_worker.model import (
+    Llama,
+    hf_config,
+    hf_state_dict,
+    load_pretrained,
+    save_weights,
+    write_file_atomic,
+)
+
+CHECKPOINT_VERSION = 1
+BEST_WEIGHTS = "best.safetensors"
+# Checkpoints kept per checkpoint_dir: the newest may not be promoted yet when we crash.
+KEEP_CHECKPOINTS = 2
+
+Status = Literal["completed", "early_stopped", "cancelled", "interrupted"]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A training progress snapshot, sent every `log_interval` steps."""
+
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    tokens_per_second: float
+    eta_seconds: float
+    # Training time over all attempts of this job (resumes included).
+    elapsed_seconds: float
+    tokens_seen: int
+
+
+class TrainHooks(Protocol):
+    """How the loop talks to its caller. Hooks run on the training thread: keep them quick.
+
+    An optional `on_log(message: str)` is called with one-line notes when present.
+    """
+
+    def should_stop(self) -> str | None:
+        """None to go on, "cancel" (the user cancelled) or "shutdown" (the worker stops)."""
+
+    def on_progress(self, progress: Progress) -> None: ...
+
+    def on_eval(
+        self, step: int, val_loss: float, val_bpb: float, best_val_loss: float, best_step: int
+    ) -> None: ...
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """`path` is durably written; pass it back as `resume_from` to continue from it."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    status: Status
+    steps: int
+    best_val_loss: float
+    best_val_bpb: float
+    best_step: int
+    final_loss: float
+    tokens_per_second: float
+    wall_seconds: float
+    # <work_dir>/best.safetensors (HF names), or None when no evaluation ran yet.
+    best_path: Path | None
+    tokens_seen: int = 0
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, cosine to the min."""
+    if step < t.warmup_steps:
+        return t.learning_rate * (step + 1) / (t.warmup_steps + 1)
+    if t.max_steps <= t.warmup_steps:
+        return t.learning_rate
+    ratio = min(1.0, (step - t.warmup_steps) / (t.max_steps - t.warmup_steps))
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+    return t.min_learning_rate + coeff * (t.learning_rate - t.min_learning_rate)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """fp32 on CPU; on CUDA "auto" is bf16 where supported, else fp32."""
+    if device.type != "cuda":
+        return "fp32"
+    if precision in ("auto", "bf16"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _configure_optimizer(model: Llama, t: TrainConfig, device: torch.device):
+    # Decay matrices (embeddings included, as nanoGPT does), not norm gains.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups,
+        lr=t.learning_rate,
+        betas=(t.beta1, t.beta2),
+        fused=device.type == "cuda",
+    )
+
+
+def _lm_loss(run_model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean"):
+    logits, _ = run_model(x)
+    return F.cross_entropy(
+        logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction=reduction
+    )
+
+
+@torch.no_grad()
+def _evaluate(model, run_model, batches, byte_counts, device, precision) -> tuple[float, float]:
+    """Mean val loss per token and bits per byte over the fixed eval batches."""
+    model.eval()
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    n_tokens = 0
+    for x, y in batches:
+        with _autocast(device, precision):
+            nats += _lm_loss(run_model, x, y, reduction="sum").double()
+        n_tokens += y.numel()
+    model.train()
+    total = nats.item()
+    return total / n_tokens, total / math.log(2) / max(1, sum(byte_counts))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_checkpoint(state: dict[str, Any], checkpoint_dir: Path, step: int) -> Path:
+    """torch.save to a temp name, fsync, rename; then drop all but the newest few."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_dir / f"step-{step:08d}.pt"
+    tmp = checkpoint_dir / f".{path.name}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(checkpoint_dir)
+    for old in sorted(checkpoint_dir.glob("step-*.pt"))[:-KEEP_CHECKPOINTS]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Reads a checkpoint written by `train` (tensors and plain data only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _call(hooks, name: str, *args) -> None:
+    fn = getattr(hooks, name, None)
+    if fn is not None:
+        fn(*args)
+
+
+def train(
+    spec: JobSpec,
+    corpus_path: Path,
+    work_dir: Path,
+    checkpoint_dir: Path,
+    hooks: TrainHooks,
+    *,
+    device: str = "cpu",
+    resume_from: Path | None = None,
+    init_weights_dir: Path | None = None,
+    torch_threads: int = 0,
+) -> TrainResult:
+    """Trains the model of `spec` on the corpus; returns how it ended.
+
+    - Data: tokenizer and token bins in `<work_dir>/data`, built on the first call (from
+      `init_weights_dir`'s tokenizer.json when given) and reused by later ones.
+    - Evaluates every `eval_interval` steps and at the last step; the best weights by val
+      loss are kept atomically in `<work_dir>/best.safetensors`.
+    - Checkpoints (model, optimizer, step, RNG and data-sampler state, best-so-far) go to
+      `checkpoint_dir` every `checkpoint_interval` steps, when stopped, and at the end;
+      `hooks.on_checkpoint` hears of each once it is durable. `resume_from` continues from
+      one exactly: on CPU a resumed run ends with the same weights as an uninterrupted one.
+    - `hooks.should_stop()` is asked before every step: on "cancel" or "shutdown" it
+      checkpoints and returns status "cancelled" or "interrupted".
+    - Stops early ("early_stopped") after `early_stopping_patience` evaluations in a row
+      without a new best (0: never).
+    Raises ValueError when the corpus is too short for the context length, the tokenizer
+    does not fit the model's vocabulary, or a checkpoint belongs to another model.
+    """
+    t0 = time.monotonic()
+    m, t = spec.model, spec.training
+    dev = torch.device(device)
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+    work_dir, checkpoint_dir = Path(work_dir), Path(checkpoint_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    ckpt = load_checkpoint(Path(resume_from)) if resume_from is not None else None
+    if ckpt is not None and ckpt["spec"]["model"] != dataclasses.asdict(m):
+        raise ValueError(f"checkpoint {resume_from} is for another model: {ckpt['spec']['model']}")
+
+    pretrained_tok = None
+    init_dir = init_weights_dir
+    if init_dir is None and t.init_from and Path(t.init_from).is_dir():
+        # A resumed fine-tune is not given init_weights_dir; its data dir still needs the
+        # base model's tokenizer if it was never built.
+        init_dir = Path(t.init_from)
+    if init_dir is not None:
+        pretrained_tok = Path(init_dir) / "tokenizer.json"
+    info = prepare_data(
+        corpus_path,
+        work_dir / "data",
+        tokenizer=m.tokenizer,
+        vocab_size=m.vocab_size,
+        val_fraction=t.val_fraction,
+        pretrained_tokenizer=pretrained_tok,
+    )
+    if info.vocab_size > m.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {info.vocab_size} ids but the model only {m.vocab_size}"
+        )
+    bins = TokenBins(info)
+    bins.check_context(m.context_length)
+
+    precision = resolve_precision(t.precision, dev)
+    if dev.type == "cuda":
+        # TF32 matmuls where we stay in fp32; bf16 autocast does not care.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(t.seed)
+    model = Llama(m)
+    if init_weights_dir is not None and ckpt is None:
+        base, _ = load_pretrained(init_weights_dir)
+        # Our config (dropout included) with the base weights; shapes must agree.
+        model.load_state_dict(base.state_dict())
+        del base
+    model.to(dev)
+    model.train()
+    optimizer = _configure_optimizer(model, t, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
+    data_gen = torch.Generator().manual_seed(t.seed)
+
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    best_loss, best_bpb, best_step, evals_since_best = math.inf, math.inf, 0, 0
+    final_loss = math.nan
+    best_path = work_dir / BEST_WEIGHTS
+    have_best = False
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, tokens_seen = ckpt["step"], ckpt["tokens_seen"]
+        elapsed_before, final_loss = ckpt["elapsed_seconds"], ckpt["final_loss"]
+        b = ckpt["best"]
+        best_loss, best_bpb, best_step = b["val_loss"], b["val_bpb"], b["step"]
+        evals_since_best = b["evals_since_best"]
+        # Restore the best weights as of the checkpoint: the file in work_dir may be newer.
+        if b["weights"] is not None:
+            save_weights(b["weights"], best_path)
+            have_best = True
+        elif b["step"] == step and math.isfinite(best_loss):
+            save_weights(hf_state_dict(model), best_path)
+            have_best = True
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if dev.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
+        data_gen.set_state(ckpt["rng"]["data"])
+        if ckpt.get("finished"):
+            return TrainResult(
+                status=ckpt["finished"],
+                steps=step,
+                best_val_loss=best_loss,
+                best_val_bpb=best_bpb,
+                best_step=best_step,
+                final_loss=final_loss,
+                tokens_per_second=0.0,
+                wall_seconds=time.monotonic() - t0,
+                best_path=best_path if have_best else None,
+                tokens_seen=tokens_seen,
+            )
+        del ckpt
+
+    use_compile = t.compile == "on" or (t.compile == "auto" and dev.type == "cuda")
+    run_model = torch.compile(model) if use_compile else model
+
+    def to_dev(xy):
+        if dev.type == "cuda":
+            return tuple(a.pin_memory().to(dev, non_blocking=True) for a in xy)
+        return xy
+
+    eval_batches = bins.fixed_batches(
+        "val", t.eval_batches, t.batch_size, m.context_length, seed=t.seed
+    )
+    eval_bytes = [bins.utf8_bytes(y) for _, y in eval_batches]
+    eval_batches = [to_dev(b) for b in eval_batches]
+    tokens_per_step = t.batch_size * t.grad_accum_steps * m.context_length
+
+    def checkpoint(finished: str | None = None) -> Path:
+        if best_step == step or not have_best:
+            best_weights = None  # the model's own weights (or none yet)
+        else:
+            from safetensors.torch import load_file
+
+            best_weights = load_file(str(best_path))
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "spec": spec.to_dict(),
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "elapsed_seconds": elapsed_before + time.monotonic() - t0,
+            "final_loss": final_loss,
+            "finished": finished,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                "data": data_gen.get_state(),
+            },
+            "best": {
+                "val_loss": best_loss,
+                "val_bpb": best_bpb,
+                "step": best_step,
+                "evals_since_best": evals_since_best,
+                "weights": best_weights,
+            },
+        }
+        path = _save_checkpoint(state, checkpoint_dir, step)
+        hooks.on_checkpoint(step, path)
+        return path
+
+    def result(status: Status) -> TrainResult:
+        return TrainResult(
+            status=status,
+            steps=step,
+            best_val_loss=best_loss,
+            best_val_bpb=best_bpb,
+            best_step=best_step,
+            final_loss=final_loss,
+            tokens_per_second=steps_this_run * tokens_per_step / max(train_time, 1e-9),
+            wall_seconds=time.monotonic() - t0,
+            best_path=best_path if have_best else None,
+            tokens_seen=tokens_seen,
+        )
+
+    _call(
+        hooks,
+        "on_log",
+        f"training {count_parameters(m).total:,} parameters on {dev} ({precision}"
+        f"{', compiled' if use_compile else ''}), {info.train_tokens:,} train / "
+        f"{info.val_tokens:,} val tokens, from step {step}",
+    )
+    train_time, steps_this_run = 0.0, 0
+    window_time, window_steps = 0.0, 0
+    last_ckpt_step = step if resume_from is not None else -1
+    status: Status = "completed"
+    while step < t.max_steps:
+        stop = hooks.should_stop()
+        if stop:
+            if last_ckpt_step != step:
+                checkpoint()
+            return result("cancelled" if stop == "cancel" else "interrupted")
+
+        ts = time.monotonic()
+        lr = lr_at(step, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=dev)
+        for _ in range(t.grad_accum_steps):
+            x, y = to_dev(bins.batch("train", t.batch_size, m.context_length, data_gen))
+            with _autocast(dev, precision):
+                loss = _lm_loss(run_model, x, y)
+            scaler.scale(loss / t.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+        if t.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        steps_this_run += 1
+        tokens_seen += tokens_per_step
+        last = step == t.max_steps
+
+        if step % t.log_interval == 0 or last:
+            # .item() syncs the GPU, so only on logging steps; time includes that sync.
+            final_loss = loss_sum.item() / t.grad_accum_steps
+            dt = time.monotonic() - ts
+            train_time += dt
+            window_time += dt
+            window_steps += 1
+            per_step = window_time / window_steps
+            hooks.on_progress(
+                Progress(
+                    step=step,
+                    total_steps=t.max_steps,
+                    loss=final_loss,
+                    lr=lr,
+                    tokens_per_second=tokens_per_step / per_step,
+                    eta_seconds=per_step * (t.max_steps - step),
+                    elapsed_seconds=elapsed_before + time.monotonic() - t0,
+                    tokens_seen=tokens_seen,
+                )
+            )
+            window_time, window_steps = 0.0, 0
+        else:
+            dt = time.monotonic() - ts
+            train_time += dt
+            window_time += dt
+            window_steps += 1
+
+        if step % t.eval_interval == 0 or last:
+            if not last and step % t.log_interval != 0:
+                final_loss = loss_sum.item() / t.grad_accum_steps
+            val_loss, val_bpb = _evaluate(
+                model, run_model, eval_batches, eval_bytes, dev, precision
+            )
+            if val_loss < best_loss:
+                best_loss, best_bpb, best_step, evals_since_best = val_loss, val_bpb, step, 0
+                save_weights(hf_state_dict(model), best_path)
+                have_best = True
+            else:
+                evals_since_best += 1
+            hooks.on_eval(step, val_loss, val_bpb, best_loss, best_step)
+            if 0 < t.early_stopping_patience <= evals_since_best:
+                _call(
+                    hooks,
+                    "on_log",
+                    f"early stop at step {step}: no better val loss in "
+                    f"{evals_since_best} evaluations (best {best_loss:.4f} at {best_step})",
+                )
+                status = "early_stopped"
+                break
+
+        if step % t.checkpoint_interval == 0 and not last:
+            checkpoint()
+            last_ckpt_step = step
+
+    if math.isnan(final_loss) and steps_this_run:
+        final_loss = loss_sum.item() / t.grad_accum_steps
+    # The final checkpoint lets a redelivered job skip straight to export.
+    checkpoint(finished=status)
+    return result(status)
+
+
+def finalize(
+    result: TrainResult,
+    spec: JobSpec,
+    work_dir: Path,
+    out_dir: Path,
+    metadata: dict[str, Any],
+) -> Path:
+    """Writes the trained model into `out_dir` in the Hugging Face layout.
+
+    Files: model.safetensors (the best weights), config.json (LlamaForCausalLM),
+    tokenizer.json, and metadata.json (`metadata` over the spec, parameter counts, metrics,
+    seed and tokenizer facts). Raises ValueError when the run has no best weights (it never
+    evaluated). Returns `out_dir`.
+    """
+    if result.best_path is None or not Path(result.best_path).exists():
+        raise ValueError("the run has no evaluated weights to export")
+    work_dir, out = Path(work_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = work_dir / "data"
+    info = json.loads((data_dir / "meta.json").read_text())
+    write_file_atomic(out / "model.safetensors", Path(result.best_path).read_bytes())
+    cfg = hf_config(spec.model, eos_token_id=info["eos_token_id"])
+    write_file_atomic(out / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
+    shutil.copyfile(data_dir / "tokenizer.json", out / "tokenizer.json")
+    data: dict[str, Any] = {
+        "preset": spec.preset,
+        "spec": spec.to_dict(),
+        "seed": spec.training.seed,
+        "parameters": dataclasses.asdict(count_parameters(spec.model)),
+        "tokenizer": {
+            "kind": spec.model.tokenizer,
+            "vocab_size": info["vocab_size"],
+            "eos_token_id": info["eos_token_id"],
+        },
+        "data": {
+            "train_tokens": info["train_tokens"],
+            "val_tokens": info["val_tokens"],
+            "corpus_bytes": info.get("corpus_bytes"),
+        },
+        "metrics": {
+            "status": result.status,
+            "steps": result.steps,
+            "best_val_loss": result.best_val_loss,
+            "best_val_bits_per_byte": result.best_val_bpb,
+            "best_step": result.best_step,
+            "final_train_loss": result.final_loss,
+            "tokens_seen": result.tokens_seen,
+            "tokens_per_second": result.tokens_per_second,
+            "wall_seconds": result.wall_seconds,
+        },
+    }
+    data.update(metadata)
+    write_file_atomic(out / "metadata.json", (json.dumps(data, indent=2) + "\n").encode())
+    return out
+
+
+__all__ = [
+    "DataInfo",
+    "Progress",
+    "TrainHooks",
+    "TrainResult",
+    "finalize",
+    "load_checkpoint",
+    "lr_at",
+    "resolve_precision",
+    "train",
+]
