@@ -22,8 +22,8 @@ class RetryPolicy:
     dropped): every other status is the server's answer and retrying would not change it.
     """
 
-    max_attempts: int = 8
-    initial_backoff: float = 0.1
+    max_attempts: int = 5
+    initial_backoff: float = 0.25
     max_backoff: float = 5.0
     multiplier: float = 2.0
     #: Each delay is drawn from [(1 - jitter) * backoff, backoff] so clients that lost the
