@@ -1,0 +1,60 @@
+"""Which model a request means: an owner's reference to a model directory and its state.
+
+The Redis model registry (lmforge_server.store) provides `resolve`; `DirectoryResolver`
+serves a plain directory of exported models (tests, `lmforge serve inference --models`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+ModelState = Literal["TRAINING", "READY", "ABANDONED"]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    model_id: str
+    name: str
+    version: int
+    state: ModelState
+    # The directory with model.onnx, tokenizer.json, config.json (and metadata.json).
+    path: Path
+
+
+class ModelResolver(Protocol):
+    def resolve(self, owner: str, ref: str) -> ResolvedModel:
+        """The model `ref` names for `owner`; raises KeyError when there is none."""
+        ...
+
+
+class DirectoryResolver:
+    """Models as `<root>/<model_id>/` directories; the reference is the model id.
+
+    metadata.json may set name, version, state and owner; a model with an owner is
+    visible to that owner only.
+    """
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def resolve(self, owner: str, ref: str) -> ResolvedModel:
+        if not ref or "/" in ref or "\\" in ref or ref.startswith("."):
+            raise KeyError(ref)
+        path = self.root / ref
+        if not (path / "config.json").is_file():
+            raise KeyError(ref)
+        meta = {}
+        if (path / "metadata.json").is_file():
+            meta = json.loads((path / "metadata.json").read_text())
+        if meta.get("owner") not in (None, owner):
+            raise KeyError(ref)
+        return ResolvedModel(
+            model_id=ref,
+            name=str(meta.get("name", ref)),
+            version=int(meta.get("version", 1)),
+            state=meta.get("state", "READY"),
+            path=path,
+        )

@@ -1,0 +1,110 @@
+"""Tiny random-weight models, saved in the HF layout and exported to ONNX, for tests.
+
+Exports are cached on disk by a hash of the config and of the model/export sources, so a
+change to either rebuilds them and repeated runs skip the (seconds-long) dynamo export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lmforge_server.specs import ModelConfig
+
+CORPUS = (Path(__file__).parents[1] / "server/lmforge_server/data/tinyshakespeare.txt").read_text()
+# Characters outside the corpus, so char and byte tokenizers see multibyte text.
+EXTRA_CHARS = "éü€😀→"
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_model=32,
+        intermediate_size=64,
+        context_length=96,
+        vocab_size=0,
+        tokenizer="char",
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def _sources_digest() -> str:
+    import lmforge_worker.export as export
+    import lmforge_worker.model as model
+    import lmforge_worker.tokenization as tokenization
+
+    h = hashlib.sha256()
+    for mod in (export, model, tokenization):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_model_dir(
+    dest: Path, *, tokenizer: str = "char", seed: int = 0, weight_scale: float = 1.0, **overrides
+) -> Path:
+    """A model directory (model.onnx, tokenizer.json, config.json) at `dest`.
+
+    `weight_scale` multiplies every matrix: at the default init a random model repeats one
+    token; at 50 its greedy text varies with the context, which tests need.
+    """
+    from lmforge_worker.export import export_onnx
+    from lmforge_worker.model import Llama, save_pretrained
+    from lmforge_worker.tokenization import build_tokenizer, save_tokenizer
+
+    text = CORPUS[:20000] + EXTRA_CHARS
+    tok = build_tokenizer(tokenizer, text)
+    cfg = tiny_config(tokenizer=tokenizer, **overrides)
+    cfg = ModelConfig(**{**cfg.__dict__, "vocab_size": tok.get_vocab_size()})
+    key = hashlib.sha256(
+        json.dumps([cfg.__dict__, seed, weight_scale, _sources_digest()]).encode()
+    ).hexdigest()[:20]
+    cache = Path(tempfile.gettempdir()) / "lmforge-test-models" / key
+    if not (cache / "model.onnx").is_file():
+        tmp = cache.with_name(f"{key}.tmp-{torch.randint(1 << 30, ()).item()}")
+        torch.manual_seed(seed)
+        model = Llama(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(weight_scale)
+        save_pretrained(model, tmp)
+        save_tokenizer(tok, tmp / "tokenizer.json")
+        try:
+            # Scaled weights give logits in the hundreds: parity is relative to that.
+            facts = export_onnx(tmp, parity_limit=1e-4 * max(1.0, weight_scale**2))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        (tmp / "export.json").write_text(json.dumps(facts, default=str))
+        try:
+            tmp.rename(cache)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(cache, dest)
+    return dest
+
+
+def load_torch(model_dir: Path):
+    from lmforge_worker.model import load_pretrained
+
+    model, _ = load_pretrained(model_dir)
+    return model.eval()
+
+
+@torch.no_grad()
+def torch_greedy(model, ids: list[int], n: int, eos: int | None = None) -> list[int]:
+    """Greedy continuation with the PyTorch model (the reference for the server)."""
+    from lmforge_worker.model import generate
+
+    out = generate(model, torch.tensor([ids]), n, eos_token_id=eos)[0, len(ids) :].tolist()
+    if eos is not None and eos in out:
+        out = out[: out.index(eos) + 1]
+    return out
