@@ -217,3 +217,16 @@ def test_generate_greedy_matches_argmax_of_full_forward():
         model, prompt, 6, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(0)
     )
     assert torch.equal(a, b)
+
+
+def test_generate_on_a_left_padded_batch_matches_each_prompt_alone():
+    model = make_model(CONFIGS["mqa-tied"])
+    g = torch.Generator().manual_seed(4)
+    a = torch.randint(0, model.config.vocab_size, (1, 7), generator=g)
+    b = torch.randint(0, model.config.vocab_size, (1, 4), generator=g)
+    batch = torch.cat((a, torch.cat((torch.zeros(1, 3, dtype=torch.long), b), 1)))
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    out = generate(model, batch, 6, attention_mask=mask)
+    assert torch.equal(out[0], generate(model, a, 6)[0])
+    assert torch.equal(out[1, 3:], generate(model, b, 6)[0])

@@ -199,3 +199,29 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum():
     assert lr_at(t.max_steps, t) == pytest.approx(t.min_learning_rate)
     mids = [lr_at(s, t) for s in range(t.warmup_steps, t.max_steps)]
     assert mids == sorted(mids, reverse=True)
+
+
+def test_fine_tuning_starts_from_the_base_model_and_its_tokenizer(tmp_path, corpus):
+    spec = tiny_spec(max_steps=40, eval_interval=40)
+    base = train(spec, corpus, tmp_path / "w0", tmp_path / "c0", Recorder())
+    base_dir = finalize(base, spec, tmp_path / "w0", tmp_path / "base", {})
+    _, base_cfg = load_pretrained(base_dir)
+
+    # A new corpus with characters the base never saw: the base tokenizer is kept.
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT[::-1] + "~{}", encoding="utf-8")
+    ft_spec = resolve(
+        "tiny",
+        {},
+        {"max_steps": 10, "eval_interval": 5, "init_from": str(base_dir)},
+        num_distinct_chars=0,
+        base_model=base_cfg,
+    )
+    hooks = Recorder()
+    ft = train(ft_spec, other, tmp_path / "w1", tmp_path / "c1", hooks, init_weights_dir=base_dir)
+    assert ft.status == "completed"
+    assert (tmp_path / "w1/data/tokenizer.json").read_text() == (
+        base_dir / "tokenizer.json"
+    ).read_text()
+    # It starts where the base left off, far below a fresh model's ~4 nats.
+    assert hooks.progress[0].loss < base.final_loss + 0.3
