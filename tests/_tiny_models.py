@@ -108,3 +108,55 @@ def torch_greedy(model, ids: list[int], n: int, eos: int | None = None) -> list[
     if eos is not None and eos in out:
         out = out[: out.index(eos) + 1]
     return out
+
+
+def build_cycle_model_dir(dest: Path, cycle: bytes) -> Path:
+    """A byte-tokenizer model whose greedy output repeats `cycle` (distinct bytes) forever.
+
+    Attention and MLP write nothing (zeroed output projections), so the next token depends
+    on the current one only: lm_head row next(b) is the embedding of b. Prompted with the
+    first byte of `cycle`, it emits the rest, wrapping around: multibyte characters split
+    across tokens, at every possible offset.
+    """
+    from lmforge_worker.export import export_onnx
+    from lmforge_worker.model import Llama, save_pretrained
+    from lmforge_worker.tokenization import build_tokenizer, save_tokenizer
+
+    assert len(set(cycle)) == len(cycle), "cycle bytes must be distinct"
+    tok = build_tokenizer("byte", "")
+    cfg = tiny_config(
+        tokenizer="byte",
+        vocab_size=tok.get_vocab_size(),
+        n_layers=1,
+        d_model=64,
+        tie_embeddings=False,
+    )
+    key = hashlib.sha256(json.dumps([cfg.__dict__, list(cycle), _sources_digest()]).encode())
+    cache = Path(tempfile.gettempdir()) / "lmforge-test-models" / f"cycle-{key.hexdigest()[:20]}"
+    if not (cache / "model.onnx").is_file():
+        torch.manual_seed(0)
+        model = Llama(cfg).eval()
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            emb = model.model.embed_tokens.weight
+            emb.normal_()
+            model.lm_head.weight.zero_()
+            for i, b in enumerate(cycle):
+                model.lm_head.weight[cycle[(i + 1) % len(cycle)]] = emb[b] / 8
+            logits, _ = model(torch.tensor([list(cycle)]))
+            assert logits[0].argmax(-1).tolist() == list(cycle[1:] + cycle[:1])
+        tmp = cache.with_name(f"{cache.name}.tmp-{torch.randint(1 << 30, ()).item()}")
+        save_pretrained(model, tmp)
+        save_tokenizer(tok, tmp / "tokenizer.json")
+        try:
+            export_onnx(tmp, parity_limit=1e-3)
+            tmp.rename(cache)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    shutil.copytree(cache, dest)
+    return dest

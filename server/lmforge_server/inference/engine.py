@@ -276,6 +276,8 @@ class Scheduler:
         self._rows: list[_Request] = []
         self._past: list = []
         self._mask = np.zeros((0, 0), np.int64)
+        # Requests ended, by finish reason (monitoring and tests).
+        self.finished: collections.Counter[str] = collections.Counter()
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
         self._thread.start()
 
@@ -388,6 +390,7 @@ class Scheduler:
 
     def _finish(self, req: _Request, reason: str, text: str = "", error: Exception | None = None):
         req.done = True
+        self.finished[reason] += 1
         if reason in ("eos", "length", "cancelled", "error"):
             text += req.detok.flush()
         now = time.perf_counter()
@@ -671,9 +674,16 @@ class Engine:
                 return d
         raise InferenceError("generation ended without a final delta")
 
-    def stats(self) -> dict[str, int]:
-        """Active rows per loaded model (for tests and monitoring)."""
-        return {k: v.scheduler.active for k, v in self._loaded.items()}
+    def stats(self) -> dict[str, dict]:
+        """Per loaded model: active batch rows, queued requests, finished ones by reason."""
+        return {
+            k: {
+                "active": v.scheduler.active,
+                "queued": len(v.scheduler._waiting),
+                "finished": dict(v.scheduler.finished),
+            }
+            for k, v in self._loaded.items()
+        }
 
     async def close(self) -> None:
         """Stops every scheduler; requests in flight end first."""

@@ -1,0 +1,126 @@
+"""`lmforge serve inference`: the grpc.aio server around the inference Engine.
+
+Serves InferenceService, the standard health service (SERVING only once the engine is
+up) and server reflection; SIGINT/SIGTERM stop it gracefully (health goes NOT_SERVING,
+streams in flight get a grace period, then the schedulers stop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lmforge.v1 import inference_pb2, inference_pb2_grpc
+from lmforge_server.inference.engine import Engine
+from lmforge_server.inference.resolver import DirectoryResolver, ModelResolver, ResolvedModel
+from lmforge_server.inference.service import InferenceService
+from lmforge_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+GRACE_S = 5.0
+
+
+class StoreResolver:
+    """Resolves through the Redis model registry (lmforge_server.store.Store)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def resolve(self, owner: str, ref: str) -> ResolvedModel:
+        if hasattr(self.store, "resolve"):
+            return self.store.resolve(owner, ref)
+        rec = self.store.get_model(owner, ref)  # raises NotFound, a KeyError
+        return ResolvedModel(rec.id, rec.name, rec.version, rec.state, Path(rec.path))
+
+
+def default_resolver(settings: Settings) -> ModelResolver:
+    """The model registry in Redis when one is configured, else <artifacts>/models/<id>/."""
+    if settings.redis_url:
+        from lmforge_server.store import Store
+
+        return StoreResolver(Store.from_url(settings.redis_url))
+    return DirectoryResolver(settings.artifacts_dir / "models")
+
+
+class InferenceServer:
+    """The server and its engine; `start` returns the address it listens on."""
+
+    def __init__(self, settings: Settings, resolver: ModelResolver | None = None, **engine_kw):
+        self.settings = settings
+        self.engine = Engine(settings, resolver or default_resolver(settings), **engine_kw)
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 8 << 20),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ]
+        )
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceService(self.engine, settings), self.server
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.address = ""
+
+    async def start(self) -> str:
+        host, _, _ = self.settings.inference_addr.rpartition(":")
+        port = self.server.add_insecure_port(self.settings.inference_addr)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.settings.inference_addr}")
+        self.address = f"{host}:{port}"
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("inference server listening on %s (%s)", self.address, self.engine.providers[0])
+        return self.address
+
+    async def stop(self, grace: float = GRACE_S) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.engine.close()
+
+
+async def serve(
+    settings: Settings,
+    *,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+    resolver: ModelResolver | None = None,
+) -> None:
+    """Serves until `stop` is set (or forever); sets `ready` once SERVING."""
+    server = InferenceServer(settings, resolver)
+    await server.start()
+    if ready is not None:
+        ready.set()
+    try:
+        if stop is None:
+            await server.server.wait_for_termination()
+        else:
+            await stop.wait()
+    finally:
+        await server.stop()
+
+
+def run(settings: Settings) -> None:
+    """`lmforge serve inference`: serves until SIGINT/SIGTERM, then stops gracefully."""
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop=stop)
+
+    asyncio.run(main())

@@ -1,0 +1,165 @@
+"""The gRPC InferenceService: protobuf in, the engine's plain objects out, and back.
+
+Thin by design: it reads the caller's owner from the API key, turns the request into
+SamplingParams, calls the Engine, and maps the engine's errors to gRPC status codes. A
+client that cancels, disconnects or passes its deadline cancels the handler's task; the
+engine then frees the request's slot at the next decode step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from lmforge.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from lmforge_server.auth import AuthError, owner_from_metadata
+from lmforge_server.inference import engine as core
+from lmforge_server.inference.sampling import SamplingParams
+from lmforge_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "eos": inference_pb2.FINISH_REASON_EOS,
+    "cancelled": inference_pb2.FINISH_REASON_CANCELLED,
+}
+_STATUS = [
+    (core.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (core.ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (core.ModelNotReady, grpc.StatusCode.FAILED_PRECONDITION),
+    (core.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+]
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+def sampling_params(s: inference_pb2.SamplingParams, max_new_tokens_limit: int) -> SamplingParams:
+    """Proto -> SamplingParams; unset fields take the documented defaults (not validated)."""
+    return SamplingParams(
+        max_new_tokens=s.max_new_tokens
+        if s.HasField("max_new_tokens")
+        else min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens_limit),
+        temperature=s.temperature if s.HasField("temperature") else 1.0,
+        top_k=s.top_k if s.HasField("top_k") else 0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop),
+        logprobs=s.logprobs,
+    )
+
+
+def _timings(t: core.Timings | None) -> inference_pb2.Timings | None:
+    if t is None:
+        return None
+    return inference_pb2.Timings(
+        queue_ms=t.queue_ms,
+        time_to_first_token_ms=t.time_to_first_token_ms,
+        total_ms=t.total_ms,
+        tokens_per_second=t.tokens_per_second,
+    )
+
+
+def _usage(d: core.Delta) -> common_pb2.Usage:
+    return common_pb2.Usage(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens)
+
+
+class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, engine: core.Engine, settings: Settings):
+        self.engine = engine
+        self.settings = settings
+
+    async def _owner(self, context: grpc.aio.ServicerContext) -> str:
+        try:
+            return owner_from_metadata(context.invocation_metadata(), self.settings.api_keys)
+        except AuthError as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+
+    async def _fail(self, context: grpc.aio.ServicerContext, e: Exception) -> None:
+        for kind, code in _STATUS:
+            if isinstance(e, kind):
+                await context.abort(code, str(e))
+        log.exception("inference request failed")
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
+
+    def _stream(self, owner: str, request: inference_pb2.GenerateRequest):
+        params = sampling_params(request.sampling, self.settings.max_new_tokens_limit)
+        return self.engine.generate(
+            owner, request.model, request.prompt, params, truncate_prompt=request.truncate_prompt
+        )
+
+    async def GenerateStream(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        owner = await self._owner(context)
+        stream = self._stream(owner, request)
+        try:
+            async for d in stream:
+                msg = inference_pb2.GenerateStreamResponse(
+                    text=d.text, token_ids=d.token_ids, logprobs=d.logprobs, model_id=d.model_id
+                )
+                if d.final:
+                    msg.final = True
+                    msg.finish_reason = FINISH_REASONS[d.finish_reason]
+                    msg.usage.CopyFrom(_usage(d))
+                    msg.timings.CopyFrom(_timings(d.timings))
+                yield msg
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # every failure becomes a status; none reaches the server
+            await self._fail(context, e)
+        finally:
+            # Cancelled or disconnected: closing the generator cancels the request now.
+            await stream.aclose()
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.GenerateResponse:
+        owner = await self._owner(context)
+        params = sampling_params(request.sampling, self.settings.max_new_tokens_limit)
+        try:
+            d = await self.engine.complete(
+                owner,
+                request.model,
+                request.prompt,
+                params,
+                truncate_prompt=request.truncate_prompt,
+            )
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # every failure becomes a status; none reaches the server
+            await self._fail(context, e)
+        return inference_pb2.GenerateResponse(
+            model_id=d.model_id,
+            text=d.text,
+            token_ids=d.token_ids,
+            logprobs=d.logprobs,
+            finish_reason=FINISH_REASONS[d.finish_reason],
+            usage=_usage(d),
+            timings=_timings(d.timings),
+        )
+
+    async def GetModelInfo(
+        self, request: inference_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ModelInfo:
+        owner = await self._owner(context)
+        try:
+            info = await self.engine.model_info(owner, request.model)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # every failure becomes a status; none reaches the server
+            await self._fail(context, e)
+        return inference_pb2.ModelInfo(
+            model_id=info.model_id,
+            name=info.name,
+            version=info.version,
+            execution_provider=info.execution_provider,
+            dtype=info.dtype,
+            context_length=info.context_length,
+            vocab_size=info.vocab_size,
+            eos_token_id=info.eos_token_id,
+            loaded=info.loaded,
+        )
