@@ -32,16 +32,22 @@ def _time(msg: Message, name: str) -> datetime | None:
     return getattr(msg, name).ToDatetime(tzinfo=timezone.utc)
 
 
+def _f32(value: Any) -> Any:
+    """A proto `float` widened to a Python float shows noise digits (0.003000000026077032);
+    7 significant digits is what float32 holds."""
+    return float(f"{value:.7g}") if isinstance(value, float) else value
+
+
 def _plain(cls: type[_D], msg: Message) -> _D:
     """A dataclass whose fields are a subset of the message's scalar fields, same names."""
-    return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})
+    return cls(**{f.name: _f32(getattr(msg, f.name)) for f in dataclasses.fields(cls)})
 
 
 def _optional_fields(cls: type[_D], msg: Message) -> _D:
     """ModelSpec/TrainingSpec: proto3 `optional` fields, None where unset."""
     return cls(
         **{
-            f.name: getattr(msg, f.name) if msg.HasField(f.name) else None
+            f.name: _f32(getattr(msg, f.name)) if msg.HasField(f.name) else None
             for f in dataclasses.fields(cls)
         }
     )
@@ -185,9 +191,9 @@ def model(msg: training_pb2.Model) -> t.Model:
         tokenizer=msg.tokenizer,
         context_length=msg.context_length,
         vocab_size=msg.vocab_size,
-        val_loss=msg.val_loss,
-        val_bits_per_byte=msg.val_bits_per_byte,
-        onnx_parity_max_abs_diff=msg.onnx_parity_max_abs_diff,
+        val_loss=_f32(msg.val_loss),
+        val_bits_per_byte=_f32(msg.val_bits_per_byte),
+        onnx_parity_max_abs_diff=_f32(msg.onnx_parity_max_abs_diff),
         files=list(msg.files),
         dataset_sha256=msg.dataset_sha256,
         created_at=_time(msg, "created_at"),
@@ -255,7 +261,7 @@ def completion(msg: inference_pb2.GenerateResponse) -> t.Completion:
         model_id=msg.model_id,
         text=msg.text,
         token_ids=list(msg.token_ids),
-        logprobs=list(msg.logprobs),
+        logprobs=[_f32(x) for x in msg.logprobs],
         finish_reason=finish_reason(msg.finish_reason),
         usage=_usage(msg.usage),
         timings=_timings(msg.timings),
@@ -266,7 +272,7 @@ def completion_chunk(msg: inference_pb2.GenerateStreamResponse) -> t.CompletionC
     return t.CompletionChunk(
         text=msg.text,
         token_ids=list(msg.token_ids),
-        logprobs=list(msg.logprobs),
+        logprobs=[_f32(x) for x in msg.logprobs],
         final=msg.final,
         finish_reason=finish_reason(msg.finish_reason) if msg.final else None,
         usage=_usage(msg.usage) if msg.final else None,
