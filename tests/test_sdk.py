@@ -175,7 +175,8 @@ def test_readme_tour_uploads_trains_waits_and_generates(client, tmp_path, capfd)
 def test_async_client_has_the_same_surface(stack):
     async def tour() -> tuple[Job, str, str]:
         async with AsyncClient(api_addr=stack.api_addr, inference_addr=stack.inference_addr) as c:
-            dataset = await c.datasets.upload(io.BytesIO(CORPUS), name="async")
+            data = CORPUS + uuid.uuid4().hex.encode()  # new bytes: a new dataset with this name
+            dataset = await c.datasets.upload(io.BytesIO(data), name="async")
             assert (await c.datasets.get(dataset.id)).name == "async"
             job = await c.jobs.create(dataset=dataset.id, preset="tiny", training={"max_steps": 20})
             types = [e.type async for e in c.jobs.watch(job.id)]

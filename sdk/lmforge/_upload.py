@@ -35,7 +35,8 @@ class PreparedUpload:
             self._open = lambda: io.BytesIO(data)
             default_name = ""
         elif hasattr(source, "read"):
-            default_name = Path(getattr(source, "name", "") or "").name
+            file_name = getattr(source, "name", "")  # an int for os.fdopen'd descriptors
+            default_name = Path(file_name).name if isinstance(file_name, str) else ""
             if _seekable(source):
                 start = source.tell()
 
