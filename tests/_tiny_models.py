@@ -110,7 +110,7 @@ def torch_greedy(model, ids: list[int], n: int, eos: int | None = None) -> list[
     return out
 
 
-def build_cycle_model_dir(dest: Path, cycle: bytes) -> Path:
+def build_cycle_model_dir(dest: Path, cycle: bytes, *, context_length: int = 96) -> Path:
     """A byte-tokenizer model whose greedy output repeats `cycle` (distinct bytes) forever.
 
     Attention and MLP write nothing (zeroed output projections), so the next token depends
@@ -130,6 +130,7 @@ def build_cycle_model_dir(dest: Path, cycle: bytes) -> Path:
         n_layers=1,
         d_model=64,
         tie_embeddings=False,
+        context_length=context_length,
     )
     key = hashlib.sha256(json.dumps([cfg.__dict__, list(cycle), _sources_digest()]).encode())
     cache = Path(tempfile.gettempdir()) / "lmforge-test-models" / f"cycle-{key.hexdigest()[:20]}"
