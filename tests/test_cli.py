@@ -1,0 +1,169 @@
+"""The `lmforge` command line against our real servers: output, --json, exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import SMALL_CORPUS
+
+from lmforge.cli import UsageError, main, parse_overrides
+
+
+@pytest.fixture(scope="module")
+def cli(stack):
+    """Runs `lmforge --api ... --inference ... ARGS` in this process: (exit code, stdout, stderr)."""
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        args = ["--api", stack.api_addr, "--inference", stack.inference_addr, *argv]
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(args)
+            except SystemExit as e:
+                code = e.code
+        return code, out.getvalue(), err.getvalue()
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "plays.txt"
+    path.write_text(SMALL_CORPUS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(cli, corpus) -> dict:
+    code, out, err = cli(
+        "train", str(corpus), "--preset", "tiny", "--set", "training.max_steps=20",
+        "--set", "n_layers=1", "--name", "cli", "--wait", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_train_wait_json_prints_the_finished_job_and_exits_0(trained):
+    assert trained["state"] == "SUCCEEDED" and trained["model_name"] == "cli"
+    assert trained["spec"]["model"]["n_layers"] == 1
+    assert trained["spec"]["training"]["max_steps"] == 20
+    assert trained["progress"]["step"] == 20 and trained["model_id"]
+
+
+def test_train_prints_the_job_and_its_parameter_count(cli, corpus):
+    code, out, _ = cli("train", str(corpus), "--preset", "tiny", "--set", "max_steps=5000")
+    assert code == 0
+    assert "QUEUED" in out and "parameters (" in out and "embedding" in out and "MLP" in out
+    job_id = next(line.split()[1] for line in out.splitlines() if line.startswith("job"))
+    assert cli("jobs", "cancel", job_id)[0] == 0
+
+
+def test_generate_streams_text_and_no_stream_json_gives_the_completion(cli, trained):
+    code, streamed, _ = cli("generate", "cli", "ROMEO:", "--max-tokens", "15", "--seed", "4")
+    assert code == 0 and streamed.endswith("\n") and len(streamed) > 1
+    code, out, _ = cli(
+        "generate", "cli", "ROMEO:", "--max-tokens", "15", "--seed", "4", "--no-stream", "--json"
+    )
+    completion = json.loads(out)
+    assert code == 0 and completion["text"] == streamed[:-1]
+    assert completion["usage"]["completion_tokens"] == 15
+    assert completion["finish_reason"] == "length" and completion["model_id"] == trained["model_id"]
+    code, out, _ = cli("generate", "cli", "ROMEO:", "--max-tokens", "5", "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and lines[-1]["final"] and lines[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_jobs_and_models_print_tables_by_default_and_json_on_request(cli, trained):
+    code, out, _ = cli("jobs", "list")
+    header = out.splitlines()[0].split()
+    assert code == 0 and header[:3] == ["ID", "STATE", "MODEL"] and trained["id"] in out
+    code, out, _ = cli("jobs", "list", "--state", "succeeded", "--json")
+    assert code == 0 and trained["id"] in [j["id"] for j in json.loads(out)]
+    assert all(j["state"] == "SUCCEEDED" for j in json.loads(out))
+    code, out, _ = cli("jobs", "get", trained["id"])
+    assert code == 0 and f"id   {trained['id']}".split() == out.splitlines()[0].split()[:2]
+    assert json.loads(cli("jobs", "get", trained["id"], "--json")[1])["id"] == trained["id"]
+
+    code, out, _ = cli("jobs", "watch", trained["id"], "--json")
+    events = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and events[-1]["terminal"] and events[-1]["state"] == "SUCCEEDED"
+    code, out, _ = cli("jobs", "watch", trained["id"])
+    assert code == 0 and "SUCCEEDED" in out.splitlines()[-1]
+
+    code, out, _ = cli("models", "list")
+    assert code == 0 and out.split()[:4] == ["ID", "NAME", "VERSION", "STATE"]
+    model = json.loads(cli("models", "get", "cli", "--json")[1])
+    assert model["id"] == trained["model_id"] and model["state"] == "READY"
+    code, out, _ = cli("datasets", "list", "--json")
+    assert code == 0 and trained["dataset_id"] in [d["id"] for d in json.loads(out)]
+
+
+def test_a_cancelled_job_makes_wait_and_watch_exit_1(cli, corpus):
+    code, out, _ = cli(
+        "train", str(corpus), "--preset", "tiny", "--set", "max_steps=5000", "--json"
+    )
+    job = json.loads(out)
+    assert code == 0 and job["state"] == "QUEUED"
+    assert cli("jobs", "cancel", job["id"])[0] == 0
+    code, _, err = cli("jobs", "wait", job["id"])
+    assert code == 1 and "CANCELLED" in err
+    assert cli("jobs", "watch", job["id"])[0] == 1
+
+
+def test_server_errors_are_one_line_messages_with_exit_1(cli, corpus):
+    code, out, err = cli("jobs", "get", "job_missing")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith("lmforge: error:") and "job_missing" in err and "NOT_FOUND" in err
+    code, _, err = cli("train", str(corpus), "--preset", "tiny", "--set", "model.n_heads=3")
+    assert code == 1 and "model.d_model" in err and "INVALID_ARGUMENT" in err
+    code, _, err = cli("models", "delete", "no-such-model")
+    assert code == 1 and err.count("\n") == 1
+
+
+def test_usage_errors_exit_2(cli, corpus):
+    assert cli("jobs", "get")[0] == 2
+    code, _, err = cli("train", str(corpus), "--set", "n_layer=2")
+    assert code == 2 and "did you mean n_layers" in err
+    assert cli("train", str(corpus), "--set", "model.n_layers=four")[0] == 2
+    assert cli("train", "/no/such/file.txt")[0] == 2
+    assert cli("generate", "cli")[0] == 2
+    assert cli("frobnicate")[0] == 2
+
+
+def test_health_reports_serving_for_both_servers(cli, stack):
+    code, out, _ = cli("health")
+    assert code == 0 and out.split() == [stack.api_addr, "SERVING"]
+    code, out, _ = cli("health", stack.inference_addr, "--json")
+    assert code == 0 and json.loads(out) == {"addr": stack.inference_addr, "status": "SERVING"}
+
+
+def test_set_values_are_typed_by_the_proto_field():
+    model, training = parse_overrides(
+        ["model.n_layers=4", "max_steps=1_000", "dropout=0.1", "tie_embeddings=false",
+         "tokenizer=char", "training.learning_rate=3e-4"]
+    )  # fmt: skip
+    assert model == {"n_layers": 4, "dropout": 0.1, "tie_embeddings": False, "tokenizer": "char"}
+    assert training == {"max_steps": 1000, "learning_rate": 3e-4}
+    for bad in ("nothing", "model.max_steps=3", "optimizer.lr=1", "seed=x", "tie_embeddings=maybe"):
+        with pytest.raises(UsageError):
+            parse_overrides([bad])
+
+
+def test_an_unreachable_server_is_a_one_line_error_not_a_traceback():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
+    exe = shutil.which("lmforge") or ""
+    command = [exe] if exe else [sys.executable, "-m", "lmforge.cli"]
+    for argv in (["--api", addr, "jobs", "list"], ["--inference", addr, "generate", "m", "hi"]):
+        out = subprocess.run(command + argv, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and out.stdout == ""
+        assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
+        assert "cannot reach the" in out.stderr and addr in out.stderr
