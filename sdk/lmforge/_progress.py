@@ -43,8 +43,10 @@ class JobProgressBar:
     """step/total, loss, tokens/s and the server's ETA for one job, on stderr."""
 
     def __init__(self, job: Job, *, file: TextIO | None = None):
+        # Before its first progress event a job's total is its spec's max_steps.
+        total = job.progress.total_steps or job.spec.training.max_steps or None
         self._bar = tqdm(
-            total=job.progress.total_steps or None,
+            total=total,
             initial=job.progress.step,
             desc=self._desc(job.state),
             unit="step",
