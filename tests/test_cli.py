@@ -6,13 +6,16 @@ import contextlib
 import io
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import SMALL_CORPUS
 
+from lmforge import LmforgeError
 from lmforge.cli import UsageError, main, parse_overrides
 
 
@@ -167,3 +170,34 @@ def test_an_unreachable_server_is_a_one_line_error_not_a_traceback():
         assert out.returncode == 1 and out.stdout == ""
         assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
         assert "cannot reach the" in out.stderr and addr in out.stderr
+
+
+@pytest.mark.parametrize("role", ["api", "inference"])
+def test_serve_runs_one_server_until_sigterm(role, redis_server, tmp_path):
+    from lmforge.cli import check_health
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    exe = shutil.which("lmforge") or ""
+    command = [exe] if exe else [sys.executable, "-m", "lmforge.cli"]
+    flags = ["--redis-url", redis_server.url, "--data-dir", str(tmp_path), f"--{role}-addr", addr]
+    server = subprocess.Popen(
+        command + ["serve", role, *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 60
+        status = ""
+        while status != "SERVING" and time.monotonic() < deadline:
+            assert server.poll() is None, server.stdout.read().decode()
+            try:
+                status = check_health(addr, timeout=1)
+            except LmforgeError:
+                time.sleep(0.2)
+        assert status == "SERVING"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
