@@ -201,3 +201,21 @@ def test_serve_runs_one_server_until_sigterm(role, redis_server, tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+@pytest.mark.slow
+def test_demo_trains_a_model_and_streams_a_passage(tmp_path):
+    exe = shutil.which("lmforge") or ""
+    command = [exe] if exe else [sys.executable, "-m", "lmforge.cli"]
+    out = subprocess.run(
+        command + ["demo", "--data-dir", str(tmp_path), "--preset", "tiny"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "35,040 parameters" in out.stdout and "attention" in out.stdout
+    passage = out.stdout.split("ROMEO:\n", 1)[1].split("\n\n[", 1)[0]
+    assert len(passage) >= 250  # 300 tokens of a char model, beyond its 32-token context
+    assert "[length · 300 tokens" in out.stdout
+    assert "60/60" in out.stderr  # the progress bar

@@ -173,8 +173,11 @@ def test_readme_tour_uploads_trains_waits_and_generates(client, tmp_path, capfd)
 
 
 def test_async_client_has_the_same_surface(stack):
+    # Built outside the event loop, like a module-level client would be.
+    client = AsyncClient(api_addr=stack.api_addr, inference_addr=stack.inference_addr)
+
     async def tour() -> tuple[Job, str, str]:
-        async with AsyncClient(api_addr=stack.api_addr, inference_addr=stack.inference_addr) as c:
+        async with client as c:
             data = CORPUS + uuid.uuid4().hex.encode()  # new bytes: a new dataset with this name
             dataset = await c.datasets.upload(io.BytesIO(data), name="async")
             assert (await c.datasets.get(dataset.id)).name == "async"

@@ -362,12 +362,10 @@ class AsyncClient:
             tls_ca_file=tls_ca_file,
             retry=retry,
         )
-        self._api_channel = _channel(self._config, self._config.api_addr)
-        self._inference_channel = _channel(self._config, self._config.inference_addr)
-        self._datasets = training_pb2_grpc.DatasetServiceStub(self._api_channel)
-        self._jobs = training_pb2_grpc.JobServiceStub(self._api_channel)
-        self._models = training_pb2_grpc.ModelServiceStub(self._api_channel)
-        self._inference = inference_pb2_grpc.InferenceServiceStub(self._inference_channel)
+        # grpc.aio channels belong to the event loop they are made in, so they are made on
+        # first use: an AsyncClient may be built before `asyncio.run`.
+        self._api_channel: grpc.aio.Channel | None = None
+        self._inference_channel: grpc.aio.Channel | None = None
         self.datasets = AsyncDatasets(self)
         self.jobs = AsyncJobs(self)
         self.models = AsyncModels(self)
@@ -379,6 +377,29 @@ class AsyncClient:
     @property
     def inference_addr(self) -> str:
         return self._config.inference_addr
+
+    def _api(self) -> grpc.aio.Channel:
+        if self._api_channel is None:
+            self._api_channel = _channel(self._config, self._config.api_addr)
+        return self._api_channel
+
+    @property
+    def _datasets(self) -> training_pb2_grpc.DatasetServiceStub:
+        return training_pb2_grpc.DatasetServiceStub(self._api())
+
+    @property
+    def _jobs(self) -> training_pb2_grpc.JobServiceStub:
+        return training_pb2_grpc.JobServiceStub(self._api())
+
+    @property
+    def _models(self) -> training_pb2_grpc.ModelServiceStub:
+        return training_pb2_grpc.ModelServiceStub(self._api())
+
+    @property
+    def _inference(self) -> inference_pb2_grpc.InferenceServiceStub:
+        if self._inference_channel is None:
+            self._inference_channel = _channel(self._config, self._config.inference_addr)
+        return inference_pb2_grpc.InferenceServiceStub(self._inference_channel)
 
     async def _call(
         self,
@@ -459,8 +480,10 @@ class AsyncClient:
         return AsyncCompletionStream(start, Deadline(timeout), self._config.retry)
 
     async def close(self) -> None:
-        await self._api_channel.close()
-        await self._inference_channel.close()
+        for channel in (self._api_channel, self._inference_channel):
+            if channel is not None:
+                await channel.close()
+        self._api_channel = self._inference_channel = None
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -26,12 +26,15 @@ from lmforge.client import Client
 from lmforge.types import (
     Completion,
     Dataset,
+    FinishReason,
     Job,
     JobEvent,
     JobState,
     Model,
     ModelSpec,
+    Timings,
     TrainingSpec,
+    Usage,
 )
 from lmforge.v1 import common_pb2
 
@@ -519,6 +522,36 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 DEMO_PROMPT = "ROMEO:\n"
+DEMO_TOKENS = 300
+
+
+def stream_passage(client: Client, job: Job, prompt: str, tokens: int, *, seed: int) -> Completion:
+    """Streams `tokens` tokens to stdout, longer than the model's context if need be: each
+    call continues from the last half-context of text (the server generates at most up to
+    the context length per call)."""
+    half = max(1, job.spec.model.context_length // 2)
+    text, done, calls, last = prompt, 0, 0, None
+    while done < tokens:
+        # Characters >= tokens for every tokenizer, so this tail fits in half the context.
+        with client.stream(
+            job.model_id, text[-half:], max_tokens=tokens - done, temperature=0.8,
+            seed=seed + calls, truncate_prompt=True,
+        ) as stream:  # fmt: skip
+            for delta in stream:
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+        last, calls = stream.final, calls + 1
+        text += stream.text
+        produced = last.usage.completion_tokens if last and last.usage else 0
+        done += produced
+        if not produced or (last and last.finish_reason in (FinishReason.EOS, FinishReason.STOP)):
+            break
+    usage = Usage(prompt_tokens=len(prompt), completion_tokens=done)
+    timings = last.timings if last and last.timings else Timings()
+    finish = last.finish_reason if last and last.finish_reason else FinishReason.LENGTH
+    return Completion(
+        last.model_id if last else job.model_id, text[len(prompt) :], [], [], finish, usage, timings
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -561,17 +594,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(
                 f"Trained {p.step} steps in {format_duration(p.elapsed_seconds)}{val}. Model {job.model_id}."
             )
-            print(f"\nSampling 300 tokens at temperature 0.8 from {DEMO_PROMPT!r}:\n")
+            print(f"\nSampling {DEMO_TOKENS} tokens at temperature 0.8 from {DEMO_PROMPT!r}:\n")
             sys.stdout.write(DEMO_PROMPT)
-            with client.stream(
-                job.model_id, DEMO_PROMPT, max_tokens=300, temperature=0.8, seed=args.seed
-            ) as stream:
-                for delta in stream:
-                    sys.stdout.write(delta.text)
-                    sys.stdout.flush()
+            passage = stream_passage(client, job, DEMO_PROMPT, DEMO_TOKENS, seed=args.seed)
             print("\n")
-            if stream.final:
-                print(_stats(stream.final))
+            print(_stats(passage))
     print(
         f"\nThe model stays in {settings.data_dir}: run `lmforge up`, then `lmforge generate shakespeare 'JULIET:'`."
     )
