@@ -50,6 +50,7 @@ def redis_server(tmp_path) -> Iterator[RedisServer]:
 def stack(tmp_path_factory) -> Iterator[Stack]:
     """One whole stack (Redis, API, inference, one worker) shared by the session's tests."""
     import importlib.util, os
+
     settings = make_settings(tmp_path_factory.mktemp("stack"))
     with Stack(settings, inference=os.environ.get("NOINF") is None) as s:
         yield s
@@ -109,6 +110,19 @@ class Api:
                 timeout=timeout,
             )
         )
+
+    def events_so_far(self, job_id: str, wait: float = 1.5) -> list:
+        """The events of a job that may still run: watch until a short deadline."""
+        out = []
+        stream = self.jobs.WatchJob(
+            training_pb2.WatchJobRequest(id=job_id), metadata=self.metadata, timeout=wait
+        )
+        try:
+            out.extend(stream)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+        return out
 
     def wait_for(self, job_id: str, predicate, timeout: float = 120.0) -> training_pb2.Job:
         deadline = time.monotonic() + timeout

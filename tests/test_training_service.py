@@ -64,9 +64,7 @@ def test_watch_resumed_from_an_event_id_yields_exactly_the_remaining_events(api,
     assert [e.id for e in head + rest] == [e.id for e in full]
     assert full[-1].terminal
     for k in (0, len(full) // 2, len(full) - 2):
-        assert [e.id for e in api.events(job.id, after=full[k].id)] == [
-            e.id for e in full[k + 1 :]
-        ]
+        assert [e.id for e in api.events(job.id, after=full[k].id)] == [e.id for e in full[k + 1 :]]
     with pytest.raises(grpc.RpcError) as e:
         api.events(job.id, after="not-an-id")
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -106,7 +104,7 @@ def test_killed_worker_job_resumes_from_its_last_checkpoint_on_a_new_worker(tmp_
         worker = next(c for c in stack.children if c.role == "worker")
         worker.kill()  # SIGKILL: no checkpoint, no goodbye
         killed_at = api.get(job.id)
-        last_checkpoint = max(_checkpoint_steps(api.events(job.id)))
+        last_checkpoint = max(_checkpoint_steps(api.events_so_far(job.id)))
         assert last_checkpoint >= 25
 
         fresh = Child("worker", stack.settings, tmp_path / "logs2").start()
@@ -159,7 +157,7 @@ def test_worker_shutdown_checkpoints_and_another_worker_finishes_the_job(tmp_pat
         worker.stop()  # SIGTERM: warm shutdown
         requeued = api.get(job.id)
         assert requeued.state == S.JOB_STATE_QUEUED
-        shutdown_step = _checkpoint_steps(api.events(job.id))[-1]
+        shutdown_step = _checkpoint_steps(api.events_so_far(job.id))[-1]
         assert shutdown_step >= 40
         stack.children.append(Child("worker", stack.settings, tmp_path / "logs2").start())
         done = api.wait_terminal(job.id, timeout=300)
