@@ -278,13 +278,22 @@ def cmd_datasets(args: argparse.Namespace) -> int:
                 )
         elif args.action == "upload":
             dataset = client.datasets.upload(args.id, name=args.name)
-            print_json(dataset) if args.json else print(dataset.id)
+            if args.json:
+                print_json(dataset)
+            else:
+                print(dataset.id)
         elif args.action == "get":
             dataset: Dataset = client.datasets.get(args.id)
-            print_json(dataset) if args.json else print_fields(dataset)
+            if args.json:
+                print_json(dataset)
+            else:
+                print_fields(dataset)
         elif args.action == "delete":
             client.datasets.delete(args.id)
-            print_json({"deleted": args.id}) if args.json else print(f"deleted {args.id}")
+            if args.json:
+                print_json({"deleted": args.id})
+            else:
+                print(f"deleted {args.id}")
     return EXIT_OK
 
 
@@ -329,14 +338,23 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 )
         elif args.action == "get":
             job = client.jobs.get(args.id)
-            print_json(job) if args.json else print_fields(job)
+            if args.json:
+                print_json(job)
+            else:
+                print_fields(job)
         elif args.action == "cancel":
             job = client.jobs.cancel(args.id)
-            print_json(job) if args.json else print(f"{job.id}  {job.state.value}")
+            if args.json:
+                print_json(job)
+            else:
+                print(f"{job.id}  {job.state.value}")
         elif args.action == "watch":
             last: JobEvent | None = None
             for last in client.jobs.watch(args.id, after_event_id=args.after or ""):
-                print_json(last) if args.json else print(_event_line(last), flush=True)
+                if args.json:
+                    print_json(last)
+                else:
+                    print(_event_line(last), flush=True)
             if last is not None and last.terminal and last.state is not JobState.SUCCEEDED:
                 return EXIT_ERROR
         elif args.action == "wait":
@@ -351,6 +369,18 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _model_row(m: Model) -> tuple:
+    return (
+        m.id,
+        m.name,
+        m.version,
+        m.state.value,
+        human_count(m.parameters.total) if m.parameters.total else "",
+        f"{m.val_loss:.4f}" if m.val_loss else "",
+        _when(m.created_at),
+    )
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "list":
@@ -358,20 +388,22 @@ def cmd_models(args: argparse.Namespace) -> int:
             if args.json:
                 print_json(models)
             else:
-                rows = [
-                    (m.id, m.name, m.version, m.state.value, human_count(m.parameters.total) if m.parameters.total else "",
-                     f"{m.val_loss:.4f}" if m.val_loss else "", _when(m.created_at))
-                    for m in models
-                ]  # fmt: skip
                 print_table(
-                    ["ID", "NAME", "VERSION", "STATE", "PARAMS", "VAL LOSS", "CREATED"], rows
+                    ["ID", "NAME", "VERSION", "STATE", "PARAMS", "VAL LOSS", "CREATED"],
+                    map(_model_row, models),
                 )
         elif args.action == "get":
             model = client.models.get(args.id)
-            print_json(model) if args.json else print_fields(model)
+            if args.json:
+                print_json(model)
+            else:
+                print_fields(model)
         elif args.action == "delete":
             client.models.delete(args.id)
-            print_json({"deleted": args.id}) if args.json else print(f"deleted {args.id}")
+            if args.json:
+                print_json({"deleted": args.id})
+            else:
+                print(f"deleted {args.id}")
     return EXIT_OK
 
 
@@ -461,7 +493,10 @@ def cmd_health(args: argparse.Namespace) -> int:
     status = check_health(
         addr, args.service, timeout=args.timeout or 5.0, tls_ca_file=args.tls_ca_file
     )
-    print_json({"addr": addr, "status": status}) if args.json else print(f"{addr}  {status}")
+    if args.json:
+        print_json({"addr": addr, "status": status})
+    else:
+        print(f"{addr}  {status}")
     return EXIT_OK if status == "SERVING" else EXIT_ERROR
 
 
