@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from lmforge import errors
+from lmforge import __version__, errors
 from lmforge._connection import ConnectionConfig
 from lmforge._progress import describe, format_duration, format_rate
 from lmforge.client import Client
@@ -699,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         epilog="Exit codes: 0 ok, 1 error or failed job, 2 usage, 130 interrupted.",
     )
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(
