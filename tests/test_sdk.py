@@ -239,7 +239,8 @@ def test_create_with_the_same_request_id_gives_the_same_job(client):
 # ---------------------------------------------------------------- watch and streams
 
 
-def test_watch_resumes_across_an_api_server_restart(own_stack, alice):
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_watch_resumes_across_an_api_server_restart(flavour, own_stack, alice):
     from lmforge_server.stack import wait_serving
 
     dataset = alice.datasets.upload(CORPUS[:50_000], name="restart")
@@ -250,13 +251,28 @@ def test_watch_resumes_across_an_api_server_restart(own_stack, alice):
     )
     api = next(c for c in own_stack.children if c.role == "api")
     seen, restarted_at = [], None
-    for event in alice.jobs.watch(job.id, timeout=300):
+
+    def on_event(event: lmforge.JobEvent) -> None:
+        nonlocal restarted_at
         seen.append(event)
         if restarted_at is None and event.type is JobEventType.PROGRESS:
             api.stop()  # SIGTERM: the stream in flight breaks off
             api.start()
             wait_serving(own_stack.api_addr, child=api)
             restarted_at = len(seen)
+
+    if flavour == "sync":
+        for event in alice.jobs.watch(job.id, timeout=300):
+            on_event(event)
+    else:
+
+        async def watch() -> None:
+            addr = own_stack.api_addr
+            async with AsyncClient(api_addr=addr, api_key=API_KEY, retry=FAST_RETRY) as c:
+                async for event in c.jobs.watch(job.id, timeout=300):
+                    on_event(event)
+
+        asyncio.run(watch())
     assert restarted_at is not None and len(seen) > restarted_at
     assert seen[-1].terminal and seen[-1].state is JobState.SUCCEEDED
     ids = [e.id for e in seen]
