@@ -171,6 +171,15 @@ def test_readme_tour_uploads_trains_waits_and_generates(client, tmp_path, capfd)
     assert stream.final.usage.completion_tokens == 20
     assert stream.final.finish_reason is FinishReason.LENGTH
 
+    scored = client.generate("tour@1", "ROMEO:\n", max_tokens=5, logprobs=True, stop=["\n\n"])
+    assert len(scored.logprobs) == len(scored.token_ids) and all(lp <= 0 for lp in scored.logprobs)
+    info = client.models.info("tour")
+    assert info.model_id == model.id and info.loaded and info.execution_provider
+
+    client.models.delete(model)
+    with pytest.raises(NotFoundError):
+        client.models.get(model.id)
+
 
 def test_async_client_has_the_same_surface(stack):
     # Built outside the event loop, like a module-level client would be.
@@ -283,16 +292,32 @@ def test_watch_resumes_across_an_api_server_restart(flavour, own_stack, alice):
     assert [e.id for e in resumed] == ids[restarted_at:]
 
 
-def test_closing_a_stream_early_cancels_generation_on_the_server(alice, long_context_model):
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_closing_a_stream_early_cancels_generation_on_the_server(
+    flavour, own_stack, alice, long_context_model
+):
     # One generation at a time on this server: a second request waits for the first to end.
     # Greedy: a barely trained model would sample its end-of-text token early.
     full = alice.generate(long_context_model, "A", max_tokens=1000, temperature=0)
     assert full.usage.completion_tokens >= 900
-    with alice.stream(long_context_model, "A", max_tokens=1000, temperature=0) as s:
-        first = next(s)
-    assert first.text and s.final is None
-    with pytest.raises(StopIteration):
-        next(s)
+    if flavour == "sync":
+        with alice.stream(long_context_model, "A", max_tokens=1000, temperature=0) as s:
+            first = next(s)
+        assert first.text and s.final is None
+        with pytest.raises(StopIteration):
+            next(s)
+    else:
+
+        async def read_one() -> None:
+            addr = own_stack.inference_addr
+            async with AsyncClient(inference_addr=addr, api_key=API_KEY) as c:
+                async with c.stream(long_context_model, "A", max_tokens=1000, temperature=0) as s:
+                    async for delta in s:
+                        assert delta.text
+                        break
+                assert s.final is None
+
+        asyncio.run(read_one())
     after = alice.generate(long_context_model, "B", max_tokens=1)
     # Had the first stream kept generating, this one would have queued behind it.
     assert after.timings.queue_ms < full.timings.total_ms / 3, (after.timings, full.timings)
