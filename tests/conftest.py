@@ -49,10 +49,8 @@ def redis_server(tmp_path) -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Iterator[Stack]:
     """One whole stack (Redis, API, inference, one worker) shared by the session's tests."""
-    import importlib.util, os
-
     settings = make_settings(tmp_path_factory.mktemp("stack"))
-    with Stack(settings, inference=os.environ.get("NOINF") is None) as s:
+    with Stack(settings) as s:
         yield s
 
 
