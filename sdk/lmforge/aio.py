@@ -162,12 +162,15 @@ class AsyncDatasets(_Resource):
         return _convert.dataset(msg)
 
     async def get(self, dataset_id: str | Dataset, *, timeout: float | None = None) -> Dataset:
+        """The dataset with this id (its sha256)."""
         req = training_pb2.GetDatasetRequest(id=_convert.ref(dataset_id))
         return _convert.dataset(
             await self._client._call(self._client._datasets.GetDataset, req, timeout=timeout)
         )
 
     def list(self, *, page_size: int = 100, timeout: float | None = None) -> AsyncPager[Dataset]:
+        """Every dataset of the caller, fetched a page at a time as the iterator advances."""
+
         async def fetch(token: str) -> Page[Dataset]:
             req = training_pb2.ListDatasetsRequest(page_size=page_size, page_token=token)
             resp = await self._client._call(
@@ -178,6 +181,7 @@ class AsyncDatasets(_Resource):
         return AsyncPager(fetch)
 
     async def delete(self, dataset_id: str | Dataset, *, timeout: float | None = None) -> None:
+        """Deletes the dataset (NotFoundError if there is none)."""
         req = training_pb2.DeleteDatasetRequest(id=_convert.ref(dataset_id))
         await self._client._call(self._client._datasets.DeleteDataset, req, timeout=timeout)
 
@@ -208,6 +212,7 @@ class AsyncJobs(_Resource):
         )
 
     async def get(self, job_id: str | Job, *, timeout: float | None = None) -> Job:
+        """The job's current record: state, progress, parameters, resolved spec."""
         req = training_pb2.GetJobRequest(id=_convert.ref(job_id))
         return _convert.job(
             await self._client._call(self._client._jobs.GetJob, req, timeout=timeout)
@@ -220,6 +225,7 @@ class AsyncJobs(_Resource):
         page_size: int = 100,
         timeout: float | None = None,
     ) -> AsyncPager[Job]:
+        """The caller's jobs (only those in `state` when given), fetched a page at a time."""
         state_pb = _convert.job_state_to_pb(state) if state else 0
 
         async def fetch(token: str) -> Page[Job]:
@@ -232,6 +238,7 @@ class AsyncJobs(_Resource):
         return AsyncPager(fetch)
 
     async def cancel(self, job_id: str | Job, *, timeout: float | None = None) -> Job:
+        """Asks the job to stop; it checkpoints and ends CANCELLED within seconds."""
         req = training_pb2.CancelJobRequest(id=_convert.ref(job_id))
         return _convert.job(
             await self._client._call(self._client._jobs.CancelJob, req, timeout=timeout)
@@ -309,6 +316,8 @@ class AsyncModels(_Resource):
     def list(
         self, *, name: str | None = None, page_size: int = 100, timeout: float | None = None
     ) -> AsyncPager[Model]:
+        """The caller's models (only versions of `name` when given), a page at a time."""
+
         async def fetch(token: str) -> Page[Model]:
             req = training_pb2.ListModelsRequest(
                 page_size=page_size, page_token=token, name=name or ""
@@ -319,16 +328,19 @@ class AsyncModels(_Resource):
         return AsyncPager(fetch)
 
     async def get(self, model: str | Model, *, timeout: float | None = None) -> Model:
+        """By id, "name@version", "name@latest" or "name"."""
         req = training_pb2.GetModelRequest(id=_convert.ref(model))
         return _convert.model(
             await self._client._call(self._client._models.GetModel, req, timeout=timeout)
         )
 
     async def delete(self, model: str | Model, *, timeout: float | None = None) -> None:
+        """Deletes the model version (NotFoundError if there is none)."""
         req = training_pb2.DeleteModelRequest(id=_convert.ref(model))
         await self._client._call(self._client._models.DeleteModel, req, timeout=timeout)
 
     async def info(self, model: str | Model, *, timeout: float | None = None) -> ModelInfo:
+        """How the inference server serves the model (it loads it if needed)."""
         req = inference_pb2.GetModelInfoRequest(model=_convert.ref(model))
         return _convert.model_info(
             await self._client._call(self._client._inference.GetModelInfo, req, timeout=timeout)

@@ -166,6 +166,7 @@ class Datasets(_Resource):
         return _convert.dataset(msg)
 
     def get(self, dataset_id: str | Dataset, *, timeout: float | None = None) -> Dataset:
+        """The dataset with this id (its sha256)."""
         req = training_pb2.GetDatasetRequest(id=_convert.ref(dataset_id))
         return _convert.dataset(
             self._client._call(self._client._datasets.GetDataset, req, timeout=timeout)
@@ -182,6 +183,7 @@ class Datasets(_Resource):
         return Pager(fetch)
 
     def delete(self, dataset_id: str | Dataset, *, timeout: float | None = None) -> None:
+        """Deletes the dataset (NotFoundError if there is none)."""
         req = training_pb2.DeleteDatasetRequest(id=_convert.ref(dataset_id))
         self._client._call(self._client._datasets.DeleteDataset, req, timeout=timeout)
 
@@ -216,6 +218,7 @@ class Jobs(_Resource):
         return _convert.job(self._client._call(self._client._jobs.CreateJob, req, timeout=timeout))
 
     def get(self, job_id: str | Job, *, timeout: float | None = None) -> Job:
+        """The job's current record: state, progress, parameters, resolved spec."""
         req = training_pb2.GetJobRequest(id=_convert.ref(job_id))
         return _convert.job(self._client._call(self._client._jobs.GetJob, req, timeout=timeout))
 
@@ -343,6 +346,7 @@ class Models(_Resource):
         )
 
     def delete(self, model: str | Model, *, timeout: float | None = None) -> None:
+        """Deletes the model version (NotFoundError if there is none)."""
         req = training_pb2.DeleteModelRequest(id=_convert.ref(model))
         self._client._call(self._client._models.DeleteModel, req, timeout=timeout)
 
