@@ -3,12 +3,30 @@ the LMFORGE_* environment its parent (lmforge_server.stack) passes down."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import sys
 
 from lmforge_server.settings import Settings
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when its parent (the stack) dies, so nothing is left
+    running. Done here rather than in a preexec_fn: that would force a full fork() of a
+    parent holding gRPC channels, which gRPC's fork handlers do not survive."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def main(role: str) -> None:
+    if os.environ.get("LMFORGE_DIE_WITH_PARENT") == "1":
+        _die_with_parent()
     settings = Settings.from_env()
     if role == "api":
         from lmforge_server.api import run

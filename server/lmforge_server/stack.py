@@ -3,7 +3,6 @@ worker, as child processes sharing one data directory (`lmforge up`, `lmforge de
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import signal
@@ -22,15 +21,6 @@ BUNDLED_CORPUS = Path(__file__).parent / "data" / "tinyshakespeare.txt"
 ROLES = ("api", "inference", "worker")
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the child gets SIGTERM if the stack process dies, so nothing is left running."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class Child:
     """One lmforge process (`python -m lmforge_server.launch ROLE`) with its log file."""
 
@@ -40,14 +30,18 @@ class Child:
 
     def start(self) -> Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            **self.settings.to_env(),
+            "PYTHONUNBUFFERED": "1",
+            "LMFORGE_DIE_WITH_PARENT": "1",
+        }
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lmforge_server.launch", self.role],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         log.close()
         return self
