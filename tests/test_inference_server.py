@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
 
 from lmforge.v1 import inference_pb2, inference_pb2_grpc
-from lmforge_server.inference.engine import Engine, InvalidArgument
+from lmforge_server.inference.engine import Engine, InvalidArgument, ModelNotFound, ModelNotReady
 from lmforge_server.inference.resolver import DirectoryResolver
 from lmforge_server.inference.sampling import SamplingParams
 from lmforge_server.inference.server import SERVICE_NAME, InferenceServer
@@ -354,3 +354,42 @@ def test_engine_lru_keeps_at_most_max_loaded_models(models):
 
     loaded, info = asyncio.run(main())
     assert loaded == ["cyc"] and not info.loaded
+
+
+def test_models_resolve_through_the_redis_registry(tmp_path, models):
+    from lmforge_server.redis_server import RedisServer
+    from lmforge_server.store import JobRecord, Store
+
+    with RedisServer(tmp_path / "redis", appendonly=False) as redis_server:
+        store = Store.from_url(redis_server.url)
+        job = JobRecord(
+            id="job_1",
+            owner="default",
+            dataset_id="d",
+            model_name="poet",
+            model_id="mdl_1",
+            state="QUEUED",
+            spec={},
+            parameters={},
+            created_at=1.0,
+        )
+        store.create_job(job, max_active=10)
+        store.r.hset("lmf:model:mdl_1", mapping={"path": str(models / "char")})
+
+        async def main():
+            engine = Engine(settings(), store)
+            try:
+                with pytest.raises(ModelNotReady, match="training"):
+                    await engine.complete("default", "poet", "ROMEO:", SamplingParams())
+                store.r.hset("lmf:model:mdl_1", mapping={"state": "READY"})
+                done = await engine.complete(
+                    "default", "poet@1", "ROMEO:", SamplingParams(max_new_tokens=3)
+                )
+                with pytest.raises(ModelNotFound):
+                    await engine.complete("someone-else", "poet", "ROMEO:", SamplingParams())
+                return done
+            finally:
+                await engine.close()
+
+        done = asyncio.run(main())
+        assert done.model_id == "mdl_1" and done.completion_tokens == 3

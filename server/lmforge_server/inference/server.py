@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from lmforge.v1 import inference_pb2, inference_pb2_grpc
 from lmforge_server.inference.engine import Engine
-from lmforge_server.inference.resolver import DirectoryResolver, ModelResolver, ResolvedModel
+from lmforge_server.inference.resolver import DirectoryResolver, ModelResolver
 from lmforge_server.inference.service import InferenceService
 from lmforge_server.settings import Settings
 
@@ -28,25 +27,12 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].ful
 GRACE_S = 5.0
 
 
-class StoreResolver:
-    """Resolves through the Redis model registry (lmforge_server.store.Store)."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def resolve(self, owner: str, ref: str) -> ResolvedModel:
-        if hasattr(self.store, "resolve"):
-            return self.store.resolve(owner, ref)
-        rec = self.store.get_model(owner, ref)  # raises NotFound, a KeyError
-        return ResolvedModel(rec.id, rec.name, rec.version, rec.state, Path(rec.path))
-
-
 def default_resolver(settings: Settings) -> ModelResolver:
     """The model registry in Redis when one is configured, else <artifacts>/models/<id>/."""
     if settings.redis_url:
         from lmforge_server.store import Store
 
-        return StoreResolver(Store.from_url(settings.redis_url))
+        return Store.from_url(settings.redis_url)
     return DirectoryResolver(settings.artifacts_dir / "models")
 
 
@@ -66,6 +52,7 @@ class InferenceServer:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceService(self.engine, settings), self.server
         )
+        # The health servicer starts with "" SERVING; it says so only once `start` is done.
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -79,6 +66,8 @@ class InferenceServer:
         if port == 0:
             raise OSError(f"cannot listen on {self.settings.inference_addr}")
         self.address = f"{host}:{port}"
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
