@@ -145,3 +145,15 @@ def test_failed_parity_raises_and_leaves_nothing_behind(tmp_path):
     with pytest.raises(ParityError, match="parity"):
         export_onnx(tmp_path, parity_limit=-1.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_legacy_exporter_gives_the_same_interface(tmp_path):
+    model = make_model_dir(tmp_path, **CONFIGS["gqa-untied"])
+    facts = export_onnx(tmp_path, exporter="legacy")
+    assert facts["files"]["model.onnx"]["exporter"] == "legacy"
+    assert facts["max_abs_diff"] <= 1e-4
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    assert proto.ir_version <= 13
+    assert [i.name for i in proto.graph.input] == input_names(model.config.n_layers)
+    with pytest.raises(ValueError, match="exporter"):
+        export_onnx(tmp_path, exporter="magic")

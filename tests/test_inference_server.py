@@ -57,7 +57,7 @@ class ServerThread:
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     build_model_dir(root / "char", weight_scale=50.0, context_length=96)
-    build_cycle_model_dir(root / "cyc", CYCLE, context_length=2048)
+    build_cycle_model_dir(root / "cyc", CYCLE, context_length=4096)
     shutil.copytree(root / "char", root / "training")
     (root / "training" / "metadata.json").write_text(json.dumps({"state": "TRAINING"}))
     shutil.copytree(root / "char", root / "theirs")
@@ -266,9 +266,14 @@ def test_api_keys_map_to_owners_and_bad_keys_are_unauthenticated(models):
 # --- cancellation and concurrency ---------------------------------------------------------
 
 
+def cancelled_count(stub, server) -> int:
+    stub.GetModelInfo(inference_pb2.GetModelInfoRequest(model="cyc"), timeout=30)  # loaded
+    return server.stats()["cyc"]["finished"].get("cancelled", 0)
+
+
 def test_cancel_mid_stream_frees_the_slot(stub, server):
-    before = server.stats().get("cyc", {}).get("finished", {}).get("cancelled", 0)
-    call = stub.GenerateStream(request("cyc", "a", temperature=0, max_new_tokens=2000), timeout=60)
+    before = cancelled_count(stub, server)
+    call = stub.GenerateStream(request("cyc", "a", temperature=0, max_new_tokens=4000), timeout=60)
     first = next(call)
     assert first.text and not first.final
     call.cancel()
@@ -277,10 +282,10 @@ def test_cancel_mid_stream_frees_the_slot(stub, server):
 
 
 def test_deadline_stops_generation(stub, server):
-    before = server.stats().get("cyc", {}).get("finished", {}).get("cancelled", 0)
+    before = cancelled_count(stub, server)
     with pytest.raises(grpc.RpcError) as e:
         for _ in stub.GenerateStream(
-            request("cyc", "a", temperature=0, max_new_tokens=2000), timeout=0.2
+            request("cyc", "a", temperature=0, max_new_tokens=4000), timeout=0.2
         ):
             pass
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

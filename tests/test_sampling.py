@@ -29,6 +29,7 @@ def test_same_seed_gives_the_same_tokens_and_another_seed_others():
     a = draws(SamplingParams(seed=7), 50)
     assert a == draws(SamplingParams(seed=7), 50)
     assert a != draws(SamplingParams(seed=8), 50)
+    assert draws(SamplingParams(seed=-5), 50) == draws(SamplingParams(seed=-5), 50)
 
 
 def test_top_k_keeps_only_the_k_most_likely_tokens():

@@ -55,7 +55,9 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, *, vocab_size: int, prompt_ids=()):
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        # Any int64 seed (the proto's type) works: negatives map onto the uint64 range.
+        seed = None if params.seed is None else params.seed & (2**64 - 1)
+        self.rng = np.random.default_rng(seed)
         # Tokens in the prompt or the output so far, for the repetition penalty.
         self.seen = np.zeros(vocab_size, dtype=bool)
         if len(prompt_ids):
