@@ -263,6 +263,18 @@ def test_api_keys_map_to_owners_and_bad_keys_are_unauthenticated(models):
         s.stop()
 
 
+def test_auth_helper_maps_keys_to_owners():
+    from lmforge_server.auth import AuthError, owner_from_metadata
+
+    keys = {"k1": "alice", "k2": "bob"}
+    assert owner_from_metadata((), {}) == "default"
+    assert owner_from_metadata([("authorization", "Bearer k2")], keys) == "bob"
+    assert owner_from_metadata([("Authorization", b"bearer  k1 ")], keys) == "alice"
+    for md in [(), [("authorization", "Bearer k3")], [("authorization", "Basic k1")]]:
+        with pytest.raises(AuthError):
+            owner_from_metadata(md, keys)
+
+
 # --- cancellation and concurrency ---------------------------------------------------------
 
 
