@@ -54,7 +54,8 @@ from lmforge.v1 import common_pb2, training_pb2, training_pb2_grpc
 
 FAST_RETRY = RetryPolicy(max_attempts=20, initial_backoff=0.05, max_backoff=0.3)
 API_KEY = "sk-test-alice"
-CORPUS = SMALL_CORPUS.encode()
+# Its own bytes: uploads are content-addressed, and other tests upload SMALL_CORPUS too.
+CORPUS = (SMALL_CORPUS + "\n-- the SDK tour\n").encode()
 
 
 def free_addr() -> str:
