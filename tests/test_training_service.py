@@ -162,3 +162,73 @@ def test_worker_shutdown_checkpoints_and_another_worker_finishes_the_job(tmp_pat
         stack.children.append(Child("worker", stack.settings, tmp_path / "logs2").start())
         done = api.wait_terminal(job.id, timeout=300)
         assert done.state == S.JOB_STATE_SUCCEEDED and done.attempt == 2
+
+
+def test_a_model_failing_onnx_parity_fails_its_job_and_registers_nothing(tmp_path):
+    # A limit no real export meets: the parity check must fail the job, not pass it through.
+    settings = make_settings(tmp_path, parity_limit=1e-12)
+    with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
+        api = Api(ch)
+        ds = api.upload(SMALL_CORPUS[:20_000].encode())
+        job = api.create(ds.id, max_steps=10)
+        done = api.wait_terminal(job.id)
+        assert done.state == S.JOB_STATE_FAILED
+        assert "parity" in done.error.lower(), done.error
+        model = api.models.GetModel(S.GetModelRequest(id=done.model_id))
+        assert model.state == S.MODEL_STATE_ABANDONED
+        models_dir = stack.settings.artifacts_dir / "models"
+        assert not models_dir.exists() or not any(models_dir.iterdir())
+
+
+def test_fine_tuning_starts_from_a_registered_model(api, small_dataset):
+    base = api.create(small_dataset.id, model_name="ft-base", max_steps=60)
+    assert api.wait_terminal(base.id).state == S.JOB_STATE_SUCCEEDED
+    with pytest.raises(grpc.RpcError) as e:
+        api.create(small_dataset.id, init_from="ft-base@latest", model_n_layers=3)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.model.n_layers" in e.value.details() and "init_from" in e.value.details()
+
+    tuned = api.create(
+        small_dataset.id, model_name="ft-child", init_from="ft-base@1", max_steps=10, log_interval=1
+    )
+    assert tuned.spec.model == base.spec.model
+    assert api.wait_terminal(tuned.id).state == S.JOB_STATE_SUCCEEDED
+    first_loss = _progress_events(api.events(tuned.id))[0].progress.loss
+    base_first = _progress_events(api.events(base.id))[0].progress.loss
+    # Started from trained weights, not from scratch.
+    assert first_loss < base_first - 0.5, (first_loss, base_first)
+
+
+def test_fine_tuning_starts_from_a_local_hugging_face_llama_directory(api, small_dataset, tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmforge_worker.tokenization import build_tokenizer, save_tokenizer
+
+    tok = build_tokenizer("byte", SMALL_CORPUS)
+    cfg = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg)
+    hf.save_pretrained(tmp_path / "hf")
+    save_tokenizer(tok, tmp_path / "hf" / "tokenizer.json")
+
+    job = api.create(small_dataset.id, init_from=str(tmp_path / "hf"), max_steps=10)
+    assert job.spec.model.tokenizer == "pretrained"
+    assert job.spec.model.n_kv_heads == 2 and job.spec.model.tie_embeddings is False
+    assert job.parameters.total == sum(p.numel() for p in hf.parameters())
+    done = api.wait_terminal(job.id)
+    assert done.state == S.JOB_STATE_SUCCEEDED, done.error
+
+    with pytest.raises(grpc.RpcError) as e:
+        api.create(small_dataset.id, init_from=str(tmp_path / "missing"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.training.init_from" in e.value.details()

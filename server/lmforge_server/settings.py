@@ -44,6 +44,8 @@ class Settings:
     device: str = "auto"
     # Torch threads for training on CPU (0: torch's default).
     torch_threads: int = 0
+    # Export fails (and the job with it) when fp32 ONNX logits differ from PyTorch's by more.
+    parity_limit: float = 1e-4
     # Inference server.
     max_batch_size: int = 16
     max_new_tokens_limit: int = 4096

@@ -344,26 +344,42 @@ def count_parameters(m: ModelConfig) -> ParameterCount:
     return ParameterCount(total, embedding, attention, mlp, norm, flops)
 
 
-def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
-    """A ModelConfig from a Hugging Face LlamaForCausalLM config.json (fine-tuning source)."""
-    archs = config.get("architectures") or ["LlamaForCausalLM"]
-    if config.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in archs:
-        raise ValueError(f"not a Llama model: model_type {config.get('model_type')!r}")
-    d = int(config["hidden_size"])
-    n_heads = int(config["num_attention_heads"])
-    if config.get("head_dim") not in (None, d // n_heads):
-        raise ValueError("head_dim other than hidden_size / num_attention_heads is not supported")
+def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
+    """The `ModelConfig` of a HF Llama config.json dict.
+
+    Raises ValueError for what this model cannot represent (biases, another activation, rope
+    scaling, a head_dim other than hidden_size / num_attention_heads). The tokenizer kind is
+    `lmforge_tokenizer` when we wrote the file, else "pretrained".
+    """
+    arch = d.get("architectures") or ["LlamaForCausalLM"]
+    if d.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in arch:
+        raise ValueError(f"not a Llama model: model_type={d.get('model_type')!r}")
+    if d.get("attention_bias") or d.get("mlp_bias"):
+        raise ValueError("biases in attention/MLP are not supported")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act must be silu, got {d.get('hidden_act')!r}")
+    rope = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling")
+    rope_type = rope.get("rope_type") or (scaling or {}).get("rope_type") or "default"
+    if rope_type != "default" or (scaling and scaling.get("type", "default") != "default"):
+        raise ValueError(f"rope scaling {rope_type!r} is not supported")
+    rope_theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    hidden, n_heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+    head_dim = d.get("head_dim") or hidden // n_heads
+    if head_dim * n_heads != hidden:
+        raise ValueError(f"head_dim {head_dim} * heads {n_heads} != hidden_size {hidden}")
     return ModelConfig(
-        n_layers=int(config["num_hidden_layers"]),
+        n_layers=int(d["num_hidden_layers"]),
         n_heads=n_heads,
-        n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
-        d_model=d,
-        intermediate_size=int(config["intermediate_size"]),
-        context_length=int(config.get("max_position_embeddings", 2048)),
-        vocab_size=int(config["vocab_size"]),
-        tokenizer="pretrained",
-        dropout=float(config.get("attention_dropout", 0.0)),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        rope_theta=float(config.get("rope_theta", 10000.0)),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+        n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+        d_model=hidden,
+        intermediate_size=int(d["intermediate_size"]),
+        context_length=int(d.get("max_position_embeddings", 2048)),
+        vocab_size=int(d["vocab_size"]),
+        tokenizer=d.get("lmforge_tokenizer", "pretrained"),
+        dropout=float(d.get("attention_dropout") or 0.0),
+        # HF's default for Llama is untied.
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        rope_theta=rope_theta,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
     )

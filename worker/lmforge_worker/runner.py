@@ -217,7 +217,9 @@ def _train_export_register(
     }
     with artifacts.atomic_dir(model_dir) as tmp:
         training.finalize(result, spec, work_dir, tmp, metadata)
-        parity = export_onnx(tmp, fp16=device.startswith("cuda"))
+        parity = export_onnx(
+            tmp, fp16=device.startswith("cuda"), parity_limit=settings.parity_limit
+        )
         _merge_metadata(tmp / "metadata.json", {"onnx": parity})
         files = sorted(p.name for p in tmp.iterdir())
     if hooks.should_stop() == "cancel":
