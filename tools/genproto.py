@@ -1,7 +1,7 @@
 """Generates the Python code for protos/ into sdk/ (lmforge.v1.*_pb2 and *_pb2_grpc).
 
-    python tools/genproto.py            # write the generated files
-    python tools/genproto.py --check    # exit 1 when the committed files are stale
+python tools/genproto.py            # write the generated files
+python tools/genproto.py --check    # exit 1 when the committed files are stale
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def generate(out_root: Path) -> list[Path]:
     pkg = out_root / "lmforge" / "v1"
     init = pkg / "__init__.py"
     if not init.exists():
-        init.write_text('"""Generated from protos/lmforge/v1 by tools/genproto.py; do not edit."""\n')
+        init.write_text(
+            '"""Generated from protos/lmforge/v1 by tools/genproto.py; do not edit."""\n'
+        )
     return sorted(p for p in pkg.iterdir() if p.name.endswith((".py", ".pyi")))
 
 
