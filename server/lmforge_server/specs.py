@@ -122,14 +122,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "small": {
         "model": dict(n_layers=4, n_heads=4, d_model=128, context_length=64, tokenizer="char"),
         "training": dict(
-            max_steps=600,
+            max_steps=1500,
             batch_size=12,
             learning_rate=2e-3,
             min_learning_rate=2e-4,
-            warmup_steps=30,
-            eval_interval=100,
+            warmup_steps=50,
+            eval_interval=250,
             eval_batches=10,
-            checkpoint_interval=200,
+            checkpoint_interval=500,
             log_interval=10,
             weight_decay=0.0,
         ),
