@@ -232,3 +232,23 @@ def test_fine_tuning_starts_from_a_local_hugging_face_llama_directory(api, small
         api.create(small_dataset.id, init_from=str(tmp_path / "missing"))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "spec.training.init_from" in e.value.details()
+
+
+def test_a_job_survives_its_redis_being_killed_and_restarted(tmp_path):
+    settings = make_settings(tmp_path, lease_ttl_s=5.0)
+    with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
+        api = Api(ch)
+        ds = api.upload(SMALL_CORPUS.encode())
+        job = api.create(ds.id, max_steps=2000, checkpoint_interval=100)
+        api.wait_for(job.id, lambda j: j.progress.step >= 40)
+        time.sleep(1.5)  # AOF is fsynced every second: what is older than that survives
+        before = api.get(job.id)
+        stack.redis.stop(kill=True)
+        time.sleep(1.0)
+        stack.redis.start()  # same port, same directory: it replays the AOF
+        done = api.wait_terminal(job.id, timeout=300)
+        assert done.state == S.JOB_STATE_SUCCEEDED, done.error
+        assert before.state == S.JOB_STATE_RUNNING and before.progress.step < 1500
+        assert done.progress.step == 2000
+        model = api.models.GetModel(S.GetModelRequest(id=done.model_id))
+        assert model.state == S.MODEL_STATE_READY

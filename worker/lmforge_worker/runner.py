@@ -8,6 +8,7 @@ is fenced, so a worker that lost its lease cannot overwrite the new holder's pro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import socket
@@ -75,8 +76,8 @@ class _Heartbeat(threading.Thread):
                         log.error("job %s: lease of attempt %s lost", self.job_id, self.attempt)
                         self.lost.set()
                         return
-            except Exception:  # a Redis blip: keep trying until the lease really expires
-                log.exception("job %s: heartbeat failed", self.job_id)
+            except Exception as e:  # a Redis blip: keep trying until the lease really expires
+                log.warning("job %s: heartbeat failed: %s", self.job_id, e)
 
     def stop(self) -> None:
         self._stop.set()
@@ -129,6 +130,8 @@ class _Hooks:
             )
         except st.LeaseLost:
             self.beat.lost.set()
+        except redis.RedisError as e:  # the previous checkpoint stays the resume point
+            log.warning("job %s: checkpoint at step %s not promoted: %s", self.job.id, step, e)
 
     def on_log(self, message: str) -> None:
         self._write({}, "LOG", message)
@@ -161,6 +164,11 @@ def run_job(
     except st.LeaseLost:
         log.warning("job %s: lease lost; another worker owns it now", job_id)
         return None
+    except redis.RedisError as e:
+        # Not the job's fault: leave it RUNNING; once the lease lapses the API server's
+        # reaper requeues it and a worker resumes it from its last promoted checkpoint.
+        log.error("job %s: Redis failed (%s); the job will be requeued", job_id, e)
+        return None
     except Exception as e:
         log.exception("job %s failed", job_id)
         try:
@@ -170,7 +178,8 @@ def run_job(
         return st.FAILED
     finally:
         beat.stop()
-        store.release(job_id, job.attempt, token)
+        with contextlib.suppress(redis.RedisError):
+            store.release(job_id, job.attempt, token)
 
 
 def _train_export_register(
