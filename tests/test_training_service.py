@@ -252,3 +252,24 @@ def test_a_job_survives_its_redis_being_killed_and_restarted(tmp_path):
         assert done.progress.step == 2000
         model = api.models.GetModel(S.GetModelRequest(id=done.model_id))
         assert model.state == S.MODEL_STATE_READY
+
+
+def test_a_worker_killed_during_export_leaves_no_half_model_and_the_job_still_succeeds(tmp_path):
+    settings = make_settings(tmp_path)
+    with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
+        api = Api(ch)
+        ds = api.upload(SMALL_CORPUS.encode())
+        job = api.create(ds.id, max_steps=30)
+        api.wait_for(job.id, lambda j: j.state == S.JOB_STATE_EXPORTING, timeout=120)
+        next(c for c in stack.children if c.role == "worker").kill()
+        model = api.models.GetModel(S.GetModelRequest(id=job.model_id))
+        assert model.state == S.MODEL_STATE_TRAINING  # nothing registered half-way
+
+        stack.children.append(Child("worker", stack.settings, tmp_path / "logs2").start())
+        done = api.wait_terminal(job.id, timeout=300)
+        assert done.state == S.JOB_STATE_SUCCEEDED and done.attempt == 2, done.error
+        model = api.models.GetModel(S.GetModelRequest(id=job.model_id))
+        assert model.state == S.MODEL_STATE_READY
+        models_dir = stack.settings.artifacts_dir / "models"
+        assert [p.name for p in models_dir.iterdir()] == [model.id]  # no temporaries left
+        assert "model.onnx" in model.files

@@ -2,7 +2,7 @@
 
 Layout: datasets/<owner>/<sha256>/data.txt, jobs/<job-id>/..., models/<model-id>/...
 Writes go to a temporary name beside the target and are renamed into place, so a reader
-never sees half a file and a crash leaves only temporaries (swept by `sweep_temporaries`).
+never sees half a file; a crash leaves only a temporary, which the next writer removes.
 """
 
 from __future__ import annotations
@@ -52,8 +52,14 @@ class ArtifactStore:
 
     @contextlib.contextmanager
     def atomic_dir(self, target: Path) -> Iterator[Path]:
-        """Yield a temporary directory that is renamed to `target` only on success."""
+        """Yield a temporary directory that is renamed to `target` only on success.
+
+        Temporaries that an earlier, killed writer of the same target left behind are
+        removed first (one writer per target at a time: the job's lease holder).
+        """
         target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f"{TMP_PREFIX}*-{target.name}"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = target.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{target.name}")
         tmp.mkdir()
         try:
