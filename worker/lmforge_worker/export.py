@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import threading
 import time
 import uuid
 import warnings
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmforge_worker.model import Llama, load_pretrained
 
@@ -78,6 +80,46 @@ class _KVGraph(nn.Module):
         )
         flat = [t for kv in presents for t in kv]
         return (logits.float(), *flat)
+
+
+# Attention as the exported graph computes it. torch's exporter decomposes
+# scaled_dot_product_attention into Transpose(K) -> Mul(sqrt(scale)) -> MatMul, which copies
+# and rescales the whole key cache every decode step (ONNX Runtime cannot fuse the transpose
+# through the Mul): 18% + 4.5% of a batch-16 step with a 128-token cache (10.7M model, CPU).
+# Scaling the (one-row) queries instead leaves Transpose -> MatMul, which ORT fuses into one
+# FusedMatMul(transB) that reads the cache in place. Same maths; parity is checked as before.
+_export_local = threading.local()
+_patch_lock = threading.Lock()
+_patch_depth = 0
+_sdpa = F.scaled_dot_product_attention
+
+
+def _sdpa_for_export(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    plain = is_causal or dropout_p or kw or attn_mask is None or not attn_mask.is_floating_point()
+    if plain or not getattr(_export_local, "active", False):
+        return _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kw)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q * scale, k.transpose(-2, -1)) + attn_mask
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+@contextlib.contextmanager
+def _export_attention():
+    """Routes this thread's scaled_dot_product_attention calls to `_sdpa_for_export`
+    (other threads, e.g. training, keep torch's own)."""
+    global _patch_depth
+    with _patch_lock:
+        _patch_depth += 1
+        F.scaled_dot_product_attention = _sdpa_for_export
+    _export_local.active = True
+    try:
+        yield
+    finally:
+        _export_local.active = False
+        with _patch_lock:
+            _patch_depth -= 1
+            if _patch_depth == 0:
+                F.scaled_dot_product_attention = _sdpa
 
 
 def _example_inputs(model: Llama, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -232,7 +274,7 @@ def _export_one(model: Llama, target: Path, *, dtype: torch.dtype, exporter: str
     try:
         started = time.perf_counter()
         graph = _KVGraph(model.to(dtype).eval())
-        with torch.no_grad():
+        with torch.no_grad(), _export_attention():
             _EXPORTERS[exporter](graph, _example_inputs(model, dtype), tmp, cfg.n_layers)
         proto = onnx.load(str(tmp))
         if proto.ir_version > MAX_IR_VERSION:

@@ -62,6 +62,16 @@ class Sampler:
         self.seen = np.zeros(vocab_size, dtype=bool)
         if len(prompt_ids):
             self.seen[np.asarray(prompt_ids, dtype=np.int64)] = True
+        # The token is argmax(logits) and nothing else is computed: a batch can take its
+        # argmax for all such rows at once and hand each its token through `take`.
+        self.plain_greedy = (
+            params.temperature == 0 and params.repetition_penalty == 1.0 and not params.logprobs
+        )
+
+    def take(self, token: int) -> int:
+        """Records `token` as chosen (what __call__ does after picking it); returns it."""
+        self.seen[token] = True
+        return token
 
     def __call__(self, logits: np.ndarray) -> tuple[int, float]:
         """(token, log-probability of it under the model's raw distribution) for logits [V]."""
