@@ -180,7 +180,9 @@ def test_a_model_failing_onnx_parity_fails_its_job_and_registers_nothing(tmp_pat
         assert not models_dir.exists() or not any(models_dir.iterdir())
 
 
-def test_fine_tuning_starts_from_a_registered_model(api, small_dataset):
+def test_fine_tuning_starts_from_a_registered_model_and_deleting_it_removes_its_files(
+    api, small_dataset, stack
+):
     base = api.create(small_dataset.id, model_name="ft-base", max_steps=60)
     assert api.wait_terminal(base.id).state == S.JOB_STATE_SUCCEEDED
     with pytest.raises(grpc.RpcError) as e:
@@ -197,6 +199,15 @@ def test_fine_tuning_starts_from_a_registered_model(api, small_dataset):
     base_first = _progress_events(api.events(base.id))[0].progress.loss
     # Started from trained weights, not from scratch.
     assert first_loss < base_first - 0.5, (first_loss, base_first)
+
+    child = api.models.GetModel(S.GetModelRequest(id="ft-child"))
+    model_dir = Path(stack.settings.artifacts_dir) / "models" / child.id
+    assert model_dir.is_dir()
+    api.models.DeleteModel(S.DeleteModelRequest(id="ft-child@1"))
+    assert not model_dir.exists()
+    with pytest.raises(grpc.RpcError) as e:
+        api.models.GetModel(S.GetModelRequest(id=child.id))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_fine_tuning_starts_from_a_local_hugging_face_llama_directory(api, small_dataset, tmp_path):

@@ -505,6 +505,10 @@ def _default_model_name(dataset_name: str) -> str:
 
 
 class ModelService(_Base, training_pb2_grpc.ModelServiceServicer):
+    def __init__(self, settings, store, pool, artifacts: ArtifactStore):
+        super().__init__(settings, store, pool)
+        self.artifacts = artifacts
+
     @rpc
     async def ListModels(self, owner, request, context):
         size, offset = _page(request.page_size, request.page_token)
@@ -519,7 +523,9 @@ class ModelService(_Base, training_pb2_grpc.ModelServiceServicer):
 
     @rpc
     async def DeleteModel(self, owner, request, context):
-        await self.call(self.store.delete_model, owner, request.id)
+        rec = await self.call(self.store.delete_model, owner, request.id)
+        if rec.path:
+            await self.call(self.artifacts.remove, Path(rec.path))
         return training_pb2.DeleteModelResponse()
 
 
@@ -570,7 +576,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         JobService(settings, store, pool, celery), server
     )
     training_pb2_grpc.add_ModelServiceServicer_to_server(
-        ModelService(settings, store, pool), server
+        ModelService(settings, store, pool, artifacts), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-TOKENIZERS = ("bpe", "char", "byte", "pretrained")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("auto", "on", "off")
 # Every tokenizer appends one special token, the end-of-text marker, after its own vocabulary.
