@@ -202,3 +202,26 @@ def test_tenants_never_see_each_other(tmp_path):
                 anonymous.get(job.id)
             assert _code(e) == grpc.StatusCode.UNAUTHENTICATED
             assert alice.get(job.id).state == training_pb2.JOB_STATE_QUEUED
+
+
+def test_too_many_active_jobs_is_resource_exhausted_until_one_ends(tmp_path):
+    from conftest import make_settings
+
+    from lmforge_server.stack import Stack
+
+    settings = make_settings(tmp_path, max_queued_jobs_per_owner=2)
+    with Stack(settings, inference=False, worker=False) as s:
+        with grpc.insecure_channel(s.api_addr) as channel:
+            api = Api(channel)
+            ds = api.upload(SMALL_CORPUS[:2000].encode())
+            first = api.create(ds.id)
+            api.create(ds.id)
+            with pytest.raises(grpc.RpcError) as e:
+                api.create(ds.id)
+            assert _code(e) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "limit per owner is 2" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                api.datasets.DeleteDataset(training_pb2.DeleteDatasetRequest(id=ds.id))
+            assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+            api.jobs.CancelJob(training_pb2.CancelJobRequest(id=first.id))
+            assert api.create(ds.id).state == training_pb2.JOB_STATE_QUEUED

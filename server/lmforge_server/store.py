@@ -5,6 +5,7 @@ Keys (prefix `lmf:`):
   dataset:<owner>:<sha256>   hash      datasets:<owner>        zset (created_at)
   job:<id>                   hash      jobs:<owner>            zset (created_at)
   job:<id>:events            stream    jobs:active             set of non-terminal job ids
+                                       jobs:active:<owner>     the same, per owner
   idem:<owner>:<request_id>  job id    lease:<job id>          "<attempt>:<token>", PX ttl
   model:<id>                 hash      models:<owner>          zset (created_at)
   modelname:<owner>:<name>   zset version -> model id          modelver:<owner>:<name> counter
@@ -27,7 +28,6 @@ EVENTS_MAXLEN = 100_000
 QUEUED, RUNNING, EXPORTING = "QUEUED", "RUNNING", "EXPORTING"
 SUCCEEDED, FAILED, CANCELLING, CANCELLED = "SUCCEEDED", "FAILED", "CANCELLING", "CANCELLED"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-ACTIVE = frozenset({QUEUED, RUNNING, EXPORTING, CANCELLING})
 
 MODEL_TRAINING, MODEL_READY, MODEL_ABANDONED = "TRAINING", "READY", "ABANDONED"
 
@@ -218,9 +218,9 @@ class Store:
 
     def delete_dataset(self, owner: str, dataset_id: str) -> DatasetRecord:
         rec = self.get_dataset(owner, dataset_id)
-        for job in self._iter_jobs(owner):
-            if job.dataset_id == dataset_id and job.state in ACTIVE:
-                raise Conflict(f"dataset {dataset_id!r} is used by active job {job.id}")
+        for job_id in self.r.smembers(f"{P}jobs:active:{owner}"):
+            if self.r.hget(f"{P}job:{job_id}", "dataset_id") == dataset_id:
+                raise Conflict(f"dataset {dataset_id!r} is used by active job {job_id}")
         pipe = self.r.pipeline()
         pipe.delete(f"{P}dataset:{owner}:{dataset_id}")
         pipe.zrem(f"{P}datasets:{owner}", dataset_id)
@@ -245,7 +245,7 @@ class Store:
                     except NotFound:
                         time.sleep(0.02)
                 raise NotFound(f"job {existing!r} for request_id {job.request_id!r} not found")
-        active = sum(1 for j in self._iter_jobs(job.owner) if j.state in ACTIVE)
+        active = self.r.scard(f"{P}jobs:active:{job.owner}")
         if active >= max_active:
             if job.request_id:
                 self.r.delete(f"{P}idem:{job.owner}:{job.request_id}")
@@ -267,6 +267,7 @@ class Store:
         pipe.hset(f"{P}job:{job.id}", mapping=_encode(job))
         pipe.zadd(f"{P}jobs:{job.owner}", {job.id: job.created_at})
         pipe.sadd(f"{P}jobs:active", job.id)
+        pipe.sadd(f"{P}jobs:active:{job.owner}", job.id)
         pipe.hset(f"{P}model:{model.id}", mapping=_encode(model))
         pipe.zadd(f"{P}models:{job.owner}", {model.id: model.created_at})
         pipe.zadd(f"{P}modelname:{job.owner}:{job.model_name}", {model.id: version})
@@ -322,6 +323,7 @@ class Store:
                     if job.state == QUEUED:
                         pipe.hset(key, mapping={"state": CANCELLED, "finished_at": time.time()})
                         pipe.srem(f"{P}jobs:active", job_id)
+                        pipe.srem(f"{P}jobs:active:{owner}", job_id)
                         pipe.hset(f"{P}model:{job.model_id}", "state", MODEL_ABANDONED)
                         self._event_cmd(pipe, job_id, "STATE", CANCELLED, "cancelled while queued")
                     else:
@@ -488,6 +490,7 @@ class Store:
             fields["error"] = message
         pipe.hset(f"{P}job:{job.id}", mapping=fields)
         pipe.srem(f"{P}jobs:active", job.id)
+        pipe.srem(f"{P}jobs:active:{job.owner}", job.id)
         if model is not None:
             pipe.hset(f"{P}model:{model.id}", mapping=_encode(model))
         else:
