@@ -288,12 +288,14 @@ class Store:
             raise NotFound(f"job {job_id!r} not found")
         return job
 
-    def _iter_jobs(self, owner: str) -> Iterable[JobRecord]:
-        for job_id in self.r.zrevrange(f"{P}jobs:{owner}", 0, -1):
-            try:
-                yield self.job(job_id)
-            except NotFound:
-                continue
+    def _iter_jobs(self, owner: str, batch: int = 500) -> Iterable[JobRecord]:
+        """The owner's jobs, newest first, fetched a pipelined batch at a time."""
+        ids = self.r.zrevrange(f"{P}jobs:{owner}", 0, -1)
+        for start in range(0, len(ids), batch):
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in ids[start : start + batch]:
+                pipe.hgetall(f"{P}job:{job_id}")
+            yield from (_decode(JobRecord, raw) for raw in pipe.execute() if raw)
 
     def list_jobs(
         self, owner: str, offset: int, limit: int, state: str | None = None
