@@ -168,10 +168,25 @@ def test_list_jobs_pages_and_filters_by_state(api, small_dataset):
     assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in e.value.details()
 
 
-def test_unknown_job_is_not_found(api):
+def test_unknown_job_is_not_found_and_a_missing_id_is_invalid(api):
     with pytest.raises(grpc.RpcError) as e:
         api.get("job_doesnotexist")
     assert _code(e) == grpc.StatusCode.NOT_FOUND
+    for call in (
+        lambda: api.get(""),
+        lambda: api.models.GetModel(training_pb2.GetModelRequest(id="")),
+        lambda: api.jobs.CancelJob(training_pb2.CancelJobRequest(id="")),
+        lambda: api.events(""),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "id" in e.value.details()
+
+
+def test_list_jobs_with_an_unknown_state_is_invalid_argument(api):
+    with pytest.raises(grpc.RpcError) as e:
+        api.jobs.ListJobs(training_pb2.ListJobsRequest(state=99))
+    assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "state" in e.value.details()
 
 
 def test_tenants_never_see_each_other(tmp_path):

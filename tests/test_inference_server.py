@@ -206,6 +206,13 @@ def test_prompt_longer_than_the_context_is_rejected_unless_truncated(stub):
 # --- errors -------------------------------------------------------------------------------
 
 
+def test_prompt_with_characters_outside_a_char_vocabulary_is_rejected_naming_them(stub):
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(request(prompt="ROMEO: 日本", max_new_tokens=5), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt" in e.value.details() and "日本" in e.value.details()
+
+
 def test_unknown_model_is_not_found(stub):
     for model in ("no-such-model", "theirs", "../char"):
         with pytest.raises(grpc.RpcError) as e:

@@ -185,6 +185,12 @@ def _next_token(offset: int | None) -> str:
     return "" if offset is None else f"o{offset}"
 
 
+def _require_id(request) -> None:
+    """Requests that name a record by `id` must name one."""
+    if "id" in request.DESCRIPTOR.fields_by_name and not request.id:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "id: required")
+
+
 def rpc(method: Callable) -> Callable:
     """Runs a unary handler with the caller's owner; maps store errors to gRPC statuses."""
 
@@ -192,6 +198,7 @@ def rpc(method: Callable) -> Callable:
     async def wrapper(self, request, context):
         try:
             owner = self.owner(context)
+            _require_id(request)
             return await method(self, owner, request, context)
         except _Abort as e:
             await context.abort(e.code, e.message)
@@ -463,6 +470,11 @@ class JobService(_Base, training_pb2_grpc.JobServiceServicer):
         size, offset = _page(request.page_size, request.page_token)
         state = None
         if request.state:
+            if request.state not in _STATE.values():
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"state: {request.state} is not a JobState",
+                )
             state = _STATE.Name(request.state).removeprefix("JOB_STATE_")
         jobs, nxt = await self.call(self.store.list_jobs, owner, offset, size, state)
         return training_pb2.ListJobsResponse(
@@ -476,6 +488,7 @@ class JobService(_Base, training_pb2_grpc.JobServiceServicer):
     async def WatchJob(self, request, context):
         try:
             owner = self.owner(context)
+            _require_id(request)
             if request.after_event_id and not EVENT_ID_RE.match(request.after_event_id):
                 raise _Abort(
                     grpc.StatusCode.INVALID_ARGUMENT,

@@ -686,8 +686,13 @@ class Engine:
         loaded = await self._get(owner, model)
         m = loaded.model
         ids = await asyncio.to_thread(m.encode, prompt)
-        if not ids:
-            raise InvalidArgument("prompt", "has no tokens this model's tokenizer knows")
+        # A char tokenizer has no unknown token: name what it would silently drop.
+        missing = set(prompt) - set(await asyncio.to_thread(m.decode, ids))
+        if missing:
+            shown = "".join(sorted(missing)[:20])
+            raise InvalidArgument(
+                "prompt", f"has characters outside this model's vocabulary: {shown!r}"
+            )
         ctx = m.context_length
         if len(ids) > ctx - 1:
             if not truncate_prompt:
