@@ -53,6 +53,9 @@ class Settings:
     max_loaded_models: int = 4
     # "auto" (CUDA when a GPU is present, else CPU), "cpu" or "cuda".
     inference_device: str = "auto"
+    # Let ONNX Runtime's CPU threads spin-wait: faster on cores of its own, much slower on
+    # cores shared with other work.
+    inference_spin: bool = False
     # Celery queue that training tasks go to.
     train_queue: str = "gpu"
 
@@ -73,6 +76,8 @@ class Settings:
                 values[f.name] = _parse_api_keys(raw)
             elif f.name == "data_dir":
                 values[f.name] = Path(raw).expanduser().resolve()
+            elif f.type == "bool":
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             elif f.type in ("int",):
                 values[f.name] = int(raw)
             elif f.type in ("float",):

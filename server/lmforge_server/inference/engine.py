@@ -162,7 +162,14 @@ class OrtModel:
     brings it back when the batch changes shape.
     """
 
-    def __init__(self, path: Path, *, providers: list[str], io_binding: bool | None = None):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        providers: list[str],
+        io_binding: bool | None = None,
+        spin: bool = False,
+    ):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -176,11 +183,12 @@ class OrtModel:
         # ENABLE_ALL: 2.6-3x faster than no optimisation on a 124M model (KNOWN.md).
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        if not cuda:
-            # No spin-waiting in the intra-op pool: the scheduler, the event loop and gRPC
-            # share these cores. Measured (10.7M model, 2 loaded cores, interleaved runs):
+        if not cuda and not spin:
+            # No spin-waiting in the intra-op pool by default: the scheduler, the event loop
+            # and gRPC share these cores. Measured (10.7M model, 2 loaded cores, interleaved):
             # 2.1-2.4 ms/token and 0.9-1.3k tokens/s at 16 streams without spinning against
-            # 3.8-8.3 ms/token and 0.5-0.8k tokens/s with it.
+            # 3.8-8.3 ms/token and 0.5-0.8k tokens/s with it. On cores of its own spinning
+            # wins (887 against 577 tokens/s at one stream): settings.inference_spin.
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_file), so, providers=providers)
         self.provider = self.session.get_providers()[0]
@@ -592,7 +600,11 @@ class Engine:
         self._loading[key] = fut
         try:
             model = await asyncio.to_thread(
-                OrtModel, resolved.path, providers=self.providers, io_binding=self._io_binding
+                OrtModel,
+                resolved.path,
+                providers=self.providers,
+                io_binding=self._io_binding,
+                spin=self.settings.inference_spin,
             )
             sched = Scheduler(model, max_batch_size=self.settings.max_batch_size, name=key)
             loaded = _Loaded(resolved, model, sched)
