@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import re
-import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from lmforge_server import specs
 from lmforge_server import store as st
 from lmforge_server.artifacts import TMP_PREFIX, ArtifactStore
 from lmforge_server.auth import AuthError, owner_from_metadata
+from lmforge_server.lifecycle import run_until_signalled
 from lmforge_server.settings import Settings
 from lmforge_server.taskqueue import enqueue_training, make_celery
 
@@ -619,13 +619,4 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
 
 def run(settings: Settings) -> None:
     """`lmforge serve api`: serves until SIGINT/SIGTERM, then stops cleanly."""
-    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop=stop)
-
-    asyncio.run(main())
+    run_until_signalled(lambda stop: serve(settings, stop=stop))

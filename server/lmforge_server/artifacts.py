@@ -10,11 +10,28 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` so a reader sees the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; other services read these files
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class ArtifactStore:
@@ -34,21 +51,6 @@ class ArtifactStore:
 
     def model_dir(self, model_id: str) -> Path:
         return self.path("models", model_id)
-
-    @contextlib.contextmanager
-    def atomic_file(self, target: Path, mode: str = "wb") -> Iterator:
-        """Open a temporary file beside `target`; it replaces `target` only on success."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{target.name}")
-        try:
-            with open(tmp, mode) as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
 
     @contextlib.contextmanager
     def atomic_dir(self, target: Path) -> Iterator[Path]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge_server.artifacts import write_file_atomic
 from lmforge_server.specs import ModelConfig
 from lmforge_server.specs import model_config_from_hf as config_from_hf
 
@@ -327,21 +327,6 @@ def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
             continue
         sd[name.removeprefix("_orig_mod.")] = t.detach().to("cpu", torch.float32).contiguous()
     return sd
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` so a reader sees the old file or the new one, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; other services read these files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:

@@ -9,6 +9,7 @@ is fenced, so a worker that lost its lease cannot overwrite the new holder's pro
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import secrets
 import socket
@@ -50,13 +51,8 @@ class _Heartbeat(threading.Thread):
 
     def __init__(self, store: st.Store, job_id: str, attempt: int, token: str, ttl_s: float):
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
-        self.store, self.job_id, self.attempt, self.token, self.ttl_s = (
-            store,
-            job_id,
-            attempt,
-            token,
-            ttl_s,
-        )
+        self.store, self.job_id, self.ttl_s = store, job_id, ttl_s
+        self.attempt, self.token = attempt, token
         self.cancel = threading.Event()
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -261,8 +257,6 @@ def _train_export_register(
 
 
 def _merge_metadata(path: Path, extra: dict) -> None:
-    import json
-
     data = json.loads(path.read_text()) if path.exists() else {}
     data.update(extra)
     path.write_text(json.dumps(data, indent=2))

@@ -8,7 +8,6 @@ with one special token, EOS_TOKEN, as its last id.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 
+from lmforge_server.artifacts import write_file_atomic
 from lmforge_server.specs import BYTE_VOCAB, EOS_TOKEN
 
 KINDS = ("bpe", "char", "byte")
@@ -103,17 +103,7 @@ def build_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Toke
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> Path:
     """Writes tokenizer.json atomically (temp file, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(tok.to_str())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomic(path, tok.to_str().encode("utf-8"))
     return path
 
 

@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from lmforge_server.artifacts import write_file_atomic
 from lmforge_server.specs import JobSpec, TrainConfig, count_parameters
 from lmforge_worker.data import DataInfo, TokenBins, prepare_data
 from lmforge_worker.model import (
@@ -31,7 +32,6 @@ from lmforge_worker.model import (
     hf_state_dict,
     load_pretrained,
     save_weights,
-    write_file_atomic,
 )
 
 CHECKPOINT_VERSION = 1

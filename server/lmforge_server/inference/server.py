@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,6 +18,7 @@ from lmforge.v1 import inference_pb2, inference_pb2_grpc
 from lmforge_server.inference.engine import Engine
 from lmforge_server.inference.resolver import DirectoryResolver, ModelResolver
 from lmforge_server.inference.service import InferenceService
+from lmforge_server.lifecycle import run_until_signalled
 from lmforge_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,4 @@ async def serve(
 
 def run(settings: Settings) -> None:
     """`lmforge serve inference`: serves until SIGINT/SIGTERM, then stops gracefully."""
-    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop=stop)
-
-    asyncio.run(main())
+    run_until_signalled(lambda stop: serve(settings, stop=stop))
