@@ -200,13 +200,21 @@ def _tmp_beside(path: Path) -> Path:
     return path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
 
 
-def _session(path: Path):
+def _session(path: Path, providers: list[str] | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+def _fp16_providers() -> list[str]:
+    """Where the fp16 graph is checked: the CUDA provider when this machine has one (the
+    CPU provider lacks fp16 kernels), else the CPU."""
+    from lmforge_server.inference.engine import choose_providers
+
+    return choose_providers("auto")
 
 
 def _feeds(cfg, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> dict:
@@ -227,8 +235,10 @@ def check_parity(
     prompt_tokens: int = PARITY_PROMPT_TOKENS,
     decode_steps: int = PARITY_DECODE_STEPS,
     seed: int = 0,
+    providers: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Max |logit difference| between the PyTorch model (fp32) and ONNX Runtime (CPU).
+    """Max |logit difference| between the PyTorch model (fp32) and ONNX Runtime (CPU, or
+    `providers`).
 
     Runs a random prompt, then `decode_steps` greedy steps, each side with its own KV
     cache and both fed PyTorch's greedy token. Also reports whether the greedy tokens
@@ -236,7 +246,7 @@ def check_parity(
     """
     cfg = model.config
     model = model.float().eval()
-    sess = _session(onnx_path)
+    sess = _session(onnx_path, providers)
     g = torch.Generator().manual_seed(seed)
     n = max(1, min(prompt_tokens, cfg.context_length - decode_steps - 1))
     steps = max(0, min(decode_steps, cfg.context_length - n))
@@ -262,6 +272,7 @@ def check_parity(
         "prompt_tokens": n,
         "decode_steps": steps,
         "greedy_tokens_match": bool(tokens_match),
+        "provider": sess.get_providers()[0],
     }
 
 
@@ -335,7 +346,9 @@ def export_onnx(
             )
             done.append(half)
             try:
-                half["parity"] = check_parity(model, half["tmp"], dtype=np.float16)
+                half["parity"] = check_parity(
+                    model, half["tmp"], dtype=np.float16, providers=_fp16_providers()
+                )
             except Exception as e:  # the CPU EP lacks some fp16 kernels; CUDA runs it
                 half["parity"] = {"skipped": f"{type(e).__name__}: {e}"[:300]}
         for item in done:

@@ -107,8 +107,25 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type != "cuda":
         return "fp32"
     if precision in ("auto", "bf16"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        # Native bf16 only (Ampere and later): emulated bf16 is slower than fp32.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return precision
+
+
+def use_compile(mode: str, device: torch.device) -> bool:
+    """Whether to torch.compile: "on", "off", or "auto" (CUDA with a usable Triton only:
+    inductor needs it there, and compile failures surface late, at the first step)."""
+    if mode != "auto":
+        return mode == "on"
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.utils._triton import has_triton  # private; checks the GPU is sm_70+ too
+    except ImportError:
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None
+    return has_triton()
 
 
 def _autocast(device: torch.device, precision: str):
@@ -282,7 +299,9 @@ def train(
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"] and scaler.is_enabled():
+            # Empty when saved with the scaler off (fp32/bf16, e.g. a CPU attempt).
+            scaler.load_state_dict(ckpt["scaler"])
         step, tokens_seen = ckpt["step"], ckpt["tokens_seen"]
         elapsed_before, final_loss = ckpt["elapsed_seconds"], ckpt["final_loss"]
         b = ckpt["best"]
@@ -314,8 +333,8 @@ def train(
             )
         del ckpt
 
-    use_compile = t.compile == "on" or (t.compile == "auto" and dev.type == "cuda")
-    run_model = torch.compile(model) if use_compile else model
+    compiled = use_compile(t.compile, dev)
+    run_model = torch.compile(model) if compiled else model
 
     def to_dev(xy):
         if dev.type == "cuda":
@@ -382,7 +401,7 @@ def train(
         hooks,
         "on_log",
         f"training {count_parameters(m).total:,} parameters on {dev} ({precision}"
-        f"{', compiled' if use_compile else ''}), {info.train_tokens:,} train / "
+        f"{', compiled' if compiled else ''}), {info.train_tokens:,} train / "
         f"{info.val_tokens:,} val tokens, from step {step}",
     )
     train_time, steps_this_run = 0.0, 0
@@ -545,4 +564,5 @@ __all__ = [
     "lr_at",
     "resolve_precision",
     "train",
+    "use_compile",
 ]
