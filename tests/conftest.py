@@ -152,3 +152,22 @@ def small_dataset(api) -> training_pb2.Dataset:
 
 def unique(prefix: str = "r") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def _no_cuda_reason() -> str | None:
+    """Why CUDA tests cannot run here, or None when they can."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"no CUDA: torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return f"no CUDA GPU visible (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests skip, saying why, on a machine without CUDA (CI)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    reason = _no_cuda_reason() if gpu_items else None
+    for item in gpu_items if reason else []:
+        item.add_marker(pytest.mark.skip(reason=reason))
