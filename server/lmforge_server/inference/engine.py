@@ -147,7 +147,14 @@ def choose_providers(inference_device: str) -> list[str]:
         )
     if inference_device not in ("auto",) and not inference_device.startswith("cuda"):
         raise ValueError(f"inference_device must be auto, cpu or cuda, got {inference_device!r}")
-    return [CUDA_EP, CPU_EP] if usable else [CPU_EP]
+    if not usable:
+        return [CPU_EP]
+    # The CUDA provider needs CUDA and cuDNN in the process: torch's CUDA wheels bring them and
+    # load them on import (as in the worker); else ORT looks in nvidia-* wheels and system paths.
+    with contextlib.suppress(ImportError):
+        import torch  # noqa: F401
+    ort.preload_dlls()
+    return [CUDA_EP, CPU_EP]
 
 
 # --- one ONNX session -------------------------------------------------------------------------
@@ -192,6 +199,11 @@ class OrtModel:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_file), so, providers=providers)
         self.provider = self.session.get_providers()[0]
+        if cuda and self.provider != CUDA_EP:
+            log.warning("%s: the CUDA provider did not load; serving on %s", path, self.provider)
+            if self.dtype == "fp16":  # the CPU provider lacks fp16 kernels: the fp32 graph
+                onnx_file, self.dtype = path / "model.onnx", "fp32"
+                self.session = ort.InferenceSession(str(onnx_file), so, providers=[CPU_EP])
         # IO binding: +6-11% on a 124M model but -7-12% on 10M on CPU (Python overhead), and
         # on CUDA it keeps the cache on the GPU; so on for CUDA, off for CPU by default.
         self.io_binding = (self.provider == CUDA_EP) if io_binding is None else io_binding
