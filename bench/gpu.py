@@ -717,6 +717,8 @@ def main() -> int:
     if not args.dry_run and not torch.cuda.is_available():
         ap.error("no CUDA GPU here: run with --dry-run to check the script on the CPU")
     sizes = DRY if args.dry_run else GPU
+    if sizes.torch_threads:
+        torch.set_num_threads(sizes.torch_threads)
     out = args.out or ROOT / "bench" / "out" / ("gpu-dry-run" if args.dry_run else "gpu")
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "report.json"
