@@ -22,7 +22,8 @@ The report is `<out>/report.md` and `<out>/report.json` (plus the tests' junit X
 `--dry-run` runs every phase on the CPU at tiny sizes, so the script itself is proven here.
 
 On the lent GPU machine (../shared/gpu/README.md): from the project root here run
-`../shared/gpu/prepare-carry.sh pytest-timeout`, carry each `.gpu-carry/batch-K` in one device
+`../shared/gpu/prepare-carry.sh pytest-timeout` (from a plain clone: in a git worktree, where
+.git is a file, its first line stops it; 7 batches as of 2026-11-26), carry each `.gpu-carry/batch-K` in one device
 call (`mkdir -p /tmp/gpu-carry && cp .gpu-carry/batch-K/* /tmp/gpu-carry/`), then, with
 `.gpu-carry/install.sh` carried in the last one, run one phase per call (a call runs at most
 10 minutes; the report in /tmp/lmforge-gpu grows call by call while the machine stays warm):
