@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -19,7 +18,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from lmforge import __version__, errors
+from lmforge import __version__, errors, overrides
 from lmforge._connection import ConnectionConfig
 from lmforge._progress import describe, format_duration, format_rate
 from lmforge.client import Client
@@ -31,12 +30,9 @@ from lmforge.types import (
     JobEvent,
     JobState,
     Model,
-    ModelSpec,
     Timings,
-    TrainingSpec,
     Usage,
 )
-from lmforge.v1 import common_pb2
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXTRAS_HINT = "pip install 'lmforge[all]'"
@@ -131,64 +127,13 @@ def describe_parameters(job: Job | Model) -> str:
 
 # ---------------------------------------------------------------- --set key=value
 
-_SPECS: dict[str, tuple[type, Any]] = {
-    "model": (ModelSpec, common_pb2.ModelSpec.DESCRIPTOR),
-    "training": (TrainingSpec, common_pb2.TrainingSpec.DESCRIPTOR),
-}
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def _typed(field: Any, key: str, raw: str) -> Any:
-    fd = field
-    try:
-        if fd.cpp_type in (
-            fd.CPPTYPE_INT32,
-            fd.CPPTYPE_INT64,
-            fd.CPPTYPE_UINT32,
-            fd.CPPTYPE_UINT64,
-        ):
-            return int(raw.replace("_", ""))
-        if fd.cpp_type in (fd.CPPTYPE_FLOAT, fd.CPPTYPE_DOUBLE):
-            return float(raw)
-    except ValueError:
-        kind = "a number" if fd.cpp_type in (fd.CPPTYPE_FLOAT, fd.CPPTYPE_DOUBLE) else "an integer"
-        raise UsageError(f"--set {key}={raw}: expected {kind}") from None
-    if fd.cpp_type == fd.CPPTYPE_BOOL:
-        if raw.lower() in _TRUE:
-            return True
-        if raw.lower() in _FALSE:
-            return False
-        raise UsageError(f"--set {key}={raw}: expected true or false")
-    return raw
-
 
 def parse_overrides(pairs: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """["model.n_layers=4", "max_steps=100"] -> ({"n_layers": 4}, {"max_steps": 100}), each
-    value typed by its proto field; a bare name must belong to only one of the two specs."""
-    found: dict[str, dict[str, Any]] = {"model": {}, "training": {}}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UsageError(f"--set {pair}: expected key=value, e.g. training.max_steps=100")
-        section, _, name = key.rpartition(".")
-        sections = (
-            [section]
-            if section
-            else [s for s, (_, d) in _SPECS.items() if name in d.fields_by_name]
-        )
-        if section and section not in _SPECS:
-            raise UsageError(f"--set {key}: the prefix must be model. or training.")
-        if not sections or name not in _SPECS[sections[0]][1].fields_by_name:
-            known = [f"{s}.{n}" for s, (_, d) in _SPECS.items() for n in d.fields_by_name]
-            close = difflib.get_close_matches(key, known + [k.split(".")[1] for k in known], n=3)
-            hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise UsageError(f"--set {key}: no such spec field{hint}")
-        if len(sections) > 1:
-            raise UsageError(f"--set {key}: ambiguous; write model.{name} or training.{name}")
-        fd = _SPECS[sections[0]][1].fields_by_name[name]
-        found[sections[0]][name] = _typed(fd, key, raw.strip())
-    return found["model"], found["training"]
+    """`--set` pairs as (model fields, training fields); see `lmforge.overrides`."""
+    try:
+        return overrides.parse_overrides(pairs)
+    except overrides.OverrideError as e:
+        raise UsageError(f"--set {e}") from None
 
 
 # ---------------------------------------------------------------- client commands
