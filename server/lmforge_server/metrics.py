@@ -11,6 +11,7 @@ histograms.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -172,6 +173,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return wrapper
 
     def _stream(self, behavior: Callable, labels: tuple[str, str]) -> Callable:
+        # A streaming handler is an async generator, or a coroutine that calls context.write.
+        if not inspect.isasyncgenfunction(behavior):
+
+            async def writer(request, context):
+                OPEN_STREAMS.labels(*labels).inc()
+                try:
+                    return await self._unary(behavior, labels)(request, context)
+                finally:
+                    OPEN_STREAMS.labels(*labels).dec()
+
+            return writer
+
         async def wrapper(request, context):
             started, error = time.perf_counter(), None
             OPEN_STREAMS.labels(*labels).inc()
