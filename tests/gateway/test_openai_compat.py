@@ -9,6 +9,8 @@ import openai
 import pytest
 from conftest import SMALL_CORPUS
 
+from .conftest import scrape
+
 
 @pytest.fixture(scope="module")
 def client(base_url) -> openai.OpenAI:
@@ -144,11 +146,17 @@ def test_errors_have_openai_shape_and_status(client, trained_model):
     assert e.value.body["param"] == "purpose"
 
 
-def test_cancelling_a_fine_tuning_job(client, gateway_api):
+def test_cancelling_a_running_fine_tuning_job(client, gateway_api, gateway_stack):
     ds = gateway_api.upload(SMALL_CORPUS[:20_000].encode(), name="cancel-me")
     job = client.fine_tuning.jobs.create(
         model="tiny", training_file=f"file-{ds.id}", hyperparameters={"max_steps": 100_000}
     )
+    gateway_api.wait_for(job.id, lambda j: j.progress.step >= 10)
+    # While it trains, the worker's /metrics shows its speed.
+    worker = scrape(gateway_stack.settings.worker_metrics_addr)
+    assert worker[f'lmforge_training_tokens_per_second{{job="{job.id}"}}'] > 0
+    assert worker[f'lmforge_training_step_seconds{{job="{job.id}"}}'] > 0
+    assert worker[f'lmforge_training_flops_per_second{{job="{job.id}"}}'] > 0
     job = client.fine_tuning.jobs.cancel(job.id)
     deadline = time.monotonic() + 60
     while (job := client.fine_tuning.jobs.retrieve(job.id)).status != "cancelled":
