@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 import json
 import sys
+import urllib.request
+import webbrowser
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from enum import Enum
@@ -463,8 +465,10 @@ def _server_settings(args: argparse.Namespace, **forced: Any) -> Any:
         raise MissingExtras(args.command, e) from e
     flags = {
         name: getattr(args, name, None)
-        for name in ("data_dir", "redis_url", "artifacts", "api_addr", "inference_addr", "device")
-    }
+        for name in (
+            "data_dir", "redis_url", "artifacts", "api_addr", "inference_addr", "http_addr", "device",
+        )
+    }  # fmt: skip
     return Settings.from_env(**{**flags, **forced})
 
 
@@ -483,11 +487,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         if args.role == "api":
             from lmforge_server.api import run
+        elif args.role == "http":
+            from lmforge_server.http.app import run
         else:
             from lmforge_server.inference.server import run
     except ImportError as e:
         raise MissingExtras(f"serve {args.role}", e) from e
     run(settings)
+    return EXIT_OK
+
+
+def cmd_open(args: argparse.Namespace) -> int:
+    url = ConnectionConfig.console_url(args.http)
+    try:
+        with urllib.request.urlopen(url + "healthz", timeout=5):
+            pass
+    except OSError as e:
+        raise errors.LmforgeError(
+            f"no console answering at {url} ({getattr(e, 'reason', e)}); is `lmforge up` running?"
+        ) from None
+    if args.json:
+        print_json({"url": url})
+    else:
+        print(url, flush=True)
+    if not args.print:
+        webbrowser.open(url)
     return EXIT_OK
 
 
@@ -634,6 +658,10 @@ def _server_flags(p: argparse.ArgumentParser, *, bind: bool = True) -> None:
             "--inference-addr",
             help="address the inference server listens on (env LMFORGE_INFERENCE_ADDR)",
         )
+        p.add_argument(
+            "--http-addr",
+            help="address the HTTP gateway (console, OpenAI API) listens on (env LMFORGE_HTTP_ADDR)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -663,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="small", help="model/training preset (default small)")
     p.add_argument("--seed", type=int, default=1337, help="sampling seed")
     p = add("serve", "run one server (needs a Redis: --redis-url)", cmd_serve)
-    p.add_argument("role", choices=["api", "inference"])
+    p.add_argument("role", choices=["api", "inference", "http"])
     _server_flags(p)
     p = add("worker", "run a training worker (Celery, queue 'gpu')", cmd_worker)
     _server_flags(p, bind=False)
@@ -729,6 +757,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
     p.set_defaults(server="inference")
+
+    p = add("open", "open the web console in a browser (prints its URL)", cmd_open)
+    p.add_argument(
+        "--http",
+        metavar="ADDR",
+        help="the gateway (env LMFORGE_HTTP_ADDR; default 127.0.0.1:50080)",
+    )
+    p.add_argument("--print", action="store_true", help="only print the URL")
 
     p = add("health", "ask a server's gRPC health service whether it is SERVING", cmd_health)
     p.add_argument("addr", nargs="?", help="host:port (default: the API server)")

@@ -13,6 +13,10 @@ from conftest import SMALL_CORPUS, Api, make_settings
 from lmforge_server.stack import Stack
 
 FREE = "127.0.0.1:0"
+# Two tenants: the gateway passes each caller's key through to the gRPC servers.
+ALICE, BOB = "key-alice", "key-bob"
+KEYS = {ALICE: "alice", BOB: "bob"}
+AUTH = {"Authorization": f"Bearer {ALICE}"}
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +27,7 @@ def gateway_stack(tmp_path_factory) -> Iterator[Stack]:
         api_metrics_addr=FREE,
         inference_metrics_addr=FREE,
         worker_metrics_addr=FREE,
+        api_keys=KEYS,
     )
     with Stack(settings, http=True) as stack:
         yield stack
@@ -36,7 +41,7 @@ def base_url(gateway_stack) -> str:
 @pytest.fixture(scope="session")
 def gateway_api(gateway_stack) -> Iterator[Api]:
     with grpc.insecure_channel(gateway_stack.api_addr) as channel:
-        yield Api(channel)
+        yield Api(channel, metadata=[("authorization", f"Bearer {ALICE}")])
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ import time
 import pytest
 from conftest import SMALL_CORPUS
 
+from .conftest import ALICE
+
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -59,6 +61,10 @@ def test_upload_train_watch_the_curve_grow_and_stream_from_the_playground(
     corpus = tmp_path / "console-corpus.txt"
     corpus.write_text(SMALL_CORPUS[:50_000])
     browser.get(f"{base_url}/#/datasets")
+    # The key goes in the header field; the page keeps it and sends it with every call.
+    key = browser.find_element(By.ID, "api-key")
+    key.send_keys(ALICE)
+    key.send_keys("\t")
 
     # Upload with the progress bar: it ends full and the dataset is offered for a job.
     browser.find_element(By.ID, "upload-file").send_keys(str(corpus))

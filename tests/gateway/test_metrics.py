@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from .conftest import scrape
+from .conftest import AUTH, scrape
 
 
 def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=30) as resp:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=AUTH), timeout=30) as resp:
         return json.loads(resp.read())
 
 
@@ -24,7 +24,9 @@ def test_metrics_move_with_traffic_on_every_server(gateway_stack, base_url, trai
 
     body = json.dumps({"model": trained_model, "prompt": "ROMEO:\n", "max_tokens": 10,
                        "stream": True, "temperature": 0}).encode()  # fmt: skip
-    req = urllib.request.Request(f"{base_url}/v1/completions", data=body, method="POST")
+    req = urllib.request.Request(
+        f"{base_url}/v1/completions", data=body, method="POST", headers=AUTH
+    )
     with urllib.request.urlopen(req, timeout=60) as resp:
         assert b"[DONE]" in resp.read()
     _get(f"{base_url}/api/jobs")

@@ -3,18 +3,21 @@ completions (streamed and not) and errors, against the real stack."""
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
 from conftest import SMALL_CORPUS
 
-from .conftest import scrape
+from .conftest import ALICE, BOB, scrape
 
 
 @pytest.fixture(scope="module")
 def client(base_url) -> openai.OpenAI:
-    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as c:
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key=ALICE, max_retries=0) as c:
         yield c
 
 
@@ -163,3 +166,30 @@ def test_cancelling_a_running_fine_tuning_job(client, gateway_api, gateway_stack
         assert time.monotonic() < deadline, job
         time.sleep(0.3)
     assert job.fine_tuned_model is None
+
+
+def test_each_caller_sees_only_its_own_tenant_through_the_gateway(
+    client, base_url, trained_model, gateway_api
+):
+    ds = gateway_api.upload(b"alice's private corpus\n" * 100, name="alice-only")
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key=BOB, max_retries=0) as bob:
+        assert f"file-{ds.id}" not in [f.id for f in bob.files.list()]
+        with pytest.raises(openai.NotFoundError):
+            bob.files.retrieve(f"file-{ds.id}")
+        assert trained_model not in [m.id for m in bob.models.list()]
+        with pytest.raises(openai.NotFoundError):
+            bob.completions.create(model=trained_model, prompt="x", max_tokens=2)
+        with pytest.raises(openai.NotFoundError):
+            bob.fine_tuning.jobs.create(model="tiny", training_file=f"file-{ds.id}")
+    assert f"file-{ds.id}" in [f.id for f in client.files.list()]
+
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0) as stranger:
+        with pytest.raises(openai.AuthenticationError) as e:
+            stranger.models.list()
+    assert e.value.status_code == 401 and "unknown API key" in e.value.message
+    # No Authorization header at all: 401 in OpenAI's error shape.
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{base_url}/v1/models", timeout=10)
+    assert e.value.code == 401
+    error = json.loads(e.value.read())["error"]
+    assert error["type"] == "authentication_error" and "authorization" in error["message"]
