@@ -28,6 +28,7 @@ def gateway_stack(tmp_path_factory) -> Iterator[Stack]:
         inference_metrics_addr=FREE,
         worker_metrics_addr=FREE,
         api_keys=KEYS,
+        max_upload_bytes=1 << 20,
     )
     with Stack(settings, http=True) as stack:
         yield stack
