@@ -27,7 +27,7 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def browser(tmp_path_factory, base_url):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (
@@ -40,6 +40,11 @@ def browser(tmp_path_factory):
     service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
     driver = webdriver.Chrome(options=options, service=service)
     try:
+        # The key goes in the header field; the page keeps it and sends it with every call.
+        driver.get(base_url)
+        key = driver.find_element(By.ID, "api-key")
+        key.send_keys(ALICE)
+        key.send_keys("\t")
         yield driver
     finally:
         driver.quit()
@@ -61,10 +66,7 @@ def test_upload_train_watch_the_curve_grow_and_stream_from_the_playground(
     corpus = tmp_path / "console-corpus.txt"
     corpus.write_text(SMALL_CORPUS[:50_000])
     browser.get(f"{base_url}/#/datasets")
-    # The key goes in the header field; the page keeps it and sends it with every call.
-    key = browser.find_element(By.ID, "api-key")
-    key.send_keys(ALICE)
-    key.send_keys("\t")
+    assert browser.find_element(By.ID, "api-key").get_attribute("value") == ALICE
 
     # Upload with the progress bar: it ends full and the dataset is offered for a job.
     browser.find_element(By.ID, "upload-file").send_keys(str(corpus))
@@ -130,3 +132,22 @@ def test_upload_train_watch_the_curve_grow_and_stream_from_the_playground(
     assert _text(browser, "#pg-usage").endswith("20 completion tokens")
     assert "tokens/s" in _text(browser, "#pg-timings")
     assert not browser.find_element(By.ID, "error").is_displayed()
+
+
+def test_jobs_table_filters_by_state_and_cancels_a_running_job(browser, base_url, gateway_api):
+    ds = gateway_api.upload(SMALL_CORPUS[:20_000].encode(), name="console-cancel")
+    job = gateway_api.create(ds.id, max_steps=100_000, model_name="long")
+    gateway_api.wait_for(job.id, lambda j: j.progress.step > 0)
+    browser.get(f"{base_url}/#/jobs")
+    Select(browser.find_element(By.ID, "jobs-filter")).select_by_visible_text("RUNNING")
+    row = f'#jobs-table tr[data-job="{job.id}"]'
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row), what="running row")
+    # Only RUNNING jobs are listed, each with its state in the second column.
+    states = {r.find_elements(By.TAG_NAME, "td")[1].text
+              for r in browser.find_elements(By.CSS_SELECTOR, "#jobs-table tbody tr")}  # fmt: skip
+    assert states == {"RUNNING"}
+    browser.find_element(By.CSS_SELECTOR, f"{row} button.cancel").click()
+    done = gateway_api.wait_terminal(job.id, timeout=60)
+    assert done.state == 7  # CANCELLED
+    # The table re-lists after the cancel: the job has left the RUNNING filter.
+    _wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, row), what="row gone")

@@ -16,6 +16,7 @@ from lmforge_server.http.errors import HTTPError
 from lmforge_server.http.upstream import UNARY_TIMEOUT_S, Upstream
 
 CHUNK_BYTES = 1 << 20
+PAGE_SIZE = 200
 # Events already stored come back at once; this long without one means "no more for now".
 EVENTS_QUIET_S = 0.5
 
@@ -50,15 +51,30 @@ async def upload_dataset(
     return await up.datasets.UploadDataset(requests(), metadata=md, timeout=600)
 
 
-async def every_page(fetch: Callable[[str], Awaitable[Any]], field: str) -> list:
-    """All items of a paged List call: fetch(page_token) -> response with `field`."""
-    items, token = [], ""
+async def _every_page(method: Callable[..., Awaitable[Any]], request, md, field: str) -> list:
+    """All items of a paged List call, fetching page after page."""
+    items = []
     while True:
-        resp = await fetch(token)
+        resp = await method(request, metadata=md, timeout=UNARY_TIMEOUT_S)
         items.extend(getattr(resp, field))
-        token = resp.next_page_token
-        if not token:
+        if not resp.next_page_token:
             return items
+        request.page_token = resp.next_page_token
+
+
+async def list_jobs(up: Upstream, md, state: int = 0) -> list[training_pb2.Job]:
+    req = training_pb2.ListJobsRequest(page_size=PAGE_SIZE, state=state)
+    return await _every_page(up.jobs.ListJobs, req, md, "jobs")
+
+
+async def list_datasets(up: Upstream, md) -> list[training_pb2.Dataset]:
+    req = training_pb2.ListDatasetsRequest(page_size=PAGE_SIZE)
+    return await _every_page(up.datasets.ListDatasets, req, md, "datasets")
+
+
+async def list_models(up: Upstream, md) -> list[training_pb2.Model]:
+    req = training_pb2.ListModelsRequest(page_size=PAGE_SIZE)
+    return await _every_page(up.models.ListModels, req, md, "models")
 
 
 async def events_so_far(up: Upstream, md, job_id: str) -> list[training_pb2.JobEvent]:

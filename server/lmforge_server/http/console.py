@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from lmforge.v1 import common_pb2, inference_pb2, training_pb2
 from lmforge_server.http import calls
-from lmforge_server.http.errors import HTTPError, rpc_status
+from lmforge_server.http.errors import HTTPError, json_body, rpc_status
 from lmforge_server.http.upstream import UNARY_TIMEOUT_S, metadata, to_dict
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -28,16 +28,6 @@ def sse(data: dict, *, event: str | None = None, event_id: str | None = None) ->
     return f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def _json(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise HTTPError(400, "the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise HTTPError(400, "the body must be a JSON object")
-    return body
-
-
 async def list_jobs(request: Request) -> Response:
     up, md = request.app.state.upstream, metadata(request)
     state = request.query_params.get("state", "").upper()
@@ -47,12 +37,7 @@ async def list_jobs(request: Request) -> Response:
         if state not in names:
             raise HTTPError(400, f"state: must be one of {', '.join(names)}", param="state")
         state_pb = training_pb2.JobState.Value(f"JOB_STATE_{state}")
-
-    async def fetch(token: str):
-        req = training_pb2.ListJobsRequest(page_size=200, page_token=token, state=state_pb)
-        return await up.jobs.ListJobs(req, metadata=md, timeout=UNARY_TIMEOUT_S)
-
-    jobs = await calls.every_page(fetch, "jobs")
+    jobs = await calls.list_jobs(up, md, state_pb)
     return JSONResponse({"jobs": [to_dict(j) for j in jobs]})
 
 
@@ -64,7 +49,7 @@ async def get_job(request: Request) -> Response:
 
 
 async def create_job(request: Request) -> Response:
-    body = await _json(request)
+    body = await json_body(request)
     try:
         spec = training_pb2.JobSpec(
             preset=str(body.get("preset", "")),
@@ -116,13 +101,7 @@ async def watch_job(request: Request) -> Response:
 
 
 async def list_datasets(request: Request) -> Response:
-    up, md = request.app.state.upstream, metadata(request)
-
-    async def fetch(token: str):
-        req = training_pb2.ListDatasetsRequest(page_size=200, page_token=token)
-        return await up.datasets.ListDatasets(req, metadata=md, timeout=UNARY_TIMEOUT_S)
-
-    items = await calls.every_page(fetch, "datasets")
+    items = await calls.list_datasets(request.app.state.upstream, metadata(request))
     return JSONResponse({"datasets": [to_dict(d) for d in items]})
 
 
@@ -138,13 +117,7 @@ async def upload_dataset(request: Request) -> Response:
 
 
 async def list_models(request: Request) -> Response:
-    up, md = request.app.state.upstream, metadata(request)
-
-    async def fetch(token: str):
-        req = training_pb2.ListModelsRequest(page_size=200, page_token=token)
-        return await up.models.ListModels(req, metadata=md, timeout=UNARY_TIMEOUT_S)
-
-    items = await calls.every_page(fetch, "models")
+    items = await calls.list_models(request.app.state.upstream, metadata(request))
     return JSONResponse({"models": [to_dict(m) for m in items]})
 
 
@@ -172,7 +145,7 @@ def _sampling(body: dict) -> inference_pb2.SamplingParams:
 
 async def generate(request: Request) -> Response:
     """The playground: GenerateStream as SSE, one `delta` event per message, then `end`."""
-    body = await _json(request)
+    body = await json_body(request)
     req = inference_pb2.GenerateRequest(
         model=str(body.get("model", "")),
         prompt=str(body.get("prompt", "")),

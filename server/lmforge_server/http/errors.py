@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import grpc
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 # gRPC status -> (HTTP status, OpenAI error type).
@@ -33,6 +34,17 @@ class HTTPError(Exception):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
         self.code = code or {400: "invalid_request", 404: "not_found"}.get(status)
+
+
+async def json_body(request: Request) -> dict:
+    """The request's JSON object, or a 400 saying what is wrong with it."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise HTTPError(400, "the body must be a JSON object; it does not parse") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the body must be a JSON object")
+    return body
 
 
 def error_body(status: int, message: str, type_: str, param=None, code=None) -> dict:

@@ -23,7 +23,7 @@ from lmforge.overrides import OverrideError, parse_overrides
 from lmforge.v1 import common_pb2, inference_pb2, training_pb2
 from lmforge_server.http import calls
 from lmforge_server.http.console import SSE_HEADERS
-from lmforge_server.http.errors import HTTPError, rpc_status
+from lmforge_server.http.errors import HTTPError, json_body, rpc_status
 from lmforge_server.http.upstream import UNARY_TIMEOUT_S, metadata
 from lmforge_server.specs import PRESETS
 
@@ -45,16 +45,6 @@ JOB_STATUS = {
 FILE_PREFIX = "file-"
 # OpenAI's own hyperparameters, accepted only as "auto" (lmforge trains for max_steps).
 OPENAI_AUTO_ONLY = ("n_epochs", "learning_rate_multiplier")
-
-
-async def _body(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise HTTPError(400, "We could not parse the JSON body of your request.") from None
-    if not isinstance(body, dict):
-        raise HTTPError(400, "The body of your request must be a JSON object.")
-    return body
 
 
 def _number(body: dict, key: str, kind: type, lo=None, hi=None):
@@ -155,7 +145,7 @@ def _usage(u: common_pb2.Usage) -> dict:
 
 
 async def completions(request: Request) -> Response:
-    req, stream, include_usage = _generate_request(await _body(request))
+    req, stream, include_usage = _generate_request(await json_body(request))
     up, md = request.app.state.upstream, metadata(request)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if not stream:
@@ -223,7 +213,7 @@ async def completions(request: Request) -> Response:
 
 
 async def chat_completions(request: Request) -> Response:
-    body = await _body(request)
+    body = await json_body(request)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise HTTPError(400, "model: required", param="model")
@@ -254,13 +244,7 @@ def _model(m: training_pb2.Model) -> dict:
 
 
 async def _ready_models(request: Request) -> list[training_pb2.Model]:
-    up, md = request.app.state.upstream, metadata(request)
-
-    async def fetch(token: str):
-        req = training_pb2.ListModelsRequest(page_size=200, page_token=token)
-        return await up.models.ListModels(req, metadata=md, timeout=UNARY_TIMEOUT_S)
-
-    models = await calls.every_page(fetch, "models")
+    models = await calls.list_models(request.app.state.upstream, metadata(request))
     return [m for m in models if m.state == training_pb2.MODEL_STATE_READY]
 
 
@@ -341,13 +325,7 @@ def _dataset_name(filename: str) -> str:
 
 
 async def list_files(request: Request) -> Response:
-    up, md = request.app.state.upstream, metadata(request)
-
-    async def fetch(token: str):
-        req = training_pb2.ListDatasetsRequest(page_size=200, page_token=token)
-        return await up.datasets.ListDatasets(req, metadata=md, timeout=UNARY_TIMEOUT_S)
-
-    items = await calls.every_page(fetch, "datasets")
+    items = await calls.list_datasets(request.app.state.upstream, metadata(request))
     return JSONResponse({"object": "list", "data": [_file(d) for d in items], "has_more": False})
 
 
@@ -479,7 +457,7 @@ def _job(j: training_pb2.Job) -> dict:
 
 
 async def create_job(request: Request) -> Response:
-    body = await _body(request)
+    body = await json_body(request)
     spec, suffix = _job_spec(body)
     file_id = body.get("training_file")
     if not isinstance(file_id, str) or not file_id:
@@ -518,13 +496,7 @@ def _page(items: list[dict], request: Request) -> dict:
 
 
 async def list_jobs(request: Request) -> Response:
-    up, md = request.app.state.upstream, metadata(request)
-
-    async def fetch(token: str):
-        req = training_pb2.ListJobsRequest(page_size=200, page_token=token)
-        return await up.jobs.ListJobs(req, metadata=md, timeout=UNARY_TIMEOUT_S)
-
-    jobs = await calls.every_page(fetch, "jobs")
+    jobs = await calls.list_jobs(request.app.state.upstream, metadata(request))
     return JSONResponse(_page([_job(j) for j in jobs], request))
 
 
