@@ -128,6 +128,15 @@ def test_errors_have_openai_shape_and_status(client, trained_model):
         client.completions.create(model=trained_model, prompt="x", max_tokens=100_000)
     assert "max_new_tokens" in e.value.message and "4096" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=trained_model, prompt="x", max_tokens=2.5)
+    assert e.value.body["param"] == "max_tokens" and "integer" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=trained_model, prompt=["a", "b"], max_tokens=2)
+    assert e.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=trained_model, prompt="x", n=2)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
             model=trained_model, messages=[{"role": "user", "content": "hi"}]
         )

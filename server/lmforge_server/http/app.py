@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -56,6 +57,14 @@ async def _rpc_error(request: Request, e: Exception) -> Response:
 
 async def _http_error(request: Request, e: Exception) -> Response:
     return from_http_error(e)
+
+
+async def _bug(request: Request, e: Exception) -> Response:
+    """A bug, never the client's input: a 500 with an id that is also in the log."""
+    incident = uuid.uuid4().hex[:12]
+    log.error("%s %s failed (incident %s)", request.method, request.url.path, incident,
+              exc_info=e)  # fmt: skip
+    return error_response(500, f"internal error (incident {incident})", "server_error")
 
 
 async def _not_found(request: Request, e: Exception) -> Response:
@@ -124,6 +133,7 @@ def build_app(settings: Settings) -> Starlette:
             HTTPError: _http_error,
             404: _not_found,
             405: _method_not_allowed,
+            Exception: _bug,
         },
     )
     app.add_middleware(_Metrics)

@@ -53,6 +53,8 @@ def _number(body: dict, key: str, kind: type, lo=None, hi=None):
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise HTTPError(400, f"{key}: must be a number, got {value!r}", param=key)
+    if kind is int and value != int(value):
+        raise HTTPError(400, f"{key}: must be an integer, got {value!r}", param=key)
     value = kind(value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise HTTPError(400, f"{key}: must be between {lo} and {hi}, got {value}", param=key)
