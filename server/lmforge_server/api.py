@@ -587,8 +587,10 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         ],
         interceptors=[metrics.MetricsInterceptor("api")],
     )
-    metrics.register(metrics.JobsCollector(lambda: store.job_counts(settings.train_queue)))
-    metrics.serve_metrics(settings.api_metrics_addr)
+    exporter = metrics.serve_metrics(
+        settings.api_metrics_addr,
+        metrics.JobsCollector(lambda: store.job_counts(settings.train_queue)),
+    )
     training_pb2_grpc.add_DatasetServiceServicer_to_server(
         DatasetService(settings, store, pool, artifacts), server
     )
@@ -621,6 +623,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         reaper.cancel()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2)
+        exporter.close()
         pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -15,6 +15,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -91,20 +92,82 @@ LEASE_RENEWALS = Counter(
 )  # fmt: skip
 
 
-def serve_metrics(addr: str) -> int | None:
-    """Serves this process's registry at http://addr/metrics in a daemon thread; returns
-    the port. An empty addr serves nothing; a port in use is logged, never fatal."""
-    if not addr:
-        return None
-    host, _, port = addr.rpartition(":")
-    try:
-        server, _thread = start_http_server(int(port), addr=host or "127.0.0.1")
-    except OSError as e:
-        log.warning("metrics not served on %s: %s", addr, e)
-        return None
-    bound = server.server_address[1]
-    log.info("metrics on http://%s:%d/metrics", host, bound)
-    return bound
+class _Live(Collector):
+    """The scrape-time collectors of every server running in this process, as one
+    registered collector. A process runs one server; tests run several side by side, so
+    series several of them report are kept once (the first)."""
+
+    def __init__(self) -> None:
+        self.collectors: list[Collector] = []
+        self.registered = False
+
+    def add(self, collector: Collector) -> None:
+        self.collectors.append(collector)
+        if not self.registered:
+            REGISTRY.register(self)
+            self.registered = True
+
+    def remove(self, collector: Collector) -> None:
+        self.collectors.remove(collector)
+        if not self.collectors and self.registered:
+            REGISTRY.unregister(self)
+            self.registered = False
+
+    def collect(self):
+        families: dict[str, Any] = {}
+        seen: set[tuple] = set()
+        for collector in list(self.collectors):
+            for family in collector.collect():
+                samples = family.samples
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = family
+                    family.samples = []
+                for sample in samples:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    if key not in seen:
+                        seen.add(key)
+                        merged.samples.append(sample)
+        yield from families.values()
+
+
+_LIVE = _Live()
+
+
+class Endpoint:
+    """A server's metrics: its scrape-time collectors and, when an address is given,
+    /metrics served over HTTP from a daemon thread. `close` undoes both."""
+
+    def __init__(self, addr: str, *collectors: Collector):
+        self.collectors = collectors
+        for collector in collectors:
+            _LIVE.add(collector)
+        self.port: int | None = None
+        self._http = None
+        if addr:
+            host, _, port = addr.rpartition(":")
+            try:
+                self._http, _thread = start_http_server(int(port), addr=host or "127.0.0.1")
+            except OSError as e:  # a port in use is logged, never fatal
+                log.warning("metrics not served on %s: %s", addr, e)
+            else:
+                self.port = self._http.server_address[1]
+                log.info("metrics on http://%s:%d/metrics", host, self.port)
+
+    def close(self) -> None:
+        for collector in self.collectors:
+            _LIVE.remove(collector)
+        self.collectors = ()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+def serve_metrics(addr: str, *collectors: Collector) -> Endpoint:
+    """Adds the server's collectors and serves this process's registry at
+    http://addr/metrics (nothing over HTTP when addr is empty)."""
+    return Endpoint(addr, *collectors)
 
 
 # ---------------------------------------------------------------- gRPC servers
@@ -286,12 +349,6 @@ class JobsCollector(Collector):
             jobs.add_metric([state], by_state.get(state, 0))
         queue.add_metric([], queued_tasks)
         yield from (jobs, queue)
-
-
-def register(collector: Collector) -> Collector:
-    """Adds a collector to this process's registry."""
-    REGISTRY.register(collector)
-    return collector
 
 
 # ---------------------------------------------------------------- worker

@@ -61,6 +61,7 @@ class InferenceServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.address = ""
+        self.metrics: metrics.Endpoint | None = None
 
     async def start(self) -> str:
         host, _, _ = self.settings.inference_addr.rpartition(":")
@@ -68,8 +69,9 @@ class InferenceServer:
         if port == 0:
             raise OSError(f"cannot listen on {self.settings.inference_addr}")
         self.address = f"{host}:{port}"
-        metrics.register(metrics.EngineCollector(self._engine_load))
-        metrics.serve_metrics(self.settings.inference_metrics_addr)
+        self.metrics = metrics.serve_metrics(
+            self.settings.inference_metrics_addr, metrics.EngineCollector(self._engine_load)
+        )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
@@ -85,6 +87,8 @@ class InferenceServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.engine.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 async def serve(
