@@ -22,7 +22,8 @@ def scrape(addr: str) -> dict[str, float]:
 @pytest.mark.fault
 @pytest.mark.slow
 def test_reaper_requeue_of_a_killed_workers_job_is_counted(tmp_path):
-    settings = make_settings(tmp_path, api_metrics_addr="127.0.0.1:0")
+    # A lease long enough that a loaded machine never loses it before the kill.
+    settings = make_settings(tmp_path, api_metrics_addr="127.0.0.1:0", lease_ttl_s=6.0)
     with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
         api = Api(ch)
         metrics_addr = stack.settings.api_metrics_addr
@@ -34,9 +35,13 @@ def test_reaper_requeue_of_a_killed_workers_job_is_counted(tmp_path):
         next(c for c in stack.children if c.role == "worker").kill()  # SIGKILL
         requeued = 'lmforge_reaper_actions_total{action="requeued"}'
         deadline = time.monotonic() + 60
-        while (after := scrape(metrics_addr)).get(requeued, 0) < 1:
-            assert time.monotonic() < deadline, "the reaper never requeued the job"
+        # The counter moves just before the task is sent again: wait for both.
+        while (after := scrape(metrics_addr)).get(requeued, 0) < 1 or after.get(
+            "lmforge_training_queue_length", 0
+        ) < 1:
+            assert time.monotonic() < deadline, f"the reaper never requeued the job: {after}"
             time.sleep(0.2)
+        assert after[requeued] == 1
         assert after['lmforge_jobs{state="QUEUED"}'] == 1
         assert after['lmforge_jobs{state="RUNNING"}'] == 0
         assert after["lmforge_training_queue_length"] == 1  # no worker left to take it
