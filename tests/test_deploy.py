@@ -22,7 +22,7 @@ from lmforge_server.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 SETTINGS_VARS = {f"LMFORGE_{f.name.upper()}" for f in dataclasses.fields(Settings)}
-LMFORGE_ROLES = {"api", "inference", "worker"}
+LMFORGE_ROLES = {"api", "inference", "worker", "http"}
 
 
 def lmforge_command_is_real(argv: list[str]) -> None:
@@ -92,7 +92,7 @@ def lmforge_services(compose: dict) -> dict[str, dict]:
 def test_compose_runs_redis_api_inference_and_a_gpu_worker_from_one_image(compose):
     services = lmforge_services(compose)
     roles = {" ".join(s["command"][:2]) for s in services.values()}
-    assert roles == {"serve api", "serve inference", "worker"}
+    assert roles == {"serve api", "serve inference", "worker", "serve http"}
     assert all(s["build"]["dockerfile"] == "deploy/Dockerfile" for s in services.values())
     assert (
         DEPLOY / compose["services"]["api"]["build"]["context"] / "deploy" / "Dockerfile"

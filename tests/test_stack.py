@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -30,7 +31,7 @@ def test_up_prints_addresses_serves_and_stops_everything_on_ctrl_c(tmp_path):
     env = {**os.environ, "LMFORGE_TORCH_THREADS": "1"}
     proc = subprocess.Popen(
         [str(lmforge), "up", "--data-dir", str(tmp_path), "--api-addr", "127.0.0.1:0",
-         "--inference-addr", "127.0.0.1:0"],
+         "--inference-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     lines = []
@@ -48,6 +49,9 @@ def test_up_prints_addresses_serves_and_stops_everything_on_ctrl_c(tmp_path):
         assert re.search(r"redis\s+redis://127\.0\.0\.1:\d+", out)
         wait_serving(api, timeout=10)
         wait_serving(inference, timeout=10)
+        console = re.search(r"console\s+(http://\S+)", out).group(1)
+        with urllib.request.urlopen(console, timeout=10) as resp:
+            assert b"<title>lmforge</title>" in resp.read()
         with grpc.insecure_channel(api) as channel:
             stub = training_pb2_grpc.JobServiceStub(channel)
             assert stub.ListJobs(training_pb2.ListJobsRequest()).jobs == []

@@ -16,6 +16,7 @@ from lmforge._retry import RetryPolicy
 
 DEFAULT_API_ADDR = "127.0.0.1:50051"
 DEFAULT_INFERENCE_ADDR = "127.0.0.1:50052"
+DEFAULT_HTTP_ADDR = "127.0.0.1:50080"
 DEFAULT_TIMEOUT = 60.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -68,6 +69,13 @@ class ConnectionConfig:
             tls_ca_file=str(tls_ca_file or env.get("LMFORGE_TLS_CA_FILE") or "") or None,
             retry=retry or RetryPolicy(),
         )
+
+    @staticmethod
+    def console_url(http_addr: str | None = None, env: Mapping[str, str] | None = None) -> str:
+        """The web console's URL: the argument, then LMFORGE_HTTP_ADDR, then the default."""
+        env = os.environ if env is None else env
+        addr = http_addr or env.get("LMFORGE_HTTP_ADDR") or DEFAULT_HTTP_ADDR
+        return addr.rstrip("/") + "/" if "://" in addr else f"http://{addr}/"
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from lmforge import errors
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -77,3 +79,31 @@ class Deadline:
     @property
     def expired(self) -> bool:
         return self.at is not None and time.monotonic() >= self.at
+
+
+class Attempts:
+    """The tries of one call that is safe to repeat: its deadline over all of them, and
+    the backoff before the next. The sync and async clients only differ in how they sleep.
+
+        attempts = Attempts(policy, timeout)
+        while True:
+            try:
+                return call(timeout=attempts.remaining())
+            except grpc.RpcError as e:
+                sleep(attempts.backoff(e))
+    """
+
+    def __init__(self, policy: RetryPolicy, timeout: float | None):
+        self.deadline = Deadline(timeout)
+        self._delays = policy.delays()
+
+    def remaining(self) -> float | None:
+        return self.deadline.remaining()
+
+    def backoff(self, error: grpc.RpcError) -> float:
+        """The sleep before trying again; raises the SDK's error for `error` when it is not
+        worth retrying, the retries are spent, or the deadline would pass."""
+        delay = next(self._delays, None) if RetryPolicy.retryable(error) else None
+        if delay is None or not self.deadline.allows(delay):
+            raise errors.from_rpc_error(error) from error
+        return delay

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
@@ -13,10 +12,12 @@ import grpc.aio
 
 from lmforge import _convert, errors
 from lmforge._connection import CHANNEL_OPTIONS, DEFAULT_TIMEOUT, ConnectionConfig
+from lmforge._paging import PageCursor
 from lmforge._progress import JobProgressBar
-from lmforge._retry import Deadline, RetryPolicy
+from lmforge._retry import Attempts, Deadline, RetryPolicy
+from lmforge._streaming import StreamState
 from lmforge._upload import CHUNK_BYTES, PreparedUpload, ProgressCallback, UploadSource
-from lmforge.client import RECONNECT_TIMEOUT
+from lmforge._watch import RECONNECT_TIMEOUT, WatchResume
 from lmforge.types import (
     Completion,
     CompletionChunk,
@@ -52,13 +53,11 @@ class AsyncPager(Generic[T]):
         self._fetch = fetch
 
     async def pages(self) -> AsyncIterator[Page[T]]:
-        token = ""
-        while True:
-            page = await self._fetch(token)
+        cursor = PageCursor()
+        while not cursor.done:
+            page = await self._fetch(cursor.token)
+            cursor.advance(page)
             yield page
-            if not page.next_page_token:
-                return
-            token = page.next_page_token
 
     async def __aiter__(self) -> AsyncIterator[T]:
         async for page in self.pages():
@@ -73,54 +72,42 @@ class AsyncCompletionStream:
     def __init__(
         self, start: Callable[[float | None], Any], deadline: Deadline, retry: RetryPolicy
     ):
-        self._start, self._deadline = start, deadline
-        self._delays = retry.delays()
+        self._start, self._state = start, StreamState(deadline, retry)
         self._call = start(deadline.remaining())
         self._it = self._call.__aiter__()
-        self._received = False
-        self._closed = False
-        self._parts: list[str] = []
-        self.final: CompletionChunk | None = None
 
     def __aiter__(self) -> AsyncCompletionStream:
         return self
 
     async def __anext__(self) -> CompletionChunk:
-        while not self._closed:
+        state = self._state
+        while not state.closed:
             try:
-                msg = await self._it.__anext__()
+                return state.accept(await self._it.__anext__())
             except StopAsyncIteration:
-                self._closed = True
-                break
+                state.closed = True
             except grpc.RpcError as e:
-                if self._closed:
+                if state.closed:
                     break
-                delay = next(self._delays, None) if RetryPolicy.retryable(e) else None
-                # Nothing was generated yet, so starting again repeats nothing.
-                if not self._received and delay is not None and self._deadline.allows(delay):
-                    await asyncio.sleep(delay)
-                    self._call = self._start(self._deadline.remaining())
-                    self._it = self._call.__aiter__()
-                    continue
-                self._closed = True
-                raise errors.from_rpc_error(e) from e
-            self._received = True
-            chunk = _convert.completion_chunk(msg)
-            self._parts.append(chunk.text)
-            if chunk.final:
-                self.final = chunk
-            return chunk
+                await asyncio.sleep(state.restart_delay(e))
+                self._call = self._start(state.deadline.remaining())
+                self._it = self._call.__aiter__()
         raise StopAsyncIteration
+
+    @property
+    def final(self) -> CompletionChunk | None:
+        """The last delta (finish reason, usage, timings), once it arrived."""
+        return self._state.final
 
     @property
     def text(self) -> str:
         """The text received so far."""
-        return "".join(self._parts)
+        return self._state.text
 
     async def close(self) -> None:
         """Stops reading; a generation still running is cancelled on the server."""
-        if not self._closed:
-            self._closed = True
+        if not self._state.closed:
+            self._state.closed = True
             self._call.cancel()
 
     async def __aenter__(self) -> AsyncCompletionStream:
@@ -254,38 +241,26 @@ class AsyncJobs(_Resource):
     ) -> AsyncIterator[JobEvent]:
         """The job's events, resuming transparently after a dropped connection or a
         restarted server; ends with the terminal event. See `Client.jobs.watch`."""
-        jid = _convert.ref(job_id)
-        client, deadline = self._client, Deadline(timeout)
-        last, failing_since, delays = after_event_id, None, None
+        client = self._client
+        resume = WatchResume(
+            _convert.ref(job_id), after_event_id, timeout, reconnect_timeout, client._config.retry
+        )
         while True:
-            req = training_pb2.WatchJobRequest(id=jid, after_event_id=last)
             call = client._jobs.WatchJob(
-                req, timeout=deadline.remaining(), metadata=client._config.metadata
+                resume.request(), timeout=resume.remaining(), metadata=client._config.metadata
             )
             error: grpc.RpcError | None = None
             try:
                 async for msg in call:
-                    event = _convert.job_event(msg)
-                    last, failing_since, delays = event.id, None, None
+                    event = resume.received(msg)
                     yield event
                     if event.terminal:
                         return
             except grpc.RpcError as e:
-                if not RetryPolicy.resumable(e):
-                    raise errors.from_rpc_error(e) from e
                 error = e
             finally:
                 call.cancel()
-            if failing_since is None:
-                failing_since, delays = time.monotonic(), client._config.retry.delays(forever=True)
-            delay = next(delays)
-            if time.monotonic() + delay - failing_since > reconnect_timeout or not deadline.allows(
-                delay
-            ):
-                if error is not None:
-                    raise errors.from_rpc_error(error) from error
-                raise errors.UnavailableError("the job's event stream ended before the job did")
-            await asyncio.sleep(delay)
+            await asyncio.sleep(resume.backoff(error))
 
     async def wait(
         self, job_id: str | Job, *, timeout: float | None = None, progress: bool = False
@@ -424,18 +399,15 @@ class AsyncClient:
         """`Client._call` with await: deadline, API key, retries on UNAVAILABLE."""
         if timeout is None and not streaming:
             timeout = self._config.timeout
-        deadline, delays = Deadline(timeout), self._config.retry.delays()
+        attempts = Attempts(self._config.retry, timeout)
         while True:
             req = request() if callable(request) else request
             try:
                 return await method(
-                    req, timeout=deadline.remaining(), metadata=self._config.metadata
+                    req, timeout=attempts.remaining(), metadata=self._config.metadata
                 )
             except grpc.RpcError as e:
-                delay = next(delays, None) if RetryPolicy.retryable(e) else None
-                if delay is None or not deadline.allows(delay):
-                    raise errors.from_rpc_error(e) from e
-                await asyncio.sleep(delay)
+                await asyncio.sleep(attempts.backoff(e))
 
     async def generate(
         self,

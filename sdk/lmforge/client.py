@@ -11,9 +11,12 @@ import grpc
 
 from lmforge import _convert, errors
 from lmforge._connection import CHANNEL_OPTIONS, DEFAULT_TIMEOUT, ConnectionConfig
+from lmforge._paging import PageCursor
 from lmforge._progress import JobProgressBar
-from lmforge._retry import Deadline, RetryPolicy
+from lmforge._retry import Attempts, Deadline, RetryPolicy
+from lmforge._streaming import StreamState
 from lmforge._upload import CHUNK_BYTES, PreparedUpload, ProgressCallback, UploadSource
+from lmforge._watch import RECONNECT_TIMEOUT, WatchResume
 from lmforge.types import (
     Completion,
     CompletionChunk,
@@ -32,8 +35,6 @@ from lmforge.v1 import inference_pb2_grpc, training_pb2, training_pb2_grpc
 __all__ = ["Client", "Pager", "CompletionStream"]
 
 T = TypeVar("T")
-#: How long `jobs.watch` keeps reconnecting to an API server that went away.
-RECONNECT_TIMEOUT = 120.0
 
 
 def _channel(config: ConnectionConfig, addr: str) -> grpc.Channel:
@@ -51,13 +52,11 @@ class Pager(Generic[T]):
         self._fetch = fetch
 
     def pages(self) -> Iterator[Page[T]]:
-        token = ""
-        while True:
-            page = self._fetch(token)
+        cursor = PageCursor()
+        while not cursor.done:
+            page = self._fetch(cursor.token)
+            cursor.advance(page)
             yield page
-            if not page.next_page_token:
-                return
-            token = page.next_page_token
 
     def __iter__(self) -> Iterator[T]:
         for page in self.pages():
@@ -75,52 +74,40 @@ class CompletionStream:
     def __init__(
         self, start: Callable[[float | None], Any], deadline: Deadline, retry: RetryPolicy
     ):
-        self._start, self._deadline = start, deadline
-        self._delays = retry.delays()
+        self._start, self._state = start, StreamState(deadline, retry)
         self._call = start(deadline.remaining())
-        self._received = False
-        self._closed = False
-        self._parts: list[str] = []
-        self.final: CompletionChunk | None = None
 
     def __iter__(self) -> CompletionStream:
         return self
 
     def __next__(self) -> CompletionChunk:
-        while not self._closed:
+        state = self._state
+        while not state.closed:
             try:
-                msg = next(self._call)
+                return state.accept(next(self._call))
             except StopIteration:
-                self._closed = True
-                break
+                state.closed = True
             except grpc.RpcError as e:
-                if self._closed:  # closed from another thread while we waited
+                if state.closed:  # closed from another thread while we waited
                     break
-                delay = next(self._delays, None) if RetryPolicy.retryable(e) else None
-                # Nothing was generated yet, so starting again repeats nothing.
-                if not self._received and delay is not None and self._deadline.allows(delay):
-                    time.sleep(delay)
-                    self._call = self._start(self._deadline.remaining())
-                    continue
-                self._closed = True
-                raise errors.from_rpc_error(e) from e
-            self._received = True
-            chunk = _convert.completion_chunk(msg)
-            self._parts.append(chunk.text)
-            if chunk.final:
-                self.final = chunk
-            return chunk
+                time.sleep(state.restart_delay(e))
+                self._call = self._start(state.deadline.remaining())
         raise StopIteration
+
+    @property
+    def final(self) -> CompletionChunk | None:
+        """The last delta (finish reason, usage, timings), once it arrived."""
+        return self._state.final
 
     @property
     def text(self) -> str:
         """The text received so far."""
-        return "".join(self._parts)
+        return self._state.text
 
     def close(self) -> None:
         """Stops reading; a generation still running is cancelled on the server."""
-        if not self._closed:
-            self._closed = True
+        if not self._state.closed:
+            self._state.closed = True
             self._call.cancel()
 
     def __enter__(self) -> CompletionStream:
@@ -261,38 +248,26 @@ class Jobs(_Resource):
         with backoff and resumes after the last event it yielded, for up to
         `reconnect_timeout` seconds without success. `timeout` bounds the whole watch.
         """
-        jid = _convert.ref(job_id)
-        client, deadline = self._client, Deadline(timeout)
-        last, failing_since, delays = after_event_id, None, None
+        client = self._client
+        resume = WatchResume(
+            _convert.ref(job_id), after_event_id, timeout, reconnect_timeout, client._config.retry
+        )
         while True:
-            req = training_pb2.WatchJobRequest(id=jid, after_event_id=last)
             call = client._jobs.WatchJob(
-                req, timeout=deadline.remaining(), metadata=client._config.metadata
+                resume.request(), timeout=resume.remaining(), metadata=client._config.metadata
             )
             error: grpc.RpcError | None = None
             try:
                 for msg in call:
-                    event = _convert.job_event(msg)
-                    last, failing_since, delays = event.id, None, None
+                    event = resume.received(msg)
                     yield event
                     if event.terminal:
                         return
             except grpc.RpcError as e:
-                if not RetryPolicy.resumable(e):
-                    raise errors.from_rpc_error(e) from e
                 error = e
             finally:
                 call.cancel()
-            if failing_since is None:
-                failing_since, delays = time.monotonic(), client._config.retry.delays(forever=True)
-            delay = next(delays)
-            if time.monotonic() + delay - failing_since > reconnect_timeout or not deadline.allows(
-                delay
-            ):
-                if error is not None:
-                    raise errors.from_rpc_error(error) from error
-                raise errors.UnavailableError("the job's event stream ended before the job did")
-            time.sleep(delay)
+            time.sleep(resume.backoff(error))
 
     def wait(
         self, job_id: str | Job, *, timeout: float | None = None, progress: bool = False
@@ -425,16 +400,13 @@ class Client:
         streams, which a retry must produce again)."""
         if timeout is None and not streaming:
             timeout = self._config.timeout
-        deadline, delays = Deadline(timeout), self._config.retry.delays()
+        attempts = Attempts(self._config.retry, timeout)
         while True:
             req = request() if callable(request) else request
             try:
-                return method(req, timeout=deadline.remaining(), metadata=self._config.metadata)
+                return method(req, timeout=attempts.remaining(), metadata=self._config.metadata)
             except grpc.RpcError as e:
-                delay = next(delays, None) if RetryPolicy.retryable(e) else None
-                if delay is None or not deadline.allows(delay):
-                    raise errors.from_rpc_error(e) from e
-                time.sleep(delay)
+                time.sleep(attempts.backoff(e))
 
     def generate(
         self,

@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lmforge.v1 import common_pb2, training_pb2, training_pb2_grpc
-from lmforge_server import specs
+from lmforge_server import metrics, specs
 from lmforge_server import store as st
 from lmforge_server.artifacts import TMP_PREFIX, ArtifactStore
 from lmforge_server.auth import AuthError, owner_from_metadata
@@ -553,6 +553,10 @@ async def _reap_orphans(settings: Settings, store: st.Store, celery, pool) -> No
         try:
             for job_id in await loop.run_in_executor(pool, store.orphans):
                 state = await loop.run_in_executor(pool, store.recover_orphan, job_id)
+                if state is not None:
+                    metrics.REAPER_ACTIONS.labels(
+                        "requeued" if state == st.QUEUED else state.lower()
+                    ).inc()
                 if state == st.QUEUED:
                     log.warning("job %s: its worker was lost; requeued", job_id)
                     await loop.run_in_executor(pool, enqueue_training, celery, settings, job_id)
@@ -580,7 +584,12 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
             ("grpc.max_receive_message_length", 16 << 20),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ]
+        ],
+        interceptors=[metrics.MetricsInterceptor("api")],
+    )
+    exporter = metrics.serve_metrics(
+        settings.api_metrics_addr,
+        metrics.JobsCollector(lambda: store.job_counts(settings.train_queue)),
     )
     training_pb2_grpc.add_DatasetServiceServicer_to_server(
         DatasetService(settings, store, pool, artifacts), server
@@ -614,6 +623,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         reaper.cancel()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2)
+        exporter.close()
         pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -36,12 +36,16 @@ def main(role: str) -> None:
         from lmforge_server.inference.server import run
 
         run(settings)
+    elif role == "http":
+        from lmforge_server.http.app import run
+
+        run(settings)
     elif role == "worker":
         from lmforge_worker.app import run_worker
 
         run_worker(settings)
     else:
-        raise SystemExit(f"unknown role {role!r}; expected api, inference or worker")
+        raise SystemExit(f"unknown role {role!r}; expected api, inference, worker or http")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,14 @@ class Settings:
     inference_spin: bool = False
     # Celery queue that training tasks go to.
     train_queue: str = "gpu"
+    # The HTTP gateway (web console, OpenAI-compatible API, its own /metrics).
+    http_addr: str = "127.0.0.1:50080"
+    # Prometheus /metrics of each process; empty turns it off.
+    api_metrics_addr: str = "127.0.0.1:50091"
+    inference_metrics_addr: str = "127.0.0.1:50092"
+    worker_metrics_addr: str = "127.0.0.1:50093"
+    # Peak FLOP/s of the training device, for the MFU metric (0: unknown, no MFU).
+    training_peak_flops: float = 0.0
 
     @property
     def artifacts_dir(self) -> Path:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -18,7 +19,7 @@ from lmforge_server.redis_server import RedisServer, free_port
 from lmforge_server.settings import Settings
 
 BUNDLED_CORPUS = Path(__file__).parent / "data" / "tinyshakespeare.txt"
-ROLES = ("api", "inference", "worker")
+ROLES = ("api", "inference", "worker", "http")
 
 
 class Child:
@@ -86,25 +87,56 @@ def wait_serving(addr: str, timeout: float = 60.0, child: Child | None = None) -
     raise TimeoutError(f"nothing SERVING at {addr} after {timeout}s")
 
 
+def wait_http(url: str, timeout: float = 60.0, child: Child | None = None) -> None:
+    """Blocks until GET url answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child is not None and not child.alive():
+            raise RuntimeError(f"{child.role} exited early:\n{child.log_tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing answering at {url} after {timeout}s")
+
+
 def _free_addr(addr: str) -> str:
     """addr as given, or with a free port when it asks for port 0."""
     host, _, port = addr.rpartition(":")
     return f"{host}:{free_port(host)}" if port == "0" else addr
 
 
+# Addresses a child listens on: port 0 is resolved here, so the parent knows them.
+LISTEN_ADDRS = (
+    "api_addr",
+    "inference_addr",
+    "http_addr",
+    "api_metrics_addr",
+    "inference_metrics_addr",
+    "worker_metrics_addr",
+)
+
+
 class Stack:
     """Starts the whole stack on enter, stops it (worker first, Redis last) on exit."""
 
-    def __init__(self, settings: Settings, *, inference: bool = True, worker: bool = True):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        inference: bool = True,
+        worker: bool = True,
+        http: bool = False,
+    ):
         self.redis: RedisServer | None = None
         self.children: list[Child] = []
-        self._roles = [
-            r for r in ROLES if (r != "inference" or inference) and (r != "worker" or worker)
-        ]
+        wanted = {"api": True, "inference": inference, "worker": worker, "http": http}
+        self._roles = [r for r in ROLES if wanted[r]]
         self.settings = dataclasses.replace(
-            settings,
-            api_addr=_free_addr(settings.api_addr),
-            inference_addr=_free_addr(settings.inference_addr),
+            settings, **{name: _free_addr(getattr(settings, name)) for name in LISTEN_ADDRS}
         )
 
     @property
@@ -128,6 +160,8 @@ class Stack:
             wait_serving(s.api_addr, child=by_role["api"])
             if "inference" in by_role:
                 wait_serving(s.inference_addr, child=by_role["inference"])
+            if "http" in by_role:
+                wait_http(f"http://{s.http_addr}/healthz", child=by_role["http"])
         except BaseException:
             self.stop()
             raise
@@ -157,7 +191,7 @@ def run_up(settings: Settings) -> None:
 
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
-    stack = Stack(settings)
+    stack = Stack(settings, http=True)
     stack.start()
     try:
         s = stack.settings
@@ -165,6 +199,7 @@ def run_up(settings: Settings) -> None:
         print(f"  redis      {s.redis_url}" + ("  (embedded, AOF on)" if stack.redis else ""))
         print(f"  api        {s.api_addr}")
         print(f"  inference  {s.inference_addr}")
+        print(f"  console    http://{s.http_addr}/  (OpenAI-compatible API at /v1)")
         print(f"  worker     queue {s.train_queue!r}, logs in {s.data_dir / 'logs'}")
         print("Ctrl-C stops everything.", flush=True)
         while not stop["now"]:

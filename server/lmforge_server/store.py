@@ -540,6 +540,20 @@ class Store:
                 out.append(job_id)
         return out
 
+    def job_counts(self, queue: str) -> tuple[dict[str, int], int]:
+        """Active jobs of every owner by state, and the tasks waiting in the Celery queue
+        (a Redis list named after the queue): for the metrics, read in one round trip."""
+        ids = list(self.r.smembers(f"{P}jobs:active"))
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(f"{P}job:{job_id}", "state")
+        pipe.llen(queue)
+        *states, queued = pipe.execute()
+        counts: dict[str, int] = {}
+        for state in filter(None, states):
+            counts[state] = counts.get(state, 0) + 1
+        return counts, queued
+
     def recover_orphan(self, job_id: str) -> str | None:
         """Requeues (or, when cancel was asked, cancels) a job whose worker died.
 

@@ -13,6 +13,7 @@ import socket
 
 from celery import Celery, signals
 
+from lmforge_server import metrics
 from lmforge_server.artifacts import ArtifactStore
 from lmforge_server.settings import Settings
 from lmforge_server.store import Store
@@ -45,6 +46,7 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
         raise SystemExit("lmforge worker needs a Redis: --redis-url or LMFORGE_REDIS_URL")
     logging.basicConfig(level=loglevel, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = build_app(settings)
+    metrics.serve_metrics(settings.worker_metrics_addr)
     app.worker_main(
         [
             "worker",

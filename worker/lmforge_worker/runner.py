@@ -19,6 +19,7 @@ from pathlib import Path
 
 import redis
 
+from lmforge_server import metrics
 from lmforge_server import store as st
 from lmforge_server.artifacts import ArtifactStore
 from lmforge_server.settings import Settings
@@ -68,7 +69,9 @@ class _Heartbeat(threading.Thread):
                     self.cancel.set()
                 if since_renew >= renew_every:
                     since_renew = 0.0
-                    if not self.store.renew(self.job_id, self.attempt, self.token, self.ttl_s):
+                    renewed = self.store.renew(self.job_id, self.attempt, self.token, self.ttl_s)
+                    metrics.LEASE_RENEWALS.labels("renewed" if renewed else "lost").inc()
+                    if not renewed:
                         log.error("job %s: lease of attempt %s lost", self.job_id, self.attempt)
                         self.lost.set()
                         return
@@ -82,8 +85,17 @@ class _Heartbeat(threading.Thread):
 class _Hooks:
     """The training loop's view of the job: progress out, stop requests in."""
 
-    def __init__(self, store: st.Store, job: st.JobRecord, token: str, beat: _Heartbeat):
+    def __init__(
+        self, store: st.Store, job: st.JobRecord, token: str, beat: _Heartbeat, peak_flops=0.0
+    ):
         self.store, self.job, self.token, self.beat = store, job, token, beat
+        model, training = job.spec.get("model", {}), job.spec.get("training", {})
+        self._tokens_per_step = (
+            training.get("batch_size", 0)
+            * training.get("grad_accum_steps", 1)
+            * model.get("context_length", 0)
+        )
+        self._peak_flops = peak_flops
 
     def should_stop(self) -> str | None:
         if self.beat.cancel.is_set():
@@ -107,6 +119,14 @@ class _Hooks:
         if "lr" in d:
             d["learning_rate"] = d.pop("lr")
         self._write(d)
+        metrics.observe_training(
+            self.job.id,
+            step=d.get("step", 0),
+            tokens_per_second=d.get("tokens_per_second", 0.0),
+            tokens_per_step=self._tokens_per_step,
+            flops_per_token=self.job.parameters.get("flops_per_token", 0),
+            peak_flops=self._peak_flops,
+        )
 
     def on_eval(self, step, val_loss, val_bpb, best_val_loss, best_step) -> None:
         progress = dict(
@@ -149,7 +169,7 @@ def run_job(
         return None
     beat = _Heartbeat(store, job_id, job.attempt, token, settings.lease_ttl_s)
     beat.start()
-    hooks = _Hooks(store, job, token, beat)
+    hooks = _Hooks(store, job, token, beat, settings.training_peak_flops)
     try:
         from lmforge_worker import training
         from lmforge_worker.export import export_onnx
@@ -174,6 +194,7 @@ def run_job(
         return st.FAILED
     finally:
         beat.stop()
+        metrics.forget_job(job_id)
         with contextlib.suppress(redis.RedisError):
             store.release(job_id, job.attempt, token)
 

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lmforge.v1 import inference_pb2, inference_pb2_grpc
+from lmforge_server import metrics
 from lmforge_server.inference.engine import Engine
 from lmforge_server.inference.resolver import DirectoryResolver, ModelResolver
 from lmforge_server.inference.service import InferenceService
@@ -47,7 +48,8 @@ class InferenceServer:
                 ("grpc.max_receive_message_length", 8 << 20),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ]
+            ],
+            interceptors=[metrics.MetricsInterceptor("inference")],
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceService(self.engine, settings), self.server
@@ -59,6 +61,7 @@ class InferenceServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.address = ""
+        self.metrics: metrics.Endpoint | None = None
 
     async def start(self) -> str:
         host, _, _ = self.settings.inference_addr.rpartition(":")
@@ -66,6 +69,9 @@ class InferenceServer:
         if port == 0:
             raise OSError(f"cannot listen on {self.settings.inference_addr}")
         self.address = f"{host}:{port}"
+        self.metrics = metrics.serve_metrics(
+            self.settings.inference_metrics_addr, metrics.EngineCollector(self._engine_load)
+        )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
@@ -74,10 +80,15 @@ class InferenceServer:
         log.info("inference server listening on %s (%s)", self.address, self.engine.providers[0])
         return self.address
 
+    def _engine_load(self) -> list[tuple[str, int, int]]:
+        return [(k, v["queued"], v["active"]) for k, v in self.engine.stats().items()]
+
     async def stop(self, grace: float = GRACE_S) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.engine.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 async def serve(

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from lmforge.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from lmforge_server import metrics
 from lmforge_server.auth import AuthError, owner_from_metadata
 from lmforge_server.inference import engine as core
 from lmforge_server.inference.sampling import SamplingParams
@@ -106,6 +107,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                     msg.finish_reason = FINISH_REASONS[d.finish_reason]
                     msg.usage.CopyFrom(_usage(d))
                     msg.timings.CopyFrom(_timings(d.timings))
+                    metrics.observe_generation(d)
                 yield msg
         except grpc.aio.AbortError:
             raise
@@ -132,6 +134,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             raise
         except Exception as e:  # every failure becomes a status; none reaches the server
             await self._fail(context, e)
+        metrics.observe_generation(d)
         return inference_pb2.GenerateResponse(
             model_id=d.model_id,
             text=d.text,

@@ -1,0 +1,5 @@
+"""`python -m lmforge.cli`."""
+
+from lmforge.cli.main import main
+
+main()

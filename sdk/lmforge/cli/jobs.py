@@ -1,0 +1,88 @@
+"""`lmforge jobs list|get|watch|wait|cancel`."""
+
+from __future__ import annotations
+
+import argparse
+
+from lmforge import errors
+from lmforge._progress import describe
+from lmforge.cli.context import EXIT_ERROR, EXIT_OK, _bar_wanted, _client
+from lmforge.cli.output import _when, print_fields, print_json, print_table
+from lmforge.cli.train import _emit_job_end
+from lmforge.types import (
+    Job,
+    JobEvent,
+    JobState,
+)
+
+
+def _job_row(j: Job) -> tuple:
+    p = j.progress
+    step = f"{p.step}/{p.total_steps}" if p.total_steps else ""
+    return (
+        j.id,
+        j.state.value,
+        j.model_name,
+        j.spec.preset,
+        step,
+        f"{p.loss:.4f}" if p.loss else "",
+        _when(j.created_at),
+    )
+
+
+def _event_line(ev: JobEvent) -> str:
+    p = ev.progress
+    step = f"step {p.step}/{p.total_steps}" if p.total_steps else ""
+    parts = [
+        _when(ev.time),
+        ev.state.value.ljust(10),
+        ev.type.value.lower().ljust(10),
+        step,
+        describe(p),
+        ev.message,
+    ]
+    return "  ".join(x for x in parts if x)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "list":
+            jobs = list(client.jobs.list(state=args.state))
+            if args.json:
+                print_json(jobs)
+            else:
+                print_table(
+                    ["ID", "STATE", "MODEL", "PRESET", "STEP", "LOSS", "CREATED"],
+                    map(_job_row, jobs),
+                )
+        elif args.action == "get":
+            job = client.jobs.get(args.id)
+            if args.json:
+                print_json(job)
+            else:
+                print_fields(job)
+        elif args.action == "cancel":
+            job = client.jobs.cancel(args.id)
+            if args.json:
+                print_json(job)
+            else:
+                print(f"{job.id}  {job.state.value}")
+        elif args.action == "watch":
+            last: JobEvent | None = None
+            for last in client.jobs.watch(args.id, after_event_id=args.after or ""):
+                if args.json:
+                    print_json(last)
+                else:
+                    print(_event_line(last), flush=True)
+            if last is not None and last.terminal and last.state is not JobState.SUCCEEDED:
+                return EXIT_ERROR
+        elif args.action == "wait":
+            try:
+                job = client.jobs.wait(
+                    args.id, timeout=args.wait_timeout, progress=_bar_wanted(args)
+                )
+            except errors.JobFailedError as e:
+                _emit_job_end(args, e.job)
+                return EXIT_ERROR
+            _emit_job_end(args, job)
+    return EXIT_OK

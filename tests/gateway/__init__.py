@@ -1,0 +1,1 @@
+"""Tests of the HTTP gateway: OpenAI SDK, /metrics, the console in Chromium."""
