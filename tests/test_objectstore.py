@@ -244,9 +244,9 @@ print(json.dumps({"peak": tracemalloc.get_traced_memory()[1], "sha256": manifest
 
 
 def test_large_file_round_trips_without_loading_into_memory(settings, tmp_path):
-    # Over six 5 MiB blocks: a multipart upload on S3. s3fs and botocore hold up to about
+    # Over four 5 MiB blocks: a multipart upload on S3. s3fs and botocore hold up to about
     # three copies of a block at once (measured: 16.8 MiB for 16 MiB and 48 MiB files alike).
-    size = 32 * MiB
+    size = 24 * MiB
     big = tmp_path / "big.bin"
     digest = hashlib.sha256()
     with open(big, "wb") as f:
@@ -271,7 +271,7 @@ def test_large_file_round_trips_without_loading_into_memory(settings, tmp_path):
     if settings.artifacts.startswith("s3://"):
         key = f"{settings.artifacts.removeprefix(f's3://{BUCKET}/')}/{result['key']}"
         etag = s3_client(settings.s3_endpoint_url).head_object(Bucket=BUCKET, Key=key)["ETag"]
-        assert etag.strip('"').endswith("-7")  # seven parts: a multipart upload
+        assert etag.strip('"').endswith("-5")  # five parts: a multipart upload
 
 
 CACHED_READER = """
@@ -298,12 +298,8 @@ def test_processes_on_one_host_download_an_artifact_once(settings, tmp_path):
     ]
     results = [json.loads(r.communicate(timeout=60)[0]) for r in readers]
     assert [r["data"] == "x" * 100_000 for r in results] == [True, True]
+    # One of them downloaded; the other waited on the entry's lock, then found it cached.
     assert sorted(r["downloads"] for r in results) == [0, 1]
-
-    again = subprocess.run(
-        [sys.executable, "-c", CACHED_READER], env=child_env(settings), capture_output=True
-    )
-    assert json.loads(again.stdout)["downloads"] == 0
 
 
 def test_forked_child_creates_its_own_filesystem(settings, tmp_path):
