@@ -28,7 +28,12 @@ from lmforge_server.artifact_cache import (
     file_sha256,
     open_artifact_cache,
 )
-from lmforge_server.objectstore import MANIFEST_NAME, FsspecObjectStore, open_object_store
+from lmforge_server.objectstore import (
+    MANIFEST_NAME,
+    FsspecObjectStore,
+    LocalObjectStore,
+    open_object_store,
+)
 from lmforge_server.settings import Settings
 
 BUCKET = "lmforge-test"
@@ -337,3 +342,66 @@ def test_forked_child_creates_its_own_filesystem(settings, tmp_path):
     if parent_fs is not None:
         assert report["own_fs"] is True
         assert store.fs is parent_fs  # the parent keeps its own
+
+
+class FailingSource:
+    """A stream that breaks after `limit` bytes, like a source disk or socket failing."""
+
+    def __init__(self, limit: int):
+        self.limit, self.sent = limit, 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self.sent >= self.limit:
+            raise OSError("source failed")
+        self.sent += MiB
+        return b"z" * MiB
+
+
+def test_failed_upload_leaves_no_object(settings):
+    store = open_object_store(settings)
+    with pytest.raises(OSError, match="source failed"):
+        store.put("models/m/partial.bin", FailingSource(6 * MiB))  # one part already sent on S3
+    assert store.list("models") == []
+    if settings.artifacts.startswith("s3://"):
+        uploads = s3_client(settings.s3_endpoint_url).list_multipart_uploads(Bucket=BUCKET)
+        assert not [u for u in uploads.get("Uploads", []) if "partial.bin" in u["Key"]]
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["", "/", "../x", "a/../b", "a/.tmp-x", "m/manifest.json", "m/v-20260101T000000Z-0123456789ab"],
+)
+def test_prefix_that_could_reach_store_internals_is_refused(tmp_path, prefix):
+    store = open_object_store(Settings(data_dir=tmp_path))
+    with pytest.raises(ValueError, match="prefix"):
+        store.publish(prefix, {})
+    with pytest.raises(ValueError, match="file name"):
+        store.publish("models/m", {"../escape": tmp_path})
+
+
+def test_store_and_cache_come_from_settings(tmp_path):
+    env = {
+        "LMFORGE_DATA_DIR": str(tmp_path),
+        "LMFORGE_ARTIFACTS": "s3://bucket/prefix",
+        "LMFORGE_S3_ENDPOINT_URL": "http://127.0.0.1:9000",
+        "LMFORGE_S3_REGION": "eu-west-1",
+        "LMFORGE_S3_ACCESS_KEY_ID": "id",
+        "LMFORGE_S3_SECRET_ACCESS_KEY": "secret",
+        "LMFORGE_ARTIFACT_CACHE_MAX_BYTES": "1000",
+    }
+    settings = Settings.from_env(env)
+    assert "secret" not in repr(settings)
+    store = open_object_store(settings)
+    assert isinstance(store, FsspecObjectStore) and store._fs is None  # created on first use
+    assert store.storage_options == {
+        "use_listings_cache": False,
+        "endpoint_url": "http://127.0.0.1:9000",
+        "client_kwargs": {"region_name": "eu-west-1"},
+        "key": "id",
+        "secret": "secret",
+    }
+    cache = open_artifact_cache(store, settings)
+    assert (cache.dir, cache.max_bytes) == (tmp_path / "cache", 1000)
+    local = open_object_store(Settings(data_dir=tmp_path))
+    assert isinstance(local, LocalObjectStore) and local.root == tmp_path / "artifacts"
+    assert open_object_store(Settings(artifacts=f"file://{tmp_path}/a")).root == tmp_path / "a"
