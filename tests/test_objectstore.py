@@ -182,6 +182,20 @@ def test_killed_writer_leaves_nothing_readable_and_is_swept(settings, tmp_path):
     assert store.read_bytes(kept.key("a.bin")) == b"kept"
 
 
+def test_temporary_of_a_killed_manifest_write_is_swept(settings, tmp_path):
+    store = open_object_store(settings)
+    store.publish("models/m", {"a": write(tmp_path / "a", b"a")})
+    # What a local writer killed between writing and renaming its manifest leaves.
+    store.put(f"models/m/.tmp-{MANIFEST_NAME}.x1", write(tmp_path / "t", b"{"))
+    assert store.sweep(older_than_s=3600) == []
+    assert store.sweep(older_than_s=0) == [f"models/m/.tmp-{MANIFEST_NAME}.x1"]
+    manifest = store.open_manifest("models/m")
+    assert {o.key for o in store.list("models/m")} == {
+        f"models/m/{MANIFEST_NAME}",
+        manifest.key("a"),
+    }
+
+
 def test_corrupted_cached_file_is_fetched_again(settings, tmp_path):
     store = open_object_store(settings)
     data = os.urandom(5000)

@@ -251,18 +251,22 @@ class ObjectStore(ABC):
 
     def sweep(self, older_than_s: float, under: str = "") -> list[str]:
         """Removes versions no manifest names (killed or superseded writers) whose last
-        object is older than `older_than_s`; returns the version prefixes removed.
+        object is older than `older_than_s`, and temporaries of killed local writes;
+        returns the prefixes and keys removed.
 
         The bound must exceed the longest publish, or a slow writer loses its objects.
         """
         versions: dict[tuple[str, str], float] = {}
         manifests: set[str] = set()
+        partials: list[ObjectInfo] = []
         for obj in self.list(under):
             parts = obj.key.split("/")
             at = next((i for i, p in enumerate(parts) if VERSION_RE.match(p)), None)
             if at is None:
                 if parts[-1] == MANIFEST_NAME:
                     manifests.add("/".join(parts[:-1]))
+                elif parts[-1].startswith(TMP_PREFIX) and obj.mtime is not None:
+                    partials.append(obj)  # e.g. a manifest write killed before its rename
                 continue
             group = ("/".join(parts[:at]), parts[at])
             touched = obj.mtime if obj.mtime is not None else _version_started(parts[at])
@@ -283,6 +287,10 @@ class ObjectStore(ABC):
                 continue
             self.delete_prefix(f"{prefix}/{version}")
             removed.append(f"{prefix}/{version}")
+        for obj in partials:
+            if obj.mtime < deadline:
+                self.delete_prefix(obj.key)
+                removed.append(obj.key)
         return removed
 
 
