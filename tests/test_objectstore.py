@@ -187,6 +187,10 @@ def test_temporary_of_a_killed_manifest_write_is_swept(settings, tmp_path):
     store.publish("models/m", {"a": write(tmp_path / "a", b"a")})
     # What a local writer killed between writing and renaming its manifest leaves.
     store.put(f"models/m/.tmp-{MANIFEST_NAME}.x1", write(tmp_path / "t", b"{"))
+    # Not a manifest this store wrote: a sweep leaves what lies around it alone.
+    store.put(MANIFEST_NAME, write(tmp_path / "foreign", b"not json"))
+    store.put(f"foreign/{MANIFEST_NAME}", write(tmp_path / "foreign", b"not json"))
+    store.put("foreign/v-20200101T000000Z-0123456789ab/x", write(tmp_path / "x", b"x"))
     assert store.sweep(older_than_s=3600) == []
     assert store.sweep(older_than_s=0) == [f"models/m/.tmp-{MANIFEST_NAME}.x1"]
     manifest = store.open_manifest("models/m")

@@ -269,15 +269,14 @@ class ObjectStore(ABC):
                     partials.append(obj)  # e.g. a manifest write killed before its rename
                 continue
             group = ("/".join(parts[:at]), parts[at])
-            touched = obj.mtime if obj.mtime is not None else _version_started(parts[at])
-            versions[group] = max(versions.get(group, 0.0), touched, _version_started(parts[at]))
+            touched = max(obj.mtime or 0.0, _version_started(parts[at]))
+            versions[group] = max(versions.get(group, 0.0), touched)
         current: dict[str, str | None] = {}
         for prefix in manifests:
             try:
                 manifest = self.open_manifest(prefix)
-            except ManifestError:
-                manifest = None  # unreadable: keep everything under it
-                current[prefix] = ""
+            except ValueError:
+                current[prefix] = ""  # unreadable, or not ours: keep every version under it
                 continue
             current[prefix] = manifest.version if manifest else None
         removed = []
