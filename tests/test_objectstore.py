@@ -409,6 +409,8 @@ def test_store_and_cache_come_from_settings(tmp_path):
     }
     settings = Settings.from_env(env)
     assert "secret" not in repr(settings)
+    with pytest.raises(ValueError, match="is a URL"):
+        settings.artifacts_dir  # noqa: B018  # old callers must not get a directory "s3:/…"
     store = open_object_store(settings)
     assert isinstance(store, FsspecObjectStore) and store._fs is None  # created on first use
     assert store.storage_options == {

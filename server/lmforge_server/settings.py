@@ -73,6 +73,12 @@ class Settings:
 
     @property
     def artifacts_dir(self) -> Path:
+        if "://" in self.artifacts:
+            # Until every caller goes through objectstore.open_object_store, a URL here would
+            # otherwise become a local directory named "s3:".
+            raise ValueError(
+                f"artifacts={self.artifacts!r} is a URL; this process reads a local directory"
+            )
         return Path(self.artifacts) if self.artifacts else self.data_dir / "artifacts"
 
     @property
