@@ -26,8 +26,20 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: Path(".lmforge").resolve())
     # Empty: the embedded stack starts its own Redis in data_dir.
     redis_url: str = ""
-    # A directory; defaults to <data_dir>/artifacts.
+    # A directory (defaults to <data_dir>/artifacts) or an fsspec URL (s3://bucket/prefix).
     artifacts: str = ""
+    # S3-compatible stores (AWS, MinIO, Ceph, R2); empty: botocore's defaults.
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = field(default="", repr=False)
+    # Multipart part size and ranged-read size (S3's minimum part is 5 MiB).
+    s3_block_size: int = 8 << 20
+    # Local cache of artifacts read from the store; defaults to <data_dir>/cache.
+    artifact_cache: str = ""
+    artifact_cache_max_bytes: int = 20 << 30
+    # Unpublished objects (killed writers) older than this are swept; above the longest upload.
+    artifact_tmp_max_age_s: float = 24 * 3600.0
     api_addr: str = "127.0.0.1:50051"
     inference_addr: str = "127.0.0.1:50052"
     # {api key: tenant}. Empty: authentication is off and every caller is tenant "default".
@@ -69,7 +81,17 @@ class Settings:
 
     @property
     def artifacts_dir(self) -> Path:
+        if "://" in self.artifacts:
+            # Until every caller goes through objectstore.open_object_store, a URL here would
+            # otherwise become a local directory named "s3:".
+            raise ValueError(
+                f"artifacts={self.artifacts!r} is a URL; this process reads a local directory"
+            )
         return Path(self.artifacts) if self.artifacts else self.data_dir / "artifacts"
+
+    @property
+    def artifact_cache_dir(self) -> Path:
+        return Path(self.artifact_cache) if self.artifact_cache else self.data_dir / "cache"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
