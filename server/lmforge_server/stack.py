@@ -101,6 +101,7 @@ class Stack:
         self._roles = [
             r for r in ROLES if (r != "inference" or inference) and (r != "worker" or worker)
         ]
+        self._asked = settings
         self.settings = dataclasses.replace(
             settings,
             api_addr=_free_addr(settings.api_addr),
@@ -122,16 +123,38 @@ class Stack:
             if not s.redis_url:
                 self.redis = RedisServer(s.data_dir / "redis").start()
                 s.redis_url = self.redis.url
-            log_dir = s.data_dir / "logs"
-            self.children = [Child(role, s, log_dir).start() for role in self._roles]
-            by_role = {c.role: c for c in self.children}
-            wait_serving(s.api_addr, child=by_role["api"])
-            if "inference" in by_role:
-                wait_serving(s.inference_addr, child=by_role["inference"])
+            for attempt in range(5):
+                if self._start_children() or attempt == 4:
+                    break
+                # A free port we picked was taken before the server bound it: pick again.
+                for child in self.children:
+                    child.stop()
+                s.api_addr = _free_addr(self._asked.api_addr)
+                s.inference_addr = _free_addr(self._asked.inference_addr)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_children(self) -> bool:
+        """Starts the children; False when a server could not bind a port we picked."""
+        s = self.settings
+        log_dir = s.data_dir / "logs"
+        self.children = [Child(role, s, log_dir).start() for role in self._roles]
+        by_role = {c.role: c for c in self.children}
+        for role, addr, asked in (
+            ("api", s.api_addr, self._asked.api_addr),
+            ("inference", s.inference_addr, self._asked.inference_addr),
+        ):
+            if role not in by_role:
+                continue
+            try:
+                wait_serving(addr, child=by_role[role])
+            except RuntimeError:
+                if asked.endswith(":0") and "cannot listen on" in by_role[role].log_tail():
+                    return False
+                raise
+        return True
 
     def stop(self) -> None:
         for child in sorted(self.children, key=lambda c: c.role != "worker"):
