@@ -82,6 +82,7 @@ def test_progress_fields_by_value(run):
     tokens_per_step = t.batch_size * t.grad_accum_steps * m.context_length
     progress = _progress(run.events)
     assert [p.step for p in progress] == list(range(1, MAX_STEPS + 1))
+    assert all(e.job_id == run.job.id for e in run.events)
     elapsed = 0.0
     for p in progress:
         assert p.total_steps == MAX_STEPS
@@ -450,6 +451,10 @@ def test_a_bare_name_is_the_latest_ready_version_while_the_next_one_trains(api, 
                 timeout=60,
             )
             assert done.model_id == run.model.id
+            info = infer.GetModelInfo(inference_pb2.GetModelInfoRequest(model=run.name), timeout=60)
+            assert (info.model_id, info.name, info.version) == (run.model.id, run.name, 1)
+            assert (info.context_length, info.vocab_size) == (32, run.model.vocab_size)
+            assert info.eos_token_id == run.model.vocab_size - 1 and info.loaded
             with pytest.raises(grpc.RpcError) as e:
                 infer.Generate(
                     inference_pb2.GenerateRequest(
@@ -500,3 +505,85 @@ def test_fine_tuning_starts_from_the_base_models_weights(api, run, stack):
     assert tuned.keys() == base.keys()
     for name, w in base.items():
         np.testing.assert_allclose(tuned[name], w, atol=1e-6, err_msg=name)
+
+
+def test_job_spec_echoes_every_field_set_and_the_preset_or_default_for_the_rest(api_only):
+    from lmforge.v1 import common_pb2
+    from lmforge_server.specs import PRESETS, TrainConfig
+
+    ds = api_only.upload(f"spec echo {unique()} abcdefghij\n".encode())
+    model = dict(
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        d_model=48,
+        intermediate_size=80,
+        context_length=24,
+        tokenizer="byte",
+        dropout=0.25,
+        tie_embeddings=False,
+        rope_theta=5000.0,
+    )
+    training = dict(
+        max_steps=77,
+        batch_size=5,
+        grad_accum_steps=3,
+        learning_rate=0.0025,
+        min_learning_rate=0.0005,
+        warmup_steps=7,
+        weight_decay=0.125,
+        beta1=0.85,
+        beta2=0.975,
+        grad_clip=0.5,
+        eval_interval=11,
+        eval_batches=3,
+        val_fraction=0.2,
+        checkpoint_interval=13,
+        seed=4242,
+        precision="fp32",
+        compile="off",
+        early_stopping_patience=4,
+        log_interval=2,
+    )
+    spec = S.JobSpec(
+        preset="tiny",
+        model=common_pb2.ModelSpec(**model),
+        training=common_pb2.TrainingSpec(**training),
+    )
+    job = api_only.jobs.CreateJob(
+        S.CreateJobRequest(dataset_id=ds.id, spec=spec), metadata=api_only.metadata, timeout=30
+    )
+    assert job.spec.preset == "tiny"
+    for name, value in model.items():
+        assert getattr(job.spec.model, name) == pytest.approx(value), name
+    assert job.spec.model.vocab_size == 257  # a byte tokenizer: 256 bytes + end of text
+    for name, value in training.items():
+        assert getattr(job.spec.training, name) == pytest.approx(value), name
+    assert job.spec.training.init_from == ""
+
+    # Nothing set: the preset's values, and the defaults for what the preset leaves out.
+    bare = api_only.create(ds.id, preset="small")
+    preset = PRESETS["small"]
+    for name, value in preset["model"].items():
+        assert getattr(bare.spec.model, name) == pytest.approx(value), name
+    defaults = TrainConfig(max_steps=1, batch_size=1)
+    for f in common_pb2.TrainingSpec.DESCRIPTOR.fields:
+        want = preset["training"].get(f.name, getattr(defaults, f.name))
+        assert getattr(bare.spec.training, f.name) == pytest.approx(want), f.name
+    assert bare.spec.model.intermediate_size == 384  # 8/3 x 128 rounded up to 64
+    assert bare.spec.model.n_kv_heads == bare.spec.model.n_heads == 4
+    assert api_only.get(job.id).spec == job.spec  # stored as echoed
+
+
+def test_deleting_a_dataset_removes_it_unless_an_active_job_uses_it(api_only):
+    md = api_only.metadata
+    ds = api_only.upload(f"to delete {unique()}\n".encode())
+    api_only.datasets.DeleteDataset(S.DeleteDatasetRequest(id=ds.id), metadata=md, timeout=10)
+    with pytest.raises(grpc.RpcError) as e:
+        api_only.datasets.GetDataset(S.GetDatasetRequest(id=ds.id), metadata=md, timeout=10)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    listed = api_only.datasets.ListDatasets(S.ListDatasetsRequest(page_size=1000), metadata=md)
+    assert ds.id not in {d.id for d in listed.datasets}
+    with pytest.raises(grpc.RpcError) as e:
+        api_only.create(ds.id)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "dataset_id" in e.value.details()

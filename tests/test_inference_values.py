@@ -219,3 +219,23 @@ def test_sampling_logprobs_are_the_raw_distributions(stub, reference):
             )
             context.append(token)
     assert np.isfinite(r.logprobs).all()
+
+
+def test_timings_are_consistent_with_each_other_and_the_token_count(stub):
+    for call in ("unary", "stream"):
+        req = request("cyc", "a", temperature=0, max_new_tokens=200)
+        final = stub.Generate(req, timeout=60) if call == "unary" else collect(stub, req)[2][-1]
+        t, n = final.timings, final.usage.completion_tokens
+        assert n == 200
+        assert 0 <= t.queue_ms <= t.time_to_first_token_ms <= t.total_ms
+        # tokens/s is the decode speed: the n - 1 tokens after the first, over at most the
+        # time between the first token and the end.
+        decode_s = (t.total_ms - t.time_to_first_token_ms) / 1e3
+        assert t.tokens_per_second > 0
+        assert t.tokens_per_second * decode_s >= (n - 1) * (1 - 1e-3)
+
+
+def test_model_info_names_the_model_it_serves(stub, reference):
+    info = stub.GetModelInfo(F.GetModelInfoRequest(model="eos"), timeout=30)
+    assert (info.model_id, info.name) == ("eos", "eos")
+    assert (info.vocab_size, info.eos_token_id, info.context_length) == (257, 256, 96)
