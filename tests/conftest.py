@@ -152,3 +152,15 @@ def small_dataset(api) -> training_pb2.Dataset:
 
 def unique(prefix: str = "r") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where CUDA is there; everywhere else they are skipped, visibly."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))

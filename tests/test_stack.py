@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import psutil
+import pytest
 
 from lmforge.v1 import training_pb2, training_pb2_grpc
 from lmforge_server.stack import wait_serving
@@ -25,6 +26,7 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+@pytest.mark.slow
 def test_up_prints_addresses_serves_and_stops_everything_on_ctrl_c(tmp_path):
     lmforge = Path(sys.executable).parent / "lmforge"
     env = {**os.environ, "LMFORGE_TORCH_THREADS": "1"}
