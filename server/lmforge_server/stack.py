@@ -151,7 +151,8 @@ class Stack:
             try:
                 wait_serving(addr, child=by_role[role])
             except RuntimeError:
-                if asked.endswith(":0") and "cannot listen on" in by_role[role].log_tail():
+                tail = by_role[role].log_tail()
+                if asked.endswith(":0") and ("Failed to bind" in tail or "cannot listen" in tail):
                     return False
                 raise
         return True
