@@ -587,3 +587,18 @@ def test_deleting_a_dataset_removes_it_unless_an_active_job_uses_it(api_only):
     with pytest.raises(grpc.RpcError) as e:
         api_only.create(ds.id)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND and "dataset_id" in e.value.details()
+
+
+@pytest.mark.slow
+def test_cancel_during_export_ends_cancelled_with_no_model_files(api, run, stack):
+    job = api.create(run.dataset.id, max_steps=5, eval_interval=5)
+    api.wait_for(job.id, lambda j: j.state == S.JOB_STATE_EXPORTING, timeout=120)
+    cancelled = api.jobs.CancelJob(S.CancelJobRequest(id=job.id))
+    assert cancelled.state == S.JOB_STATE_CANCELLING
+    done = api.wait_terminal(job.id)
+    assert done.state == S.JOB_STATE_CANCELLED, done.error
+    events = api.events(job.id)
+    assert events[-1].terminal and events[-1].message == "cancelled during export"
+    model = api.models.GetModel(S.GetModelRequest(id=done.model_id))
+    assert model.state == S.MODEL_STATE_ABANDONED and not model.files
+    assert not (stack.settings.artifacts_dir / "models" / done.model_id).exists()
