@@ -14,6 +14,7 @@ import time
 from types import SimpleNamespace
 
 import grpc
+import numpy as np
 import pytest
 from conftest import SMALL_CORPUS, unique
 
@@ -175,22 +176,48 @@ def test_dataset_and_job_fields_by_value(api, run):
 
 
 @pytest.mark.slow
-def test_the_exported_model_is_the_best_evaluations_weights(run):
+def test_the_exported_model_is_the_best_evaluations_weights(api, run, stack):
+    """A run whose last evaluation is not its best exports the best one's weights."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
     from safetensors.numpy import load_file
 
-    meta = json.loads((run.model_dir / "metadata.json").read_text())
-    best = min(_evals(run.events), key=lambda e: e.val_loss)
-    assert meta["metrics"]["best_step"] == best.step
-    best_file = run.job_dir / "best.safetensors"
-    assert (run.model_dir / "model.safetensors").read_bytes() == best_file.read_bytes()
-    # The ONNX graph carries those weights: every matrix is an initializer (or its transpose,
-    # as the exporter lays out MatMul weights), by value.
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load(str(run.model_dir / "model.onnx")).graph
+    # From the trained model, a learning rate rising far too high: every step does harm, so
+    # the first evaluation is the best and the last is not.
+    job = api.create(
+        run.dataset.id,
+        init_from=f"{run.name}@1",
+        max_steps=4,
+        learning_rate=0.5,
+        warmup_steps=4,
+        eval_interval=1,
+        checkpoint_interval=1000,
+    )
+    done = api.wait_terminal(job.id)
+    assert done.state == S.JOB_STATE_SUCCEEDED, done.error
+    evals = _evals(api.events(job.id))
+    best = min(evals, key=lambda e: e.val_loss)
+    assert best.step < 4, [(e.step, e.val_loss) for e in evals]  # the premise of this test
+    model_dir = stack.settings.artifacts_dir / "models" / done.model_id
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    assert meta["metrics"]["best_step"] == best.step == done.progress.best_step
+    exported = load_file(str(model_dir / "model.safetensors"))
+    job_dir = stack.settings.artifacts_dir / "jobs" / done.id
+    assert (model_dir / "model.safetensors").read_bytes() == (
+        job_dir / "best.safetensors"
+    ).read_bytes()
+    # The last step's weights (the final checkpoint) are not what was exported.
+    [final] = sorted(job_dir.rglob("*.pt"))[-1:]
+    last = torch.load(final, map_location="cpu", weights_only=False)["model"]
+    assert any(
+        not np.array_equal(exported[k], v.numpy()) for k, v in last.items() if k in exported
+    ), "exported the last weights"
+    # The ONNX graph carries the best weights: every matrix is an initializer (or its
+    # transpose, as the exporter lays out MatMul weights), by value.
+    graph = onnx.load(str(model_dir / "model.onnx")).graph
     inits = [numpy_helper.to_array(t) for t in graph.initializer]
-    for name, w in load_file(str(best_file)).items():
+    for name, w in exported.items():
         if w.ndim == 2:
             assert any(
                 (i.shape == w.shape and (i == w).all())
