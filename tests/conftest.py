@@ -150,6 +150,15 @@ def small_dataset(api) -> training_pb2.Dataset:
     return api.upload(SMALL_CORPUS.encode(), name="shakespeare-60k")
 
 
+@pytest.fixture(scope="session")
+def tiny_shakespeare(api, small_dataset):
+    """One 60-step tiny model trained on the session stack, for tests that only read it:
+    (the created job, its events, the finished job)."""
+    job = api.create(small_dataset.id, model_name="tiny-shakespeare", max_steps=60)
+    events = api.events(job.id)
+    return job, events, api.get(job.id)
+
+
 def unique(prefix: str = "r") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 

@@ -23,9 +23,10 @@ def _progress_events(events):
     return [e for e in events if e.type == S.JOB_EVENT_TYPE_PROGRESS]
 
 
-def test_training_job_succeeds_with_falling_loss_and_registers_a_model(api, small_dataset, stack):
-    job = api.create(small_dataset.id, model_name="tiny-shakespeare", max_steps=60)
-    events = api.events(job.id)
+def test_training_job_succeeds_with_falling_loss_and_registers_a_model(
+    api, small_dataset, stack, tiny_shakespeare
+):
+    job, events, _ = tiny_shakespeare
     assert events[-1].terminal and events[-1].state == S.JOB_STATE_SUCCEEDED, events[-1].message
     states = [e.state for e in events if e.type == S.JOB_EVENT_TYPE_STATE]
     assert states == [
@@ -195,17 +196,21 @@ def test_a_model_failing_onnx_parity_fails_its_job_and_registers_nothing(tmp_pat
 
 
 def test_fine_tuning_starts_from_a_registered_model_and_deleting_it_removes_its_files(
-    api, small_dataset, stack
+    api, small_dataset, stack, tiny_shakespeare
 ):
-    base = api.create(small_dataset.id, model_name="ft-base", max_steps=60)
-    assert api.wait_terminal(base.id).state == S.JOB_STATE_SUCCEEDED
+    base, _, done = tiny_shakespeare
+    assert done.state == S.JOB_STATE_SUCCEEDED
     with pytest.raises(grpc.RpcError) as e:
-        api.create(small_dataset.id, init_from="ft-base@latest", model_n_layers=3)
+        api.create(small_dataset.id, init_from="tiny-shakespeare@latest", model_n_layers=3)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "spec.model.n_layers" in e.value.details() and "init_from" in e.value.details()
 
     tuned = api.create(
-        small_dataset.id, model_name="ft-child", init_from="ft-base@1", max_steps=10, log_interval=1
+        small_dataset.id,
+        model_name="ft-child",
+        init_from=f"tiny-shakespeare@{api.models.GetModel(S.GetModelRequest(id=done.model_id)).version}",
+        max_steps=10,
+        log_interval=1,
     )
     assert tuned.spec.model == base.spec.model
     assert api.wait_terminal(tuned.id).state == S.JOB_STATE_SUCCEEDED
@@ -261,7 +266,7 @@ def test_fine_tuning_starts_from_a_local_hugging_face_llama_directory(api, small
 
 @pytest.mark.fault
 def test_a_job_survives_its_redis_being_killed_and_restarted(tmp_path):
-    settings = make_settings(tmp_path, lease_ttl_s=5.0)
+    settings = make_settings(tmp_path, lease_ttl_s=2.0)
     with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
         api = Api(ch)
         ds = api.upload(SMALL_CORPUS.encode())
@@ -270,7 +275,9 @@ def test_a_job_survives_its_redis_being_killed_and_restarted(tmp_path):
         time.sleep(1.5)  # AOF is fsynced every second: what is older than that survives
         before = api.get(job.id)
         stack.redis.stop(kill=True)
-        time.sleep(1.0)
+        # Down longer than the 2 s lease: Redis comes back without it, the reaper requeues
+        # the job and the next attempt must resume from the last checkpoint Redis kept.
+        time.sleep(3.0)
         stack.redis.start()  # same port, same directory: it replays the AOF
         done = api.wait_terminal(job.id, timeout=300)
         assert done.state == S.JOB_STATE_SUCCEEDED, done.error
@@ -282,6 +289,7 @@ def test_a_job_survives_its_redis_being_killed_and_restarted(tmp_path):
         events = api.events(job.id)
         checkpoints = _checkpoint_steps(events)
         every = done.spec.training.log_interval
+        assert done.attempt >= 2
         for attempt in range(2, done.attempt + 1):
             first = _attempt_steps(events, attempt)[0]
             kept = max(c for c in checkpoints if c < first)
