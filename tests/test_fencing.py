@@ -89,3 +89,27 @@ def test_a_worker_whose_lease_was_taken_over_stops_writing(tmp_path):
         after = api.get(job.id)
         assert after.state == S.JOB_STATE_RUNNING and after.attempt == 2
         assert worker.alive()  # it gave the job up, not its life
+
+
+def test_checkpoints_are_pruned_only_behind_a_promoted_one(redis_server, tmp_path):
+    from lmforge_worker.runner import _Heartbeat, _Hooks
+
+    store = st.Store.from_url(redis_server.url)
+    store.create_job(_job("job_f2"), max_active=10)
+    job = store.acquire("job_f2", "worker-a", ttl_s=60, device="cpu")
+    hooks = _Hooks(store, job, "worker-a", _Heartbeat(store, "job_f2", 1, "worker-a", 60))
+    ckpts = tmp_path / "attempt-1"
+    ckpts.mkdir()
+    paths = {s: ckpts / f"step-{s:08d}.pt" for s in (10, 20, 30)}
+    for p in paths.values():
+        p.write_bytes(b"checkpoint")
+
+    hooks.on_checkpoint(20, paths[20])
+    assert store.job("job_f2").checkpoint == str(paths[20])
+    assert sorted(p.name for p in ckpts.iterdir()) == [paths[20].name, paths[30].name]
+
+    store.r.delete(f"{st.P}lease:job_f2")  # the lease is gone: step 30 cannot be promoted
+    hooks.on_checkpoint(30, paths[30])
+    assert hooks.beat.lost.is_set()
+    assert store.job("job_f2").checkpoint == str(paths[20])
+    assert paths[20].exists(), "the job's resume point was deleted"
