@@ -30,7 +30,8 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
         data_dir=data_dir,
         api_addr="127.0.0.1:0",
         inference_addr="127.0.0.1:0",
-        lease_ttl_s=2.0,
+        # Long enough that a heartbeat starved on a loaded CI machine keeps its lease.
+        lease_ttl_s=5.0,
         reaper_interval_s=0.5,
         torch_threads=1,
         device="cpu",

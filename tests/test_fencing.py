@@ -66,7 +66,7 @@ def test_an_attempt_whose_lease_was_taken_over_cannot_write(redis_server):
 
 @pytest.mark.fault
 def test_a_worker_whose_lease_was_taken_over_stops_writing(tmp_path):
-    settings = make_settings(tmp_path, lease_ttl_s=2.0)
+    settings = make_settings(tmp_path)
     with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
         api = Api(ch)
         ds = api.upload(SMALL_CORPUS[:20_000].encode())
