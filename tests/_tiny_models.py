@@ -36,12 +36,20 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def _sources_digest() -> str:
+def _cache_salt() -> str:
+    """What a cached export depends on besides its config: our sources and the versions of
+    the libraries that wrote and will read it (an export from another torch is rebuilt)."""
+    import onnx
+    import onnxruntime
+    import tokenizers
+
     import lmforge_worker.export as export
     import lmforge_worker.model as model
     import lmforge_worker.tokenization as tokenization
 
     h = hashlib.sha256()
+    for lib in (torch, onnx, onnxruntime, tokenizers):
+        h.update(f"{lib.__name__}={lib.__version__};".encode())
     for mod in (export, model, tokenization):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
@@ -64,7 +72,7 @@ def build_model_dir(
     cfg = tiny_config(tokenizer=tokenizer, **overrides)
     cfg = ModelConfig(**{**cfg.__dict__, "vocab_size": tok.get_vocab_size()})
     key = hashlib.sha256(
-        json.dumps([cfg.__dict__, seed, weight_scale, _sources_digest()]).encode()
+        json.dumps([cfg.__dict__, seed, weight_scale, _cache_salt()]).encode()
     ).hexdigest()[:20]
     cache = Path(tempfile.gettempdir()) / "lmforge-test-models" / key
     if not (cache / "model.onnx").is_file():
@@ -110,8 +118,13 @@ def torch_greedy(model, ids: list[int], n: int, eos: int | None = None) -> list[
     return out
 
 
-def build_cycle_model_dir(dest: Path, cycle: bytes, *, context_length: int = 96) -> Path:
+def build_cycle_model_dir(
+    dest: Path, cycle: bytes, *, context_length: int = 96, eos_after: int | None = None
+) -> Path:
     """A byte-tokenizer model whose greedy output repeats `cycle` (distinct bytes) forever.
+
+    With `eos_after` (a byte of `cycle`), the model emits its end-of-text token after that
+    byte instead of the cycle's next one.
 
     Attention and MLP write nothing (zeroed output projections), so the next token depends
     on the current one only: lm_head row next(b) is the embedding of b. Prompted with the
@@ -132,7 +145,10 @@ def build_cycle_model_dir(dest: Path, cycle: bytes, *, context_length: int = 96)
         tie_embeddings=False,
         context_length=context_length,
     )
-    key = hashlib.sha256(json.dumps([cfg.__dict__, list(cycle), _sources_digest()]).encode())
+    keyed = [cfg.__dict__, list(cycle), _cache_salt()] + (
+        [eos_after] if eos_after is not None else []
+    )
+    key = hashlib.sha256(json.dumps(keyed).encode())
     cache = Path(tempfile.gettempdir()) / "lmforge-test-models" / f"cycle-{key.hexdigest()[:20]}"
     if not (cache / "model.onnx").is_file():
         torch.manual_seed(0)
@@ -146,8 +162,13 @@ def build_cycle_model_dir(dest: Path, cycle: bytes, *, context_length: int = 96)
             model.lm_head.weight.zero_()
             for i, b in enumerate(cycle):
                 model.lm_head.weight[cycle[(i + 1) % len(cycle)]] = emb[b] / 8
+            want = list(cycle[1:] + cycle[:1])
+            if eos_after is not None:
+                eos = tok.get_vocab_size() - 1
+                model.lm_head.weight[eos] = emb[eos_after] / 4  # beats the cycle's next byte
+                want[cycle.index(eos_after)] = eos
             logits, _ = model(torch.tensor([list(cycle)]))
-            assert logits[0].argmax(-1).tolist() == list(cycle[1:] + cycle[:1])
+            assert logits[0].argmax(-1).tolist() == want
         tmp = cache.with_name(f"{cache.name}.tmp-{torch.randint(1 << 30, ()).item()}")
         save_pretrained(model, tmp)
         save_tokenizer(tok, tmp / "tokenizer.json")

@@ -30,7 +30,8 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
         data_dir=data_dir,
         api_addr="127.0.0.1:0",
         inference_addr="127.0.0.1:0",
-        lease_ttl_s=2.0,
+        # Long enough that a heartbeat starved on a loaded CI machine keeps its lease.
+        lease_ttl_s=5.0,
         reaper_interval_s=0.5,
         torch_threads=1,
         device="cpu",
@@ -148,6 +149,15 @@ def api(api_channel) -> Api:
 @pytest.fixture(scope="session")
 def small_dataset(api) -> training_pb2.Dataset:
     return api.upload(SMALL_CORPUS.encode(), name="shakespeare-60k")
+
+
+@pytest.fixture(scope="session")
+def tiny_shakespeare(api, small_dataset):
+    """One 60-step tiny model trained on the session stack, for tests that only read it:
+    (the created job, its events, the finished job)."""
+    job = api.create(small_dataset.id, model_name="tiny-shakespeare", max_steps=60)
+    events = api.events(job.id)
+    return job, events, api.get(job.id)
 
 
 def unique(prefix: str = "r") -> str:

@@ -53,6 +53,7 @@ def trained(cli, corpus) -> dict:
     return json.loads(out)
 
 
+@pytest.mark.slow
 def test_train_wait_json_prints_the_finished_job_and_exits_0(trained):
     assert trained["state"] == "SUCCEEDED" and trained["model_name"] == "cli"
     assert trained["spec"]["model"]["n_layers"] == 1
@@ -68,6 +69,7 @@ def test_train_prints_the_job_and_its_parameter_count(cli, corpus):
     assert cli("jobs", "cancel", job_id)[0] == 0
 
 
+@pytest.mark.slow
 def test_generate_streams_text_and_no_stream_json_gives_the_completion(cli, trained):
     code, streamed, _ = cli("generate", "cli", "ROMEO:", "--max-tokens", "15", "--seed", "4")
     assert code == 0 and streamed.endswith("\n") and len(streamed) > 1
@@ -83,6 +85,7 @@ def test_generate_streams_text_and_no_stream_json_gives_the_completion(cli, trai
     assert code == 0 and lines[-1]["final"] and lines[-1]["usage"]["completion_tokens"] == 5
 
 
+@pytest.mark.slow
 def test_jobs_and_models_print_tables_by_default_and_json_on_request(cli, trained):
     code, out, _ = cli("jobs", "list")
     header = out.splitlines()[0].split()
@@ -161,30 +164,52 @@ def test_set_values_are_typed_by_the_proto_field():
 
 def test_an_unreachable_server_is_a_one_line_error_not_a_traceback():
     with socket.socket() as s:
+        # Bound and never listening while the test runs: connections are refused, and no
+        # other process can start listening on the port meanwhile.
         s.bind(("127.0.0.1", 0))
-        addr = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
-    exe = shutil.which("lmforge") or ""
-    command = [exe] if exe else [sys.executable, "-m", "lmforge.cli"]
-    for argv in (["--api", addr, "jobs", "list"], ["--inference", addr, "generate", "m", "hi"]):
-        out = subprocess.run(command + argv, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 1 and out.stdout == ""
-        assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
-        assert "cannot reach the" in out.stderr and addr in out.stderr
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+        exe = shutil.which("lmforge") or ""
+        command = [exe] if exe else [sys.executable, "-m", "lmforge.cli"]
+        for argv in (["--api", addr, "jobs", "list"], ["--inference", addr, "generate", "m", "hi"]):
+            out = subprocess.run(command + argv, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 1 and out.stdout == ""
+            assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
+            assert "cannot reach the" in out.stderr and addr in out.stderr
+
+
+def _answers(addr: str) -> bool:
+    """Something accepts TCP connections at addr."""
+    host, _, port = addr.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("role", ["api", "inference"])
 def test_serve_runs_one_server_until_sigterm(role, redis_server, tmp_path):
     from lmforge.cli import check_health
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        addr = f"127.0.0.1:{s.getsockname()[1]}"
     exe = shutil.which("lmforge") or ""
     command = [exe] if exe else [sys.executable, "-m", "lmforge.cli"]
-    flags = ["--redis-url", redis_server.url, "--data-dir", str(tmp_path), f"--{role}-addr", addr]
-    server = subprocess.Popen(
-        command + ["serve", role, *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    for _ in range(5):  # a free port we picked may be taken before the server binds it
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            addr = f"127.0.0.1:{s.getsockname()[1]}"
+        flags = ["--redis-url", redis_server.url, "--data-dir", str(tmp_path)]
+        server = subprocess.Popen(
+            command + ["serve", role, *flags, f"--{role}-addr", addr],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        started = time.monotonic()
+        while server.poll() is None and not _answers(addr) and time.monotonic() - started < 60:
+            time.sleep(0.1)
+        if server.poll() is None:
+            break
+        output = server.stdout.read().decode()
+        assert "Failed to bind" in output or "cannot listen" in output, output
     try:
         deadline = time.monotonic() + 60
         status = ""

@@ -49,6 +49,7 @@ def run(sess, cfg, ids, mask, past):
     return out[0], out[1:]
 
 
+@pytest.mark.slow
 def test_graph_passes_the_checker_and_loads_in_onnxruntime(exported):
     path, model, facts, _ = exported
     proto = onnx.load(str(path / "model.onnx"))
@@ -75,6 +76,7 @@ def test_graph_passes_the_checker_and_loads_in_onnxruntime(exported):
     assert not [p for p in path.iterdir() if p.name.startswith(".tmp")]
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_prefill_and_decode_match_pytorch(exported):
     _, model, facts, sess = exported
@@ -100,6 +102,7 @@ def test_prefill_and_decode_match_pytorch(exported):
     assert worst <= 1e-4
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_left_padded_batch_matches_each_row_alone(exported):
     _, model, _, sess = exported
@@ -126,6 +129,7 @@ def test_left_padded_batch_matches_each_row_alone(exported):
         logits, past = run(sess, cfg, np.array([[n] for n in nxt]), mask, past)
 
 
+@pytest.mark.slow
 def test_fp16_graph_is_written_beside_the_fp32_one(tmp_path):
     make_model_dir(tmp_path, **CONFIGS["gqa-untied"])
     facts = export_onnx(tmp_path, fp16=True)
@@ -139,6 +143,7 @@ def test_fp16_graph_is_written_beside_the_fp32_one(tmp_path):
     assert facts["fp16_max_abs_diff"] is None or facts["fp16_max_abs_diff"] < 0.05
 
 
+@pytest.mark.slow
 def test_failed_parity_raises_and_leaves_nothing_behind(tmp_path):
     make_model_dir(tmp_path, **CONFIGS["mha-tied"])
     before = sorted(p.name for p in tmp_path.iterdir())

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import transformers
 
 from lmforge_server.specs import ModelConfig, count_parameters
 from lmforge_worker.model import (
@@ -18,8 +19,6 @@ from lmforge_worker.model import (
     load_pretrained,
     save_pretrained,
 )
-
-transformers = pytest.importorskip("transformers")
 
 torch.set_num_threads(2)
 

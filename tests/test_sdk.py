@@ -9,6 +9,7 @@ yet, or that fails on purpose, is what they are about.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import socket
@@ -58,10 +59,17 @@ API_KEY = "sk-test-alice"
 CORPUS = (SMALL_CORPUS + "\n-- the SDK tour\n").encode()
 
 
-def free_addr() -> str:
+@contextlib.contextmanager
+def reserved_addr():
+    """A loopback address nothing listens on, which nobody else can take while it is held.
+
+    The port stays bound (not listening, so connections are refused) with SO_REUSEPORT:
+    only a stand-in gRPC server of this test (grpcio sets SO_REUSEPORT too) may listen on it.
+    """
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+        yield f"127.0.0.1:{s.getsockname()[1]}"
 
 
 # ---------------------------------------------------------------- fixtures
@@ -115,6 +123,7 @@ def long_context_model(alice) -> str:
 # ---------------------------------------------------------------- the tour
 
 
+@pytest.mark.slow
 def test_readme_tour_uploads_trains_waits_and_generates(client, tmp_path, capfd):
     corpus = tmp_path / "shakespeare.txt"
     corpus.write_bytes(CORPUS)
@@ -182,6 +191,7 @@ def test_readme_tour_uploads_trains_waits_and_generates(client, tmp_path, capfd)
         client.models.get(model.id)
 
 
+@pytest.mark.slow
 def test_async_client_has_the_same_surface(stack):
     # Built outside the event loop, like a module-level client would be.
     client = AsyncClient(api_addr=stack.api_addr, inference_addr=stack.inference_addr)
@@ -249,6 +259,7 @@ def test_create_with_the_same_request_id_gives_the_same_job(client):
 # ---------------------------------------------------------------- watch and streams
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 def test_watch_resumes_across_an_api_server_restart(flavour, own_stack, alice):
     from lmforge_server.stack import wait_serving
@@ -293,6 +304,7 @@ def test_watch_resumes_across_an_api_server_restart(flavour, own_stack, alice):
     assert [e.id for e in resumed] == ids[restarted_at:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 def test_closing_a_stream_early_cancels_generation_on_the_server(
     flavour, own_stack, alice, long_context_model
@@ -371,7 +383,10 @@ def test_server_errors_arrive_as_typed_exceptions_with_status_and_message(own_st
         with pytest.raises(NotFoundError):  # another tenant's job does not exist for bob
             bob.jobs.get(job.id)
 
-    with Client(api_addr=free_addr(), retry=RetryPolicy(max_attempts=2)) as nobody:
+    with (
+        reserved_addr() as addr,
+        Client(api_addr=addr, retry=RetryPolicy(max_attempts=2)) as nobody,
+    ):
         with pytest.raises(UnavailableError) as e:
             nobody.models.get("m")
     assert isinstance(e.value, ConnectionError) and isinstance(e.value, LmforgeError)
@@ -405,33 +420,36 @@ class _Jobs(training_pb2_grpc.JobServiceServicer):
     GetJob = CreateJob = _answer
 
 
-def serve_jobs(servicer: _Jobs, addr: str) -> grpc.Server:
+def serve_jobs(servicer: _Jobs, addr: str = "127.0.0.1:0") -> tuple[grpc.Server, str]:
+    """A stand-in JobService on `addr` (port 0: one the kernel picks); returns it and its address."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     training_pb2_grpc.add_JobServiceServicer_to_server(servicer, server)
-    server.add_insecure_port(addr)
+    port = server.add_insecure_port(addr)
+    assert port, f"cannot listen on {addr}"
     server.start()
-    return server
+    return server, f"127.0.0.1:{port}"
 
 
 def test_idempotent_calls_retry_until_a_late_server_starts():
-    addr, servicer = free_addr(), _Jobs()
+    servicer = _Jobs()
     started: list[grpc.Server] = []
-    timer = threading.Timer(1.0, lambda: started.append(serve_jobs(servicer, addr)))
-    timer.start()
-    try:
-        with Client(api_addr=addr, retry=FAST_RETRY, timeout=20) as c:
-            t0 = time.monotonic()
-            assert c.jobs.get("job_1").id == "job_1"
-            assert time.monotonic() - t0 >= 0.9
-    finally:
-        timer.join()
-        for s in started:
-            s.stop(None)
+    with reserved_addr() as addr:
+        timer = threading.Timer(1.0, lambda: started.append(serve_jobs(servicer, addr)[0]))
+        timer.start()
+        try:
+            with Client(api_addr=addr, retry=FAST_RETRY, timeout=20) as c:
+                assert c.jobs.get("job_1").id == "job_1"
+            # The server came up a second after the call began: only a retry could reach it.
+            assert started and len(servicer.requests) == 1
+        finally:
+            timer.join()
+            for s in started:
+                s.stop(None)
 
 
 def test_create_job_retries_with_the_same_request_id():
-    addr, servicer = free_addr(), _Jobs(failures=2)
-    server = serve_jobs(servicer, addr)
+    servicer = _Jobs(failures=2)
+    server, addr = serve_jobs(servicer)
     try:
         with Client(api_addr=addr, retry=FAST_RETRY) as c:
             job = c.jobs.create(dataset="d" * 64, preset="tiny")
@@ -442,8 +460,8 @@ def test_create_job_retries_with_the_same_request_id():
 
 
 def test_only_unavailable_is_retried():
-    addr, servicer = free_addr(), _Jobs(failures=1, code=grpc.StatusCode.INTERNAL)
-    server = serve_jobs(servicer, addr)
+    servicer = _Jobs(failures=1, code=grpc.StatusCode.INTERNAL)
+    server, addr = serve_jobs(servicer)
     try:
         with Client(api_addr=addr, retry=FAST_RETRY) as c, pytest.raises(lmforge.InternalError):
             c.jobs.get("job_1")
@@ -453,11 +471,14 @@ def test_only_unavailable_is_retried():
 
 
 def test_retries_stop_at_the_call_timeout():
-    with Client(api_addr=free_addr(), retry=RetryPolicy(max_attempts=1000)) as c:
+    slow = RetryPolicy(max_attempts=1000, initial_backoff=0.2, max_backoff=0.2, jitter=0.0)
+    with reserved_addr() as addr, Client(api_addr=addr, retry=slow) as c:
         t0 = time.monotonic()
         with pytest.raises((UnavailableError, DeadlineExceededError)):
             c.jobs.get("job_1", timeout=1.0)
-        assert time.monotonic() - t0 < 2.5
+        # 1000 attempts 0.2 s apart would take 200 s: stopping at all, well before, is the
+        # behaviour (the bound is for a hung call, not a speed).
+        assert time.monotonic() - t0 < 60
 
 
 def test_backoff_grows_exponentially_with_jitter_up_to_a_cap():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import psutil
+import pytest
 
 from lmforge.v1 import training_pb2, training_pb2_grpc
 from lmforge_server.stack import wait_serving
@@ -26,7 +27,9 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def test_up_prints_addresses_serves_and_stops_everything_on_ctrl_c(tmp_path):
+@pytest.mark.slow
+@pytest.mark.fault
+def test_up_prints_addresses_serves_restarts_a_crashed_part_and_stops_on_ctrl_c(tmp_path):
     lmforge = Path(sys.executable).parent / "lmforge"
     env = {**os.environ, "LMFORGE_TORCH_THREADS": "1"}
     proc = subprocess.Popen(
@@ -59,6 +62,18 @@ def test_up_prints_addresses_serves_and_stops_everything_on_ctrl_c(tmp_path):
         assert len(children) >= 4  # redis, api, inference, worker
         aof = [tmp_path / "redis" / "appendonlydir", tmp_path / "redis" / "appendonly.aof"]
         assert any(p.exists() for p in aof)  # AOF on
+
+        # A part that crashes is started again, on the same address.
+        crashed = next(c for c in children if "inference" in c.cmdline())
+        crashed.kill()
+        while "inference exited; restarting it" not in "".join(lines):
+            line = proc.stdout.readline()
+            assert line, "lmforge up exited:\n" + "".join(lines)
+            lines.append(line)
+        wait_serving(inference, timeout=60)
+        restarted = [c for c in _descendants(proc.pid) if "inference" in c.cmdline()]
+        assert len(restarted) == 1 and restarted[0].pid != crashed.pid
+        children = _descendants(proc.pid)
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)

@@ -15,15 +15,18 @@ from lmforge_server.stack import Child, Stack
 from lmforge_server.taskqueue import enqueue_training, make_celery
 
 S = training_pb2
+# Every test here trains and exports a model: end to end, over ~10 s each.
+pytestmark = pytest.mark.slow
 
 
 def _progress_events(events):
     return [e for e in events if e.type == S.JOB_EVENT_TYPE_PROGRESS]
 
 
-def test_training_job_succeeds_with_falling_loss_and_registers_a_model(api, small_dataset, stack):
-    job = api.create(small_dataset.id, model_name="tiny-shakespeare", max_steps=60)
-    events = api.events(job.id)
+def test_training_job_succeeds_with_falling_loss_and_registers_a_model(
+    api, small_dataset, stack, tiny_shakespeare
+):
+    job, events, _ = tiny_shakespeare
     assert events[-1].terminal and events[-1].state == S.JOB_STATE_SUCCEEDED, events[-1].message
     states = [e.state for e in events if e.type == S.JOB_EVENT_TYPE_STATE]
     assert states == [
@@ -88,12 +91,19 @@ def test_cancel_while_running_ends_cancelled_within_seconds_keeping_a_checkpoint
     assert model.state == S.MODEL_STATE_ABANDONED
 
 
+def _attempt_steps(events, attempt: int) -> list[int]:
+    """Progress steps reported after attempt `attempt` started."""
+    start = next(i for i, e in enumerate(events) if e.message.startswith(f"attempt {attempt}"))
+    return [e.progress.step for e in _progress_events(events[start:])]
+
+
 def _checkpoint_steps(events) -> list[int]:
     return [
         int(e.message.rsplit(" ", 1)[-1]) for e in events if e.type == S.JOB_EVENT_TYPE_CHECKPOINT
     ]
 
 
+@pytest.mark.fault
 def test_killed_worker_job_resumes_from_its_last_checkpoint_on_a_new_worker(tmp_path):
     settings = make_settings(tmp_path)
     with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
@@ -123,6 +133,7 @@ def test_killed_worker_job_resumes_from_its_last_checkpoint_on_a_new_worker(tmp_
         assert killed_at.progress.step >= last_checkpoint
 
 
+@pytest.mark.fault
 def test_redelivered_task_never_trains_a_job_another_worker_holds(tmp_path):
     settings = make_settings(tmp_path)
     with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
@@ -146,6 +157,7 @@ def test_redelivered_task_never_trains_a_job_another_worker_holds(tmp_path):
         assert len(starts) == 1
 
 
+@pytest.mark.fault
 def test_worker_shutdown_checkpoints_and_another_worker_finishes_the_job(tmp_path):
     settings = make_settings(tmp_path)
     with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
@@ -162,6 +174,9 @@ def test_worker_shutdown_checkpoints_and_another_worker_finishes_the_job(tmp_pat
         stack.children.append(Child("worker", stack.settings, tmp_path / "logs2").start())
         done = api.wait_terminal(job.id, timeout=300)
         assert done.state == S.JOB_STATE_SUCCEEDED and done.attempt == 2
+        # Attempt 2 resumed from the shutdown checkpoint, not from step 0.
+        first = _attempt_steps(api.events(job.id), 2)[0]
+        assert shutdown_step < first <= shutdown_step + done.spec.training.log_interval
 
 
 def test_a_model_failing_onnx_parity_fails_its_job_and_registers_nothing(tmp_path):
@@ -181,17 +196,21 @@ def test_a_model_failing_onnx_parity_fails_its_job_and_registers_nothing(tmp_pat
 
 
 def test_fine_tuning_starts_from_a_registered_model_and_deleting_it_removes_its_files(
-    api, small_dataset, stack
+    api, small_dataset, stack, tiny_shakespeare
 ):
-    base = api.create(small_dataset.id, model_name="ft-base", max_steps=60)
-    assert api.wait_terminal(base.id).state == S.JOB_STATE_SUCCEEDED
+    base, _, done = tiny_shakespeare
+    assert done.state == S.JOB_STATE_SUCCEEDED
     with pytest.raises(grpc.RpcError) as e:
-        api.create(small_dataset.id, init_from="ft-base@latest", model_n_layers=3)
+        api.create(small_dataset.id, init_from="tiny-shakespeare@latest", model_n_layers=3)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "spec.model.n_layers" in e.value.details() and "init_from" in e.value.details()
 
     tuned = api.create(
-        small_dataset.id, model_name="ft-child", init_from="ft-base@1", max_steps=10, log_interval=1
+        small_dataset.id,
+        model_name="ft-child",
+        init_from=f"tiny-shakespeare@{api.models.GetModel(S.GetModelRequest(id=done.model_id)).version}",
+        max_steps=10,
+        log_interval=1,
     )
     assert tuned.spec.model == base.spec.model
     assert api.wait_terminal(tuned.id).state == S.JOB_STATE_SUCCEEDED
@@ -245,17 +264,20 @@ def test_fine_tuning_starts_from_a_local_hugging_face_llama_directory(api, small
     assert "spec.training.init_from" in e.value.details()
 
 
+@pytest.mark.fault
 def test_a_job_survives_its_redis_being_killed_and_restarted(tmp_path):
-    settings = make_settings(tmp_path, lease_ttl_s=5.0)
+    settings = make_settings(tmp_path, lease_ttl_s=2.0)
     with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
         api = Api(ch)
         ds = api.upload(SMALL_CORPUS.encode())
         job = api.create(ds.id, max_steps=2000, checkpoint_interval=100)
-        api.wait_for(job.id, lambda j: j.progress.step >= 40)
+        api.wait_for(job.id, lambda j: j.progress.step >= 120)  # the step-100 checkpoint is kept
         time.sleep(1.5)  # AOF is fsynced every second: what is older than that survives
         before = api.get(job.id)
         stack.redis.stop(kill=True)
-        time.sleep(1.0)
+        # Down longer than the 2 s lease: Redis comes back without it, the reaper requeues
+        # the job and the next attempt must resume from the last checkpoint Redis kept.
+        time.sleep(3.0)
         stack.redis.start()  # same port, same directory: it replays the AOF
         done = api.wait_terminal(job.id, timeout=300)
         assert done.state == S.JOB_STATE_SUCCEEDED, done.error
@@ -263,8 +285,18 @@ def test_a_job_survives_its_redis_being_killed_and_restarted(tmp_path):
         assert done.progress.step == 2000
         model = api.models.GetModel(S.GetModelRequest(id=done.model_id))
         assert model.state == S.MODEL_STATE_READY
+        # Every later attempt resumed from a checkpoint (>= 100), never from step 0.
+        events = api.events(job.id)
+        checkpoints = _checkpoint_steps(events)
+        every = done.spec.training.log_interval
+        assert done.attempt >= 2
+        for attempt in range(2, done.attempt + 1):
+            first = _attempt_steps(events, attempt)[0]
+            kept = max((c for c in checkpoints if c < first), default=0)
+            assert kept >= 100 and first - kept <= every, (attempt, first, checkpoints)
 
 
+@pytest.mark.fault
 def test_a_worker_killed_during_export_leaves_no_half_model_and_the_job_still_succeeds(tmp_path):
     settings = make_settings(tmp_path)
     with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:

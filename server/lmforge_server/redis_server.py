@@ -5,9 +5,11 @@ Used by the embedded stack (`lmforge up`) and by the tests. Never assumes 6379 i
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +18,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# Runs argv with PR_SET_PDEATHSIG = SIGTERM (kept across exec), so redis-server dies with
+# the process that started it, even when that one is SIGKILLed. No preexec_fn: that would
+# make subprocess fork a parent that may hold gRPC channels.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"  # the parent died before prctl
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 def find_redis_server() -> str:
@@ -33,11 +46,18 @@ def find_redis_server() -> str:
     return str(bundled)
 
 
+class _PortTaken(Exception):
+    pass
+
+
 class RedisServer:
     """A redis-server child process with AOF on, its files in `data_dir`."""
 
     def __init__(self, data_dir: Path, *, port: int = 0, appendonly: bool = True):
         self.data_dir = Path(data_dir)
+        # A port picked here may be taken before redis-server binds it: start() then picks
+        # another, unless the caller chose this one.
+        self._port_chosen = bool(port)
         self.port = port or free_port()
         self.appendonly = appendonly
         self.process: subprocess.Popen | None = None
@@ -47,7 +67,19 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        for attempt in range(5):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                if self._port_chosen or attempt == 4:
+                    raise RuntimeError(f"redis-server could not bind port {self.port}") from None
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.data_dir / "redis.log"
+        seen = log.stat().st_size if log.exists() else 0
         args = [
             find_redis_server(),
             "--port", str(self.port),
@@ -56,21 +88,28 @@ class RedisServer:
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "everysec",
             "--save", "",
-            "--logfile", str(self.data_dir / "redis.log"),
+            "--logfile", str(log),
         ]  # fmt: skip
+        if sys.platform == "linux":
+            args = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *args]
         self.process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                log = self.data_dir / "redis.log"
-                tail = log.read_text()[-2000:] if log.exists() else ""
+                tail = (
+                    log.read_bytes()[seen:].decode(errors="replace")[-2000:] if log.exists() else ""
+                )
+                if "Address already in use" in tail:
+                    raise _PortTaken()
                 raise RuntimeError(f"redis-server exited with {self.process.returncode}: {tail}")
+            # Ours, not another server that took the port first: it logged that it is ready.
+            ready = log.exists() and b"Ready to accept connections" in log.read_bytes()[seen:]
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith(b"+PONG") and ready:
                         return self
             except OSError:
                 pass

@@ -135,6 +135,7 @@ class Stack:
         self.children: list[Child] = []
         wanted = {"api": True, "inference": inference, "worker": worker, "http": http}
         self._roles = [r for r in ROLES if wanted[r]]
+        self._asked = settings
         self.settings = dataclasses.replace(
             settings, **{name: _free_addr(getattr(settings, name)) for name in LISTEN_ADDRS}
         )
@@ -154,18 +155,41 @@ class Stack:
             if not s.redis_url:
                 self.redis = RedisServer(s.data_dir / "redis").start()
                 s.redis_url = self.redis.url
-            log_dir = s.data_dir / "logs"
-            self.children = [Child(role, s, log_dir).start() for role in self._roles]
-            by_role = {c.role: c for c in self.children}
-            wait_serving(s.api_addr, child=by_role["api"])
-            if "inference" in by_role:
-                wait_serving(s.inference_addr, child=by_role["inference"])
-            if "http" in by_role:
-                wait_http(f"http://{s.http_addr}/healthz", child=by_role["http"])
+            for attempt in range(5):
+                if self._start_children() or attempt == 4:
+                    break
+                # A free port we picked was taken before the server bound it: pick again.
+                for child in self.children:
+                    child.stop()
+                for name in LISTEN_ADDRS:
+                    setattr(s, name, _free_addr(getattr(self._asked, name)))
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_children(self) -> bool:
+        """Starts the children; False when a server could not bind a port we picked."""
+        s = self.settings
+        log_dir = s.data_dir / "logs"
+        self.children = [Child(role, s, log_dir).start() for role in self._roles]
+        by_role = {c.role: c for c in self.children}
+        for role, addr, asked in (
+            ("api", s.api_addr, self._asked.api_addr),
+            ("inference", s.inference_addr, self._asked.inference_addr),
+        ):
+            if role not in by_role:
+                continue
+            try:
+                wait_serving(addr, child=by_role[role])
+            except RuntimeError:
+                tail = by_role[role].log_tail()
+                if asked.endswith(":0") and ("Failed to bind" in tail or "cannot listen" in tail):
+                    return False
+                raise
+        if "http" in by_role:
+            wait_http(f"http://{s.http_addr}/healthz", child=by_role["http"])
+        return True
 
     def stop(self) -> None:
         for child in sorted(self.children, key=lambda c: c.role != "worker"):

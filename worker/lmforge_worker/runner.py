@@ -146,8 +146,15 @@ class _Hooks:
             )
         except st.LeaseLost:
             self.beat.lost.set()
+            return
         except redis.RedisError as e:  # the previous checkpoint stays the resume point
             log.warning("job %s: checkpoint at step %s not promoted: %s", self.job.id, step, e)
+            return
+        # Only a promoted checkpoint is a resume point: until one is, the last promoted file
+        # must stay (a Redis outage or a lost lease leaves the job pointing at it).
+        for old in path.parent.glob("step-*.pt"):
+            if old.name < path.name:
+                old.unlink(missing_ok=True)
 
     def on_log(self, message: str) -> None:
         self._write({}, "LOG", message)

@@ -37,7 +37,6 @@ from lmforge_worker.model import (
 CHECKPOINT_VERSION = 1
 BEST_WEIGHTS = "best.safetensors"
 # Checkpoints kept per checkpoint_dir: the newest may not be promoted yet when we crash.
-KEEP_CHECKPOINTS = 2
 
 Status = Literal["completed", "early_stopped", "cancelled", "interrupted"]
 
@@ -182,7 +181,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _save_checkpoint(state: dict[str, Any], checkpoint_dir: Path, step: int) -> Path:
-    """torch.save to a temp name, fsync, rename; then drop all but the newest few."""
+    """torch.save to a temp name, fsync, rename. Old ones are the caller's to drop (only it
+    knows which one is the job's promoted resume point)."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_dir / f"step-{step:08d}.pt"
     tmp = checkpoint_dir / f".{path.name}.tmp-{os.getpid()}"
@@ -192,8 +192,6 @@ def _save_checkpoint(state: dict[str, Any], checkpoint_dir: Path, step: int) -> 
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(checkpoint_dir)
-    for old in sorted(checkpoint_dir.glob("step-*.pt"))[:-KEEP_CHECKPOINTS]:
-        old.unlink(missing_ok=True)
     return path
 
 

@@ -46,6 +46,8 @@ class InferenceServer:
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", 8 << 20),
+                # A port in use is an error, not a port shared with another server.
+                ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],

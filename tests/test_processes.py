@@ -1,0 +1,76 @@
+"""Process hygiene: a redis-server of ours dies with its parent, and ports picked free that
+someone takes before we bind them are picked again (Redis, the stack's servers)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+from conftest import make_settings
+
+from lmforge_server.redis_server import RedisServer
+from lmforge_server.stack import Stack
+
+
+@pytest.mark.fault
+def test_redis_server_dies_when_the_process_that_started_it_is_killed(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from lmforge_server.redis_server import RedisServer
+        server = RedisServer({str(tmp_path / "redis")!r}).start()
+        print(server.process.pid, flush=True)
+        time.sleep(600)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(parent.stdout.readline())
+        redis = psutil.Process(pid)
+        assert "redis-server" in redis.name()
+        parent.kill()  # SIGKILL: no cleanup code runs in the parent
+        parent.wait()
+        redis.wait(timeout=30)  # raises TimeoutExpired if it outlives its parent
+        assert not psutil.pid_exists(pid) or redis.status() == psutil.STATUS_ZOMBIE
+    finally:
+        parent.kill()
+
+
+def _taken_port() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+def test_redis_picks_another_port_when_the_one_it_picked_is_taken(tmp_path):
+    with _taken_port() as taken:
+        server = RedisServer(tmp_path / "redis", appendonly=False)
+        server.port = taken.getsockname()[1]  # as if someone took it after we picked it
+        with server:
+            assert server.port != taken.getsockname()[1]
+            import redis
+
+            assert redis.Redis.from_url(server.url).ping()
+    with _taken_port() as taken:
+        chosen = RedisServer(tmp_path / "redis2", port=taken.getsockname()[1], appendonly=False)
+        with pytest.raises(RuntimeError, match="could not bind port"):
+            chosen.start()  # a port the caller chose is never swapped behind its back
+
+
+def test_stack_servers_pick_other_ports_when_theirs_are_taken(tmp_path):
+    import grpc
+    from conftest import Api
+
+    with _taken_port() as api_port, _taken_port() as inf_port:
+        taken = {f"127.0.0.1:{s.getsockname()[1]}" for s in (api_port, inf_port)}
+        stack = Stack(make_settings(tmp_path), worker=False)
+        stack.settings.api_addr, stack.settings.inference_addr = sorted(taken)
+        with stack:
+            assert stack.api_addr not in taken and stack.inference_addr not in taken
+            with grpc.insecure_channel(stack.api_addr) as channel:
+                assert Api(channel).upload(b"port test\n").size_bytes == 10
