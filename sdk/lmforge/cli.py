@@ -201,6 +201,8 @@ def _client(args: argparse.Namespace) -> Client:
         api_key=args.api_key,
         timeout=args.timeout,
         tls_ca_file=args.tls_ca_file,
+        tls_client_cert_file=args.tls_client_cert,
+        tls_client_key_file=args.tls_client_key,
     )
 
 
@@ -516,10 +518,11 @@ def _server_settings(args: argparse.Namespace, **forced: Any) -> Any:
         from lmforge_server.settings import Settings
     except ImportError as e:
         raise MissingExtras(args.command, e) from e
-    flags = {
-        name: getattr(args, name, None)
-        for name in ("data_dir", "redis_url", "artifacts", "api_addr", "inference_addr", "device")
-    }
+    names = ("data_dir", "redis_url", "artifacts", "api_addr", "inference_addr", "device")
+    names += ("api_keys_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file")
+    flags = {name: getattr(args, name, None) for name in names}
+    if getattr(args, "allow_unauthenticated", False):
+        flags["allow_unauthenticated"] = True
     return Settings.from_env(**{**flags, **forced})
 
 
@@ -529,7 +532,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         from lmforge_server.stack import run_up
     except ImportError as e:
         raise MissingExtras("up", e) from e
-    run_up(settings)
+    run_up(settings, tls=getattr(args, "tls", False))
     return EXIT_OK
 
 
@@ -661,6 +664,14 @@ def _common(json_flag: bool = True) -> argparse.ArgumentParser:
         "--tls-ca-file", metavar="PEM", help="use TLS, trusting this CA (env LMFORGE_TLS_CA_FILE)"
     )
     p.add_argument(
+        "--tls-client-cert",
+        metavar="PEM",
+        help="client certificate for mTLS (env LMFORGE_TLS_CLIENT_CERT_FILE)",
+    )
+    p.add_argument(
+        "--tls-client-key", metavar="PEM", help="its key (env LMFORGE_TLS_CLIENT_KEY_FILE)"
+    )
+    p.add_argument(
         "--timeout", type=float, metavar="S", help="deadline of each call in seconds (default 60)"
     )
     if json_flag:
@@ -681,6 +692,7 @@ def _server_flags(p: argparse.ArgumentParser, *, bind: bool = True) -> None:
         "--artifacts", help="artifact store (env LMFORGE_ARTIFACTS; default DATA_DIR/artifacts)"
     )
     p.add_argument("--device", help="training device: auto, cpu, cuda[:N] (env LMFORGE_DEVICE)")
+    _security_flags(p, bind=bind)
     if bind:
         p.add_argument(
             "--api-addr", help="address the API server listens on (env LMFORGE_API_ADDR)"
@@ -689,6 +701,29 @@ def _server_flags(p: argparse.ArgumentParser, *, bind: bool = True) -> None:
             "--inference-addr",
             help="address the inference server listens on (env LMFORGE_INFERENCE_ADDR)",
         )
+
+
+def _security_flags(p: argparse.ArgumentParser, *, bind: bool) -> None:
+    """Keys and TLS of the servers (each also an LMFORGE_* variable)."""
+    if not bind:
+        return
+    p.add_argument(
+        "--api-keys-file",
+        help="API keys, one key:tenant[:scopes] per line (env LMFORGE_API_KEYS_FILE)",
+    )
+    p.add_argument(
+        "--tls-cert-file", help="server certificate chain, PEM (env LMFORGE_TLS_CERT_FILE)"
+    )
+    p.add_argument("--tls-key-file", help="server private key, PEM (env LMFORGE_TLS_KEY_FILE)")
+    p.add_argument(
+        "--tls-client-ca-file",
+        help="require client certificates signed by this CA: mTLS (env LMFORGE_TLS_CLIENT_CA_FILE)",
+    )
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve a non-loopback address without API keys (refused otherwise)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -713,6 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
         "up", "run Redis, the API server, the inference server and a worker until Ctrl-C", cmd_up
     )
     _server_flags(p)
+    p.add_argument(
+        "--tls", action="store_true", help="serve TLS with a CA generated into DATA_DIR/tls"
+    )
     p = add("demo", "train a small model on Tiny Shakespeare and stream a sample from it", cmd_demo)
     _server_flags(p)
     p.add_argument("--preset", default="small", help="model/training preset (default small)")
@@ -813,7 +851,15 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The `lmforge` entry point; always exits via SystemExit with the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("api", "inference", "api_key", "tls_ca_file", "timeout"):
+    for name in (
+        "api",
+        "inference",
+        "api_key",
+        "tls_ca_file",
+        "tls_client_cert",
+        "tls_client_key",
+        "timeout",
+    ):
         setattr(args, name, getattr(args, name, None))
     args.json = getattr(args, "json", False)
     if (args.command, getattr(args, "action", None)) in _NEEDS_ID and not args.id:

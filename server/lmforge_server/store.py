@@ -22,6 +22,8 @@ from typing import Any
 
 import redis
 
+from lmforge_server import errors
+
 P = "lmf:"
 EVENTS_MAXLEN = 100_000
 
@@ -32,11 +34,14 @@ TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 MODEL_TRAINING, MODEL_READY, MODEL_ABANDONED = "TRAINING", "READY", "ABANDONED"
 
 
-class NotFound(KeyError):
+class NotFound(errors.NotFound, KeyError):
     """No such record for this owner (another owner's records are not found either)."""
 
+    def __str__(self) -> str:
+        return self.message
 
-class Conflict(RuntimeError):
+
+class Conflict(errors.FailedPrecondition):
     """The record is not in a state that allows the change."""
 
 
@@ -78,6 +83,10 @@ class JobRecord:
     checkpoint: str = ""
     cancel_requested: bool = False
     dataset_path: str = ""
+    # When the job was last handed to Celery, and when a worker last picked its task up
+    # (0: never): a QUEUED job with neither recent is repaired by the reaper.
+    enqueued_at: float = 0.0
+    picked_at: float = 0.0
 
 
 @dataclass
@@ -111,7 +120,7 @@ class JobEvent:
 
 _JSON_FIELDS = {"spec", "parameters", "progress", "metrics", "files"}
 _INT_FIELDS = {"size_bytes", "num_chars", "num_distinct_chars", "attempt", "version"}
-_FLOAT_FIELDS = {"created_at", "started_at", "finished_at"}
+_FLOAT_FIELDS = {"created_at", "started_at", "finished_at", "enqueued_at", "picked_at"}
 _BOOL_FIELDS = {"cancel_requested"}
 
 
@@ -156,7 +165,7 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
     if not version or version == "latest":
         return name, None
     if not version.isdigit():
-        raise ValueError(f"model version must be a number or 'latest', got {version!r}")
+        raise ValueError(f"model version must be a number or 'latest', got {errors.shown(version)}")
     return name, int(version)
 
 
@@ -208,7 +217,7 @@ class Store:
     def get_dataset(self, owner: str, dataset_id: str) -> DatasetRecord:
         raw = self.r.hgetall(f"{P}dataset:{owner}:{dataset_id}")
         if not raw or "path" not in raw:
-            raise NotFound(f"dataset {dataset_id!r} not found")
+            raise NotFound(f"dataset {errors.shown(dataset_id)} not found")
         return _decode(DatasetRecord, raw)
 
     def list_datasets(self, owner: str, offset: int, limit: int) -> tuple[list, int | None]:
@@ -244,7 +253,9 @@ class Store:
                         return self.get_job(job.owner, existing), False
                     except NotFound:
                         time.sleep(0.02)
-                raise NotFound(f"job {existing!r} for request_id {job.request_id!r} not found")
+                raise NotFound(
+                    f"job {errors.shown(existing)} for request_id {errors.shown(job.request_id)} not found"
+                )
         active = self.r.scard(f"{P}jobs:active:{job.owner}")
         if active >= max_active:
             if job.request_id:
@@ -279,13 +290,13 @@ class Store:
         """A job of any owner: for workers and the reaper, never for client requests."""
         raw = self.r.hgetall(f"{P}job:{job_id}")
         if not raw:
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"job {errors.shown(job_id)} not found")
         return _decode(JobRecord, raw)
 
     def get_job(self, owner: str, job_id: str) -> JobRecord:
         job = self.job(job_id)
         if job.owner != owner:
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"job {errors.shown(job_id)} not found")
         return job
 
     def _iter_jobs(self, owner: str, batch: int = 500) -> Iterable[JobRecord]:
@@ -540,8 +551,9 @@ class Store:
                 out.append(job_id)
         return out
 
-    def recover_orphan(self, job_id: str) -> str | None:
-        """Requeues (or, when cancel was asked, cancels) a job whose worker died.
+    def recover_orphan(self, job_id: str, max_attempts: int = 0) -> str | None:
+        """Requeues (or, when cancel was asked, cancels) a job whose worker died; a job
+        whose worker died `max_attempts` times (0: no limit) ends FAILED instead.
 
         Returns the new state, or None when the job was not an orphan after all.
         """
@@ -558,6 +570,11 @@ class Store:
                     if job.state == CANCELLING:
                         self._finish_cmd(pipe, job, CANCELLED, "cancelled (its worker was lost)")
                         new_state = CANCELLED
+                    elif max_attempts and job.attempt >= max_attempts:
+                        step = job.progress.get("step", 0)
+                        msg = f"worker lost {job.attempt} times (last seen at step {step})"
+                        self._finish_cmd(pipe, job, FAILED, msg)
+                        new_state = FAILED
                     else:
                         pipe.hset(key, "state", QUEUED)
                         msg = f"worker of attempt {job.attempt} lost; requeued"
@@ -568,12 +585,51 @@ class Store:
                 except redis.WatchError:
                     continue
 
+    def mark_enqueued(self, job_id: str) -> None:
+        self.r.hset(f"{P}job:{job_id}", "enqueued_at", f"{time.time():.6f}")
+
+    def mark_picked(self, job_id: str) -> None:
+        """A worker received the job's task (before it tries to take the lease)."""
+        self.r.hset(f"{P}job:{job_id}", "picked_at", f"{time.time():.6f}")
+
+    def stalled_queued(self, grace_s: float) -> list[str]:
+        """QUEUED jobs with no task that will run them: never enqueued (the enqueue failed
+        after the record was saved), or picked up by a worker that died before taking the
+        lease. Each has been so for longer than `grace_s`."""
+        now = time.time()
+        out = []
+        for job_id in self.r.smembers(f"{P}jobs:active"):
+            raw = self.r.hmget(
+                f"{P}job:{job_id}", ["state", "created_at", "enqueued_at", "picked_at"]
+            )
+            state, created, enqueued, picked = raw[0], *(float(v or 0) for v in raw[1:])
+            if state != QUEUED or self.r.exists(f"{P}lease:{job_id}"):
+                continue
+            never_sent = not enqueued and now - created > grace_s
+            lost_on_pickup = picked and picked >= enqueued and now - picked > grace_s
+            if never_sent or lost_on_pickup:
+                out.append(job_id)
+        return out
+
+    def delete_job(self, owner: str, job_id: str) -> JobRecord:
+        """Removes a terminal job, its events and its idempotency key (not its model)."""
+        job = self.get_job(owner, job_id)
+        if job.state not in TERMINAL:
+            raise Conflict(f"job {job_id} is {job.state.lower()}; cancel it and wait until it ends")
+        pipe = self.r.pipeline()
+        pipe.delete(f"{P}job:{job_id}", f"{P}job:{job_id}:events")
+        pipe.zrem(f"{P}jobs:{owner}", job_id)
+        if job.request_id:
+            pipe.delete(f"{P}idem:{owner}:{job.request_id}")
+        pipe.execute()
+        return job
+
     # ------------------------------------------------------------ models
 
     def model(self, model_id: str) -> ModelRecord:
         raw = self.r.hgetall(f"{P}model:{model_id}")
         if not raw or "name" not in raw:
-            raise NotFound(f"model {model_id!r} not found")
+            raise NotFound(f"model {errors.shown(model_id)} not found")
         return _decode(ModelRecord, raw)
 
     def get_model(self, owner: str, ref: str) -> ModelRecord:
@@ -590,12 +646,12 @@ class Store:
             raise NotFound(str(e)) from None
         versions = self.r.zrevrange(f"{P}modelname:{owner}:{name}", 0, -1, withscores=True)
         if not versions:
-            raise NotFound(f"model {ref!r} not found")
+            raise NotFound(f"model {errors.shown(ref)} not found")
         if version is not None:
             for model_id, v in versions:
                 if int(v) == version:
                     return self.model(model_id)
-            raise NotFound(f"model {name!r} has no version {version}")
+            raise NotFound(f"model {errors.shown(name)} has no version {version}")
         records = [self.model(mid) for mid, _ in versions]
         ready = [r for r in records if r.state == MODEL_READY]
         return ready[0] if ready else records[0]

@@ -143,6 +143,8 @@ def run_job(
     """
     token = f"{socket.gethostname()}-{secrets.token_hex(4)}"
     device = pick_device(settings.device)
+    with contextlib.suppress(redis.RedisError):
+        store.mark_picked(job_id)  # lets the reaper repair a pick-up that dies right here
     job = store.acquire(job_id, token, settings.lease_ttl_s, device_name(device))
     if job is None:
         log.info("job %s: leased elsewhere or finished; skipping this delivery", job_id)
@@ -206,9 +208,10 @@ def _train_export_register(
         if hooks.beat.lost.is_set():
             return None
         store.requeue(job.id, job.attempt, token, f"worker shut down at step {result.steps}")
-        from lmforge_server.taskqueue import enqueue_training, make_celery
+        from lmforge_server.jobs import enqueue
+        from lmforge_server.taskqueue import make_celery
 
-        enqueue_training(make_celery(settings), settings, job.id)
+        enqueue(make_celery(settings), settings, store, job.id)
         return st.QUEUED
 
     store.set_state(job.id, job.attempt, token, st.EXPORTING, "exporting to ONNX")
