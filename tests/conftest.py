@@ -49,7 +49,10 @@ def redis_server(tmp_path) -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Iterator[Stack]:
     """One whole stack (Redis, API, inference, one worker) shared by the session's tests."""
-    settings = make_settings(tmp_path_factory.mktemp("stack"))
+    # init_from may name directories under base-models/ (the operator's allow-list).
+    root = tmp_path_factory.mktemp("stack")
+    settings = make_settings(root, base_model_dirs=[str(root / "base-models")])
+    (root / "base-models").mkdir()
     with Stack(settings) as s:
         yield s
 

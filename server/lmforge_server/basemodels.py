@@ -60,6 +60,7 @@ def config_of(path: Path) -> specs.ModelConfig:
         raise errors.InvalidArgument(f"{FIELD}: config.json is not valid JSON") from None
     if not isinstance(raw, dict):
         raise errors.InvalidArgument(f"{FIELD}: config.json must hold a JSON object")
+    _check_hf_fields(raw)
     try:
         cfg = specs.model_config_from_hf(raw)
     except KeyError as e:
@@ -73,6 +74,40 @@ def config_of(path: Path) -> specs.ModelConfig:
     except (TypeError, ArithmeticError) as e:
         raise errors.InvalidArgument(f"{FIELD}: config.json: {str(e)[:200]}") from None
     return cfg
+
+
+_REQUIRED_INTS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "intermediate_size",
+    "vocab_size",
+)
+_OPTIONAL_INTS = ("num_key_value_heads", "max_position_embeddings", "head_dim")
+_OPTIONAL_NUMBERS = ("rope_theta", "rms_norm_eps", "attention_dropout")
+
+
+def _check_hf_fields(raw: dict) -> None:
+    """Every field model_config_from_hf reads, by its config.json name, before it reads it."""
+
+    def fail(name: str, what: str) -> None:
+        raise errors.InvalidArgument(
+            f"{FIELD}: config.json {name} must be {what}, got {errors.shown(raw.get(name))}"
+        )
+
+    for name in _REQUIRED_INTS + _OPTIONAL_INTS:
+        value = raw.get(name)
+        if value is None and name in _OPTIONAL_INTS:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 24:
+            fail(name, f"an integer between 1 and {1 << 24}")
+    for name in _OPTIONAL_NUMBERS:
+        value = raw.get(name)
+        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+            fail(name, "a number")
+    for name in ("rope_parameters", "rope_scaling"):
+        if raw.get(name) is not None and not isinstance(raw[name], dict):
+            fail(name, "an object")
 
 
 def resolve(
