@@ -730,6 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(
         prog="lmforge",
+        # `up --tls` must not read as an abbreviation of --tls-ca-file.
+        allow_abbrev=False,
         description="Train GPT-style language models on your own text and serve them over gRPC.",
         parents=[common],
         epilog="Exit codes: 0 ok, 1 error or failed job, 2 usage, 130 interrupted.",
