@@ -136,3 +136,41 @@ def test_a_poison_job_killing_its_worker_every_attempt_ends_failed(tmp_path):
         assert api.models.GetModel(S.GetModelRequest(id=job.model_id)).state == (
             S.MODEL_STATE_ABANDONED
         )
+
+
+def test_a_zombie_attempt_never_replaces_the_registered_models_files(store_and_settings, tmp_path):
+    from lmforge_server.artifacts import ArtifactStore
+
+    store, settings, ds = store_and_settings
+    artifacts = ArtifactStore(tmp_path / "artifacts")
+    job = _job(store, ds)
+    target = artifacts.model_dir(job.model_id)
+    zombie = store.acquire(job.id, "zombie", ttl_s=0.2, device="cpu")
+    time.sleep(0.3)  # the zombie stalls (GC pause, SIGSTOP); its lease lapses
+    assert store.recover_orphan(job.id, settings.max_attempts) == st.QUEUED
+    holder = store.acquire(job.id, "holder", ttl_s=30, device="cpu")
+    assert (zombie.attempt, holder.attempt) == (1, 2)
+
+    def export(attempt: int, text: str):
+        with artifacts.staging_dir(target, attempt) as tmp:
+            (tmp / "model.onnx").write_text(text)
+            return artifacts.publish(tmp, target, attempt)
+
+    # The zombie publishes first: it gets the model's directory, but cannot register it.
+    by_zombie = export(1, "zombie")
+    assert by_zombie == target
+    with pytest.raises(st.LeaseLost):
+        store.finish(job.id, 1, "zombie", st.SUCCEEDED, "zombie done")
+    # The holder's export goes beside it and is the one registered.
+    by_holder = export(2, "holder")
+    assert by_holder != target and (by_holder / "model.onnx").read_text() == "holder"
+    model = dataclasses.replace(store.model(job.model_id), state=st.MODEL_READY)
+    model.path = str(by_holder)
+    store.finish(job.id, 2, "holder", st.SUCCEEDED, "done", model=model)
+    artifacts.remove_other_exports(target, keep=by_holder)
+    assert not target.exists()
+    # A zombie that exports after the model is READY lands in its own directory.
+    late = export(1, "zombie again")
+    assert late != by_holder and (by_holder / "model.onnx").read_text() == "holder"
+    assert store.model(job.model_id).path == str(by_holder)
+    assert store.job(job.id).state == st.SUCCEEDED

@@ -184,8 +184,10 @@ def _train_export_register(
     settings, store, artifacts, job, token, device, hooks, training, export_onnx
 ) -> str | None:
     spec = JobSpec.from_dict(job.spec)
-    work_dir = artifacts.job_dir(job.id)
-    checkpoint_dir = work_dir / "checkpoints" / f"attempt-{job.attempt}"
+    # Each attempt has its own work directory (data, best weights): a zombie attempt that
+    # lost its lease never writes into the files of the attempt that holds it.
+    work_dir = artifacts.job_dir(job.id) / f"attempt-{job.attempt}"
+    checkpoint_dir = artifacts.job_dir(job.id) / "checkpoints" / f"attempt-{job.attempt}"
     resume_from = Path(job.checkpoint) if job.checkpoint else None
     init_dir = None
     if spec.training.init_from and resume_from is None:
@@ -223,15 +225,16 @@ def _train_export_register(
         "dataset_sha256": job.dataset_id,
         "stopped": result.status,
     }
-    with artifacts.atomic_dir(model_dir) as tmp:
+    with artifacts.staging_dir(model_dir, job.attempt) as tmp:
         training.finalize(result, spec, work_dir, tmp, metadata)
         parity = export_onnx(
             tmp, fp16=device.startswith("cuda"), parity_limit=settings.parity_limit
         )
         _merge_metadata(tmp / "metadata.json", {"onnx": parity})
         files = sorted(p.name for p in tmp.iterdir())
+        published = artifacts.publish(tmp, model_dir, job.attempt)
     if hooks.should_stop() == "cancel":
-        artifacts.remove(model_dir)
+        artifacts.remove(published)
         store.finish(job.id, job.attempt, token, st.CANCELLED, "cancelled during export")
         return st.CANCELLED
     prev = store.model(job.model_id)
@@ -244,7 +247,7 @@ def _train_export_register(
         state=st.MODEL_READY,
         spec=job.spec,
         parameters=job.parameters,
-        path=str(model_dir),
+        path=str(published),
         created_at=prev.created_at,
         metrics={
             "val_loss": result.best_val_loss,
@@ -255,7 +258,13 @@ def _train_export_register(
         dataset_sha256=job.dataset_id,
     )
     msg = f"model {model.name}@{model.version} ({model.id}) ready, best val loss {result.best_val_loss:.4f}"
-    store.finish(job.id, job.attempt, token, st.SUCCEEDED, msg, model=model)
+    try:
+        # Fenced: only the lease holder registers its export.
+        store.finish(job.id, job.attempt, token, st.SUCCEEDED, msg, model=model)
+    except st.LeaseLost:
+        artifacts.remove(published)
+        raise
+    artifacts.remove_other_exports(model_dir, keep=published)
     return st.SUCCEEDED
 
 
