@@ -174,3 +174,18 @@ def test_a_zombie_attempt_never_replaces_the_registered_models_files(store_and_s
     assert late != by_holder and (by_holder / "model.onnx").read_text() == "holder"
     assert store.model(job.model_id).path == str(by_holder)
     assert store.job(job.id).state == st.SUCCEEDED
+
+
+def test_staging_left_by_a_killed_earlier_attempt_is_removed(tmp_path):
+    from lmforge_server.artifacts import ArtifactStore
+
+    artifacts = ArtifactStore(tmp_path)
+    target = artifacts.model_dir("mdl_x")
+    with artifacts.staging_dir(target, 1) as killed:
+        (killed / "model.onnx").write_text("half")
+        # SIGKILL skips the cleanup: keep the directory under another staging name.
+        left = killed.rename(killed.parent / killed.name.replace("-mdl_x", "0-mdl_x"))
+    with artifacts.staging_dir(target, 2) as tmp:
+        assert not left.exists()
+        published = artifacts.publish(tmp, target, 2)
+    assert [p.name for p in target.parent.iterdir()] == ["mdl_x"] and published == target

@@ -78,6 +78,11 @@ class ArtifactStore:
         """A directory beside `target` for one attempt's export; removed on exit unless
         `publish` moved it into place."""
         target.parent.mkdir(parents=True, exist_ok=True)
+        # Staging left by earlier attempts that were killed mid-export.
+        for stale in target.parent.glob(f"{TMP_PREFIX}a*-*-{target.name}"):
+            earlier = stale.name[len(TMP_PREFIX) + 1 :].split("-", 1)[0]
+            if earlier.isdigit() and int(earlier) < attempt:
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = target.with_name(f"{TMP_PREFIX}a{attempt}-{uuid.uuid4().hex}-{target.name}")
         tmp.mkdir()
         try:
