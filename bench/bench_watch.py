@@ -86,7 +86,16 @@ def main() -> None:
             idle = _latencies(jobs, job.id, args.calls, args.timeout)
 
             # Idle watches on channels of their own (the job stays QUEUED: no worker).
-            watch_channels = [grpc.insecure_channel(stack.api_addr) for _ in range(4)]
+            # A connection carries at most 100 concurrent streams (the server's HTTP/2
+            # limit): one connection per 50 watches, not shared between channels.
+            n_channels = max(1, -(-args.watches // 50))
+            watch_channels = [
+                grpc.insecure_channel(
+                    stack.api_addr,
+                    options=[("grpc.use_local_subchannel_pool", 1), ("bench.channel", i)],
+                )
+                for i in range(n_channels)
+            ]
             streams, opened = [], threading.Semaphore(0)
 
             def drain(stream) -> None:
@@ -97,11 +106,15 @@ def main() -> None:
                     pass
 
             for i in range(args.watches):
-                stub = training_pb2_grpc.JobServiceStub(watch_channels[i % 4])
+                stub = training_pb2_grpc.JobServiceStub(watch_channels[i % n_channels])
                 stream = stub.WatchJob(training_pb2.WatchJobRequest(id=job.id), timeout=600)
                 streams.append(stream)
                 threading.Thread(target=drain, args=(stream,), daemon=True).start()
-            got = sum(opened.acquire(timeout=30) for _ in range(args.watches))
+            deadline = time.monotonic() + 60
+            got = sum(
+                opened.acquire(timeout=max(0.0, deadline - time.monotonic()))
+                for _ in range(args.watches)
+            )
             time.sleep(1.0)
             busy = _latencies(jobs, job.id, args.calls, args.timeout)
             for stream in streams:

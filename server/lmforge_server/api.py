@@ -326,7 +326,10 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         raise SystemExit("lmforge serve api needs a Redis: --redis-url or LMFORGE_REDIS_URL")
     keyring = transport.keyring_or_exit(settings, settings.api_addr)
     store = st.Store.from_url(settings.redis_url)
-    async_redis = aredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    # An open watch holds one connection while it waits: room for every RPC in flight.
+    async_redis = aredis.Redis.from_url(
+        settings.redis_url, decode_responses=True, max_connections=settings.max_concurrent_rpcs
+    )
     artifacts = ArtifactStore(settings.artifacts_dir)
     celery = make_celery(settings)
     pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="api-redis")
