@@ -189,3 +189,31 @@ def test_staging_left_by_a_killed_earlier_attempt_is_removed(tmp_path):
         assert not left.exists()
         published = artifacts.publish(tmp, target, 2)
     assert [p.name for p in target.parent.iterdir()] == ["mdl_x"] and published == target
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_progress_during_a_redis_outage_is_kept_and_written_when_it_is_back(tmp_path):
+    settings = make_settings(tmp_path, lease_ttl_s=15.0)
+    with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
+        api = Api(ch)
+        ds = api.upload(SMALL_CORPUS.encode())
+        job = api.create(ds.id, max_steps=300, log_interval=1, checkpoint_interval=10_000)
+        api.wait_for(job.id, lambda j: j.progress.step >= 20)
+        time.sleep(1.2)  # AOF is fsynced every second
+        stack.redis.stop()  # graceful: the AOF is complete
+        time.sleep(2.0)  # the worker trains on; its progress has nowhere to go
+        stack.redis.start()  # same port, same directory
+        done = api.wait_terminal(job.id, timeout=300)
+        assert done.state == S.JOB_STATE_SUCCEEDED and done.attempt == 1, done.error
+        events = api.events(job.id)
+        steps = [e.progress.step for e in events if e.type == S.JOB_EVENT_TYPE_PROGRESS]
+        first = steps[0]
+        # One event per step, none lost in the outage, in order.
+        assert steps == list(range(first, 301)), [
+            (a, b) for a, b in zip(steps, steps[1:], strict=False) if b != a + 1
+        ][:5]
+        times = [e.time.ToNanoseconds() for e in events if e.type == S.JOB_EVENT_TYPE_PROGRESS]
+        assert times == sorted(times)  # kept events carry the time they happened
+        worker_log = next(c for c in stack.children if c.role == "worker").log_tail(200_000)
+        assert "Redis unreachable" in worker_log and "keeping progress" in worker_log

@@ -197,13 +197,13 @@ class DatasetService(_Base, training_pb2_grpc.DatasetServiceServicer):
         self.artifacts = artifacts
 
     async def UploadDataset(self, request_iterator, context):
-        rec = await datasets.ingest(
-            self.store,
-            self.artifacts,
-            self.pool,
+        quota = datasets.Quota(
             self.settings.max_upload_bytes,
-            self.owner,
-            request_iterator,
+            self.settings.max_datasets_per_owner,
+            self.settings.max_stored_bytes_per_owner,
+        )
+        rec = await datasets.ingest(
+            self.store, self.artifacts, self.pool, quota, self.owner, request_iterator
         )
         return dataset_pb(rec)
 
@@ -325,7 +325,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     if not settings.redis_url:
         raise SystemExit("lmforge serve api needs a Redis: --redis-url or LMFORGE_REDIS_URL")
     keyring = transport.keyring_or_exit(settings, settings.api_addr)
-    store = st.Store.from_url(settings.redis_url)
+    store = st.Store.from_url(settings.redis_url, retention_s=settings.job_retention_s)
     # An open watch holds one connection while it waits: room for every RPC in flight.
     async_redis = aredis.Redis.from_url(
         settings.redis_url, decode_responses=True, max_connections=settings.max_concurrent_rpcs

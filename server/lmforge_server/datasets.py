@@ -15,6 +15,7 @@ import hashlib
 import re
 import time
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge_server import errors
@@ -84,10 +85,18 @@ def check_header(header, limit: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Quota:
+    max_upload_bytes: int
+    max_datasets: int = 0
+    max_bytes: int = 0
+
+
 async def ingest(
-    store: st.Store, artifacts: ArtifactStore, pool: Executor, limit: int, owner: str, requests
+    store: st.Store, artifacts: ArtifactStore, pool: Executor, quota: Quota, owner: str, requests
 ) -> st.DatasetRecord:
     """Consumes an upload stream of UploadDatasetRequest messages; returns the record."""
+    limit = quota.max_upload_bytes
     loop = asyncio.get_running_loop()
     tmp_dir = artifacts.path("datasets", owner)
     await loop.run_in_executor(pool, lambda: tmp_dir.mkdir(parents=True, exist_ok=True))
@@ -135,7 +144,9 @@ async def ingest(
                 created_at=time.time(),
                 path=str(final),
             )
-            return store.put_dataset(rec)
+            return store.put_dataset(
+                rec, max_datasets=quota.max_datasets, max_bytes=quota.max_bytes
+            )
 
         return await loop.run_in_executor(pool, commit)
     finally:

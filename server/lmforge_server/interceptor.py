@@ -12,11 +12,13 @@ Health and reflection pass through untouched.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import logging
 import secrets
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 
 import grpc
 import redis
@@ -78,6 +80,33 @@ async def _checked_stream(requests):
         yield request
 
 
+class OwnerLimit:
+    """At most `limit` calls in flight per tenant for the methods whose names start with
+    `prefix` (e.g. concurrent generation streams); `setting` names the limit."""
+
+    def __init__(self, prefix: str, limit: int, setting: str):
+        self.prefix, self.limit, self.setting = prefix, limit, setting
+        self.open: Counter[str] = Counter()
+
+    def applies(self, method: str) -> bool:
+        return method.rpartition("/")[2].startswith(self.prefix)
+
+    @contextlib.contextmanager
+    def slot(self, tenant: str) -> Iterator[None]:
+        if self.open[tenant] >= self.limit:
+            raise errors.ResourceExhausted(
+                f"{self.open[tenant]} {self.prefix} calls in flight; the limit per owner is"
+                f" {self.limit} ({self.setting})"
+            )
+        self.open[tenant] += 1
+        try:
+            yield
+        finally:
+            self.open[tenant] -= 1
+            if not self.open[tenant]:
+                del self.open[tenant]
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Auth, scopes and the exception -> status mapping for one server.
 
@@ -89,9 +118,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self,
         keyring: Keyring,
         statuses: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (),
+        per_owner: OwnerLimit | None = None,
     ):
         self.keyring = keyring
         self.statuses = statuses
+        self.per_owner = per_owner
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -109,8 +140,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             (False, True): grpc.unary_stream_rpc_method_handler,
             (True, False): grpc.stream_unary_rpc_method_handler,
         }[(handler.request_streaming, handler.response_streaming)]
+        limit = self.per_owner if self.per_owner and self.per_owner.applies(method) else None
         return factory(
-            wrap(behavior, metadata, scope, method, handler.request_streaming),
+            wrap(behavior, metadata, scope, method, handler.request_streaming, limit),
             request_deserializer=_safe_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
@@ -127,26 +159,28 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         _check_decoded(request)
         return request
 
-    def _wrap_unary(self, behavior, metadata, scope, method, streaming):
+    def _wrap_unary(self, behavior, metadata, scope, method, streaming, limit):
         async def unary(request, context):
             try:
                 request = self._enter(metadata, scope, request, streaming)
-                return await behavior(request, context)
+                with limit.slot(caller().tenant) if limit else contextlib.nullcontext():
+                    return await behavior(request, context)
             except Exception as e:
                 await self._abort(context, e, method)
 
         return unary
 
-    def _wrap_stream(self, behavior, metadata, scope, method, streaming):
+    def _wrap_stream(self, behavior, metadata, scope, method, streaming, limit):
         async def stream(request, context):
             try:
                 request = self._enter(metadata, scope, request, streaming)
-                result = behavior(request, context)
-                if inspect.isasyncgen(result):
-                    async for message in result:
-                        yield message
-                else:
-                    await result
+                with limit.slot(caller().tenant) if limit else contextlib.nullcontext():
+                    result = behavior(request, context)
+                    if inspect.isasyncgen(result):
+                        async for message in result:
+                            yield message
+                    else:
+                        await result
             except Exception as e:
                 await self._abort(context, e, method)
 

@@ -53,6 +53,13 @@ class Settings:
     max_watches_per_owner: int = 100
     # RPCs in flight per server; more are answered RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 1000
+    # Generate/GenerateStream calls in flight per owner, per inference server.
+    max_generations_per_owner: int = 64
+    # Datasets and their bytes stored per owner.
+    max_datasets_per_owner: int = 1000
+    max_stored_bytes_per_owner: int = 100 << 30
+    # Finished jobs (records and events) are kept this long (0: forever).
+    job_retention_s: float = 30 * 24 * 3600.0
     max_upload_bytes: int = 1 << 30
     max_queued_jobs_per_owner: int = 100
     # A worker's lease on a job lasts this long without a heartbeat.

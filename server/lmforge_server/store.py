@@ -8,6 +8,7 @@ Keys (prefix `lmf:`):
                                        jobs:active:<owner>     the same, per owner
   idem:<owner>:<request_id>  job id    lease:<job id>          "<attempt>:<token>", PX ttl
   model:<id>                 hash      models:<owner>          zset (created_at)
+  bytes:<owner>              bytes of the owner's datasets (quota)
   modelname:<owner>:<name>   zset version -> model id          modelver:<owner>:<name> counter
 """
 
@@ -188,29 +189,65 @@ return 0
 class Store:
     """All records of all owners; every read takes the caller's owner and hides the rest."""
 
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: redis.Redis, *, retention_s: float = 0.0):
         self.r = client
+        # Finished jobs' records and events expire this long after they end (0: never).
+        self.retention_s = retention_s
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
     @classmethod
-    def from_url(cls, url: str) -> Store:
+    def from_url(cls, url: str, *, retention_s: float = 0.0) -> Store:
         return cls(
             redis.Redis.from_url(
                 url, decode_responses=True, health_check_interval=30, socket_keepalive=True
-            )
+            ),
+            retention_s=retention_s,
         )
+
+    def _expire_cmd(self, pipe, job_id: str) -> None:
+        if self.retention_s > 0:
+            ttl = max(1, int(self.retention_s))
+            pipe.expire(f"{P}job:{job_id}", ttl)
+            pipe.expire(f"{P}job:{job_id}:events", ttl)
 
     # ------------------------------------------------------------ datasets
 
-    def put_dataset(self, rec: DatasetRecord) -> DatasetRecord:
-        """Registers a dataset; the same content for the same owner returns the first record."""
+    def dataset_usage(self, owner: str) -> tuple[int, int]:
+        """(datasets, bytes) the owner stores."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zcard(f"{P}datasets:{owner}")
+        pipe.get(f"{P}bytes:{owner}")
+        count, used = pipe.execute()
+        return int(count), int(used or 0)
+
+    def put_dataset(
+        self, rec: DatasetRecord, *, max_datasets: int = 0, max_bytes: int = 0
+    ) -> DatasetRecord:
+        """Registers a dataset; the same content for the same owner returns the first record.
+
+        Raises errors.ResourceExhausted when a new dataset would exceed the owner's quotas
+        (0: no limit)."""
         key = f"{P}dataset:{rec.owner}:{rec.id}"
+        if self.r.exists(key):
+            return self.get_dataset(rec.owner, rec.id)
+        count, used = self.dataset_usage(rec.owner)
+        if max_datasets and count >= max_datasets:
+            raise errors.ResourceExhausted(
+                f"datasets: {count} stored; the limit per owner is {max_datasets}"
+                " (max_datasets_per_owner)"
+            )
+        if max_bytes and used + rec.size_bytes > max_bytes:
+            raise errors.ResourceExhausted(
+                f"size_bytes: {used} bytes stored, {rec.size_bytes} more would exceed the"
+                f" limit per owner of {max_bytes} (max_stored_bytes_per_owner)"
+            )
         if not self.r.hsetnx(key, "id", rec.id):
             return self.get_dataset(rec.owner, rec.id)
         pipe = self.r.pipeline()
         pipe.hset(key, mapping=_encode(rec))
         pipe.zadd(f"{P}datasets:{rec.owner}", {rec.id: rec.created_at})
+        pipe.incrby(f"{P}bytes:{rec.owner}", rec.size_bytes)
         pipe.execute()
         return rec
 
@@ -233,6 +270,7 @@ class Store:
         pipe = self.r.pipeline()
         pipe.delete(f"{P}dataset:{owner}:{dataset_id}")
         pipe.zrem(f"{P}datasets:{owner}", dataset_id)
+        pipe.decrby(f"{P}bytes:{owner}", rec.size_bytes)
         pipe.execute()
         return rec
 
@@ -314,7 +352,14 @@ class Store:
         """Newest first; returns the page and the next offset (None at the end)."""
         if state is None:
             ids = self.r.zrevrange(f"{P}jobs:{owner}", offset, offset + limit)
-            jobs = [self.job(i) for i in ids[:limit]]
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in ids[:limit]:
+                pipe.hgetall(f"{P}job:{job_id}")
+            raws = pipe.execute()
+            expired = [i for i, raw in zip(ids, raws, strict=False) if not raw]
+            if expired:  # past the retention: their index entries go too
+                self.r.zrem(f"{P}jobs:{owner}", *expired)
+            jobs = [_decode(JobRecord, raw) for raw in raws if raw]
             return jobs, (offset + limit if len(ids) > limit else None)
         matching = [j for j in self._iter_jobs(owner) if j.state == state]
         page = matching[offset : offset + limit]
@@ -339,6 +384,7 @@ class Store:
                         pipe.srem(f"{P}jobs:active:{owner}", job_id)
                         pipe.hset(f"{P}model:{job.model_id}", "state", MODEL_ABANDONED)
                         self._event_cmd(pipe, job_id, "STATE", CANCELLED, "cancelled while queued")
+                        self._expire_cmd(pipe, job_id)
                     else:
                         pipe.hset(key, mapping={"state": CANCELLING, "cancel_requested": "1"})
                         self._event_cmd(pipe, job_id, "STATE", CANCELLING, "cancel requested")
@@ -357,13 +403,14 @@ class Store:
         state: str,
         message: str = "",
         progress: dict | None = None,
+        at: float | None = None,
     ) -> None:
         pipe.xadd(
             f"{P}job:{job_id}:events",
             {
                 "type": type_,
                 "state": state,
-                "time": f"{time.time():.6f}",
+                "time": f"{at or time.time():.6f}",
                 "message": message,
                 "progress": json.dumps(progress or {}),
                 "terminal": "1" if (type_ == "STATE" and state in TERMINAL) else "0",
@@ -470,11 +517,15 @@ class Store:
                 except redis.WatchError:
                     continue
 
-    def record_progress(self, job_id, attempt, token, progress: dict, type_="PROGRESS", msg=""):
+    def record_progress(
+        self, job_id, attempt, token, progress: dict, type_="PROGRESS", msg="", at=None
+    ):
+        """`at`: when it happened (events kept through a Redis outage are written later)."""
+
         def write(pipe, job):
             merged = {**job.progress, **progress}
             pipe.hset(f"{P}job:{job_id}", "progress", json.dumps(merged))
-            self._event_cmd(pipe, job_id, type_, job.state, msg, merged)
+            self._event_cmd(pipe, job_id, type_, job.state, msg, merged, at=at)
 
         self.fenced(job_id, attempt, token, write)
 
@@ -509,6 +560,7 @@ class Store:
         else:
             pipe.hset(f"{P}model:{job.model_id}", "state", MODEL_ABANDONED)
         self._event_cmd(pipe, job.id, "STATE", state, message, job.progress)
+        self._expire_cmd(pipe, job.id)
 
     def finish(
         self,

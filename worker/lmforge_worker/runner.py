@@ -8,12 +8,14 @@ is fenced, so a worker that lost its lease cannot overwrite the new holder's pro
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import secrets
 import socket
 import threading
+import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -79,11 +81,21 @@ class _Heartbeat(threading.Thread):
         self._stop.set()
 
 
+# Progress events kept while Redis is unreachable (about an hour of one event a second).
+MAX_PENDING_EVENTS = 4096
+
+
 class _Hooks:
-    """The training loop's view of the job: progress out, stop requests in."""
+    """The training loop's view of the job: progress out, stop requests in.
+
+    Progress events that cannot be written while Redis is down are kept, in order and with
+    their own timestamps, and written once it is back (the oldest are dropped past
+    MAX_PENDING_EVENTS).
+    """
 
     def __init__(self, store: st.Store, job: st.JobRecord, token: str, beat: _Heartbeat):
         self.store, self.job, self.token, self.beat = store, job, token, beat
+        self.pending: collections.deque = collections.deque(maxlen=MAX_PENDING_EVENTS)
 
     def should_stop(self) -> str | None:
         if self.beat.cancel.is_set():
@@ -93,14 +105,26 @@ class _Hooks:
         return None
 
     def _write(self, progress: dict, type_: str = "PROGRESS", msg: str = "") -> None:
+        self.pending.append((progress, type_, msg, time.time()))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Writes the kept events in order; False while Redis is still unreachable."""
         try:
-            self.store.record_progress(
-                self.job.id, self.job.attempt, self.token, progress, type_, msg
-            )
+            while self.pending:
+                progress, type_, msg, at = self.pending[0]
+                self.store.record_progress(
+                    self.job.id, self.job.attempt, self.token, progress, type_, msg, at=at
+                )
+                self.pending.popleft()
         except st.LeaseLost:
             self.beat.lost.set()
-        except redis.RedisError as e:  # progress is best effort; training goes on
-            log.warning("job %s: progress not recorded: %s", self.job.id, e)
+            self.pending.clear()
+        except redis.RedisError as e:  # training goes on; the events wait for Redis
+            if len(self.pending) == 1:
+                log.warning("job %s: Redis unreachable (%s); keeping progress", self.job.id, e)
+            return False
+        return True
 
     def on_progress(self, p) -> None:
         d = asdict(p) if is_dataclass(p) else dict(p)
@@ -203,6 +227,7 @@ def _train_export_register(
         init_weights_dir=init_dir,
         torch_threads=settings.torch_threads,
     )
+    hooks.flush()  # progress kept during a Redis outage comes before the end
     if result.status == "cancelled":
         store.finish(job.id, job.attempt, token, st.CANCELLED, f"cancelled at step {result.steps}")
         return st.CANCELLED

@@ -20,7 +20,7 @@ from lmforge_server.inference.engine import Engine
 from lmforge_server.inference.resolver import DirectoryResolver, ModelResolver
 from lmforge_server.inference.service import _STATUS as ENGINE_STATUSES
 from lmforge_server.inference.service import InferenceService
-from lmforge_server.interceptor import ServiceInterceptor
+from lmforge_server.interceptor import OwnerLimit, ServiceInterceptor
 from lmforge_server.lifecycle import run_until_signalled
 from lmforge_server.settings import Settings
 
@@ -47,7 +47,15 @@ class InferenceServer:
         keyring = transport.keyring_or_exit(settings, settings.inference_addr)
         self.engine = Engine(settings, resolver or default_resolver(settings), **engine_kw)
         self.server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(keyring, statuses=tuple(ENGINE_STATUSES))],
+            interceptors=[
+                ServiceInterceptor(
+                    keyring,
+                    statuses=tuple(ENGINE_STATUSES),
+                    per_owner=OwnerLimit(
+                        "Generate", settings.max_generations_per_owner, "max_generations_per_owner"
+                    ),
+                )
+            ],
             options=[
                 ("grpc.max_receive_message_length", 8 << 20),
                 ("grpc.keepalive_time_ms", 30_000),
