@@ -9,7 +9,7 @@ import grpc
 import pytest
 from conftest import Api, make_settings
 
-from lmforge.v1 import training_pb2
+from lmforge.v1 import inference_pb2, training_pb2
 from lmforge_server import store as st
 from lmforge_server.stack import Stack
 
@@ -78,3 +78,66 @@ def test_finished_jobs_expire_after_the_retention_and_leave_lists_clean(redis_se
     assert [j.id for j in listed] == [jobs[1].id]
     with pytest.raises(st.NotFound):
         store.get_job("o", jobs[0].id)
+
+
+def test_concurrent_generations_are_capped_per_tenant(tmp_path):
+    from _tiny_models import build_cycle_model_dir
+
+    settings = make_settings(
+        tmp_path,
+        api_keys={"k-a": "alice", "k-b": "bob"},
+        max_generations_per_owner=1,
+        max_new_tokens_limit=4000,
+    )
+    with Stack(settings, worker=False) as s:
+        store = st.Store.from_url(s.settings.redis_url)
+        model_dir = build_cycle_model_dir(tmp_path / "models" / "cyc", b"abc", context_length=4096)
+        for owner in ("alice", "bob"):
+            rec = st.ModelRecord(
+                id=f"mdl_{owner}",
+                owner=owner,
+                name="cyc",
+                version=1,
+                job_id="job_none",
+                state=st.MODEL_READY,
+                spec={"model": {}},
+                parameters={},
+                path=str(model_dir),
+                created_at=time.time(),
+            )
+            store.r.hset(f"{st.P}model:{rec.id}", mapping=st._encode(rec))
+            store.r.zadd(f"{st.P}modelname:{owner}:cyc", {rec.id: 1})
+        with grpc.insecure_channel(s.inference_addr) as ch:
+            kw = dict(
+                request_serializer=inference_pb2.GenerateRequest.SerializeToString,
+                response_deserializer=inference_pb2.GenerateStreamResponse.FromString,
+            )
+            stream_call = ch.unary_stream("/lmforge.v1.InferenceService/GenerateStream", **kw)
+            unary = ch.unary_unary(
+                "/lmforge.v1.InferenceService/Generate",
+                request_serializer=inference_pb2.GenerateRequest.SerializeToString,
+                response_deserializer=inference_pb2.GenerateResponse.FromString,
+            )
+            long = inference_pb2.GenerateRequest(
+                model="cyc",
+                prompt="a",
+                sampling=inference_pb2.SamplingParams(max_new_tokens=4000, temperature=0),
+            )
+            short = inference_pb2.GenerateRequest(
+                model="cyc", prompt="a", sampling=inference_pb2.SamplingParams(max_new_tokens=2)
+            )
+            alice = (("authorization", "Bearer k-a"),)
+            stream = stream_call(long, metadata=alice, timeout=60)
+            next(stream)  # alice's one generation is running
+            code, details = _code(unary, short, metadata=alice, timeout=30)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_generations_per_owner" in details and "1" in details
+            bob = (("authorization", "Bearer k-b"),)
+            assert unary(short, metadata=bob, timeout=30).usage.completion_tokens == 2
+            stream.cancel()
+            for _ in range(100):  # the slot comes back once the cancelled stream ends
+                if _code(unary, short, metadata=alice, timeout=30)[0] == grpc.StatusCode.OK:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("a cancelled generation never gave its slot back")
