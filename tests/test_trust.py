@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -422,3 +423,26 @@ def test_redis_outage_is_unavailable_with_no_internal_detail(tmp_path):
 def test_store_not_found_is_both_a_service_error_and_a_key_error():
     e = st.NotFound("job 'x' not found")
     assert isinstance(e, KeyError) and str(e) == "job 'x' not found"
+
+
+def test_rpcs_in_flight_are_bounded_per_server(tmp_path):
+    settings = make_settings(tmp_path, max_concurrent_rpcs=2)
+    with Stack(settings, inference=False, worker=False) as s:
+        with grpc.insecure_channel(s.api_addr) as channel:
+            api = Api(channel)
+            job = api.create(api.upload(b"words " * 100).id, max_steps=5)
+            watches = [
+                api.jobs.WatchJob(S.WatchJobRequest(id=job.id), timeout=30) for _ in range(2)
+            ]
+            for w in watches:
+                next(w)  # both are open and waiting for the next event
+            code, _ = code_of(api.get, job.id)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for w in watches:
+                w.cancel()
+            for _ in range(50):
+                if code_of(api.get, job.id)[0] == grpc.StatusCode.OK:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("the server never took calls again")
