@@ -126,6 +126,12 @@ class _Hooks:
             return False
         return True
 
+    def drain(self, within_s: float) -> None:
+        """Writes the kept events, waiting up to `within_s` for Redis to come back."""
+        deadline = time.monotonic() + within_s
+        while not self.flush() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
     def on_progress(self, p) -> None:
         d = asdict(p) if is_dataclass(p) else dict(p)
         if "lr" in d:
@@ -227,7 +233,9 @@ def _train_export_register(
         init_weights_dir=init_dir,
         torch_threads=settings.torch_threads,
     )
-    hooks.flush()  # progress kept during a Redis outage comes before the end
+    # Progress kept during a Redis outage comes before the end; a short outage is waited
+    # out here rather than giving the job back.
+    hooks.drain(settings.lease_ttl_s / 2)
     if result.status == "cancelled":
         store.finish(job.id, job.attempt, token, st.CANCELLED, f"cancelled at step {result.steps}")
         return st.CANCELLED
