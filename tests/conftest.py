@@ -33,6 +33,9 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
         # Long enough that a heartbeat starved on a loaded CI machine keeps its lease.
         lease_ttl_s=5.0,
         reaper_interval_s=0.5,
+        # A 2 s lease can lapse on a loaded CI machine (an ONNX export holds the CPU); such
+        # a job is requeued and resumed. Poison-job tests set max_attempts themselves.
+        max_attempts=20,
         torch_threads=1,
         device="cpu",
         inference_device="cpu",
@@ -50,7 +53,10 @@ def redis_server(tmp_path) -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Iterator[Stack]:
     """One whole stack (Redis, API, inference, one worker) shared by the session's tests."""
-    settings = make_settings(tmp_path_factory.mktemp("stack"))
+    # init_from may name directories under base-models/ (the operator's allow-list).
+    root = tmp_path_factory.mktemp("stack")
+    settings = make_settings(root, base_model_dirs=[str(root / "base-models")])
+    (root / "base-models").mkdir()
     with Stack(settings) as s:
         yield s
 

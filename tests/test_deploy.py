@@ -209,3 +209,27 @@ def test_k8s_probes_use_grpc_health_on_the_listening_port(manifests):
                 assert [p["containerPort"] for p in c["ports"]] == [expected[role]]
             if role == "worker":
                 assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+# ---------------------------------------------------------------- keys (issue 8)
+
+
+def test_deployed_servers_on_public_addresses_read_keys_from_a_mounted_secret(compose, manifests):
+    """The servers refuse 0.0.0.0 without keys: every deploy mounts the key file."""
+    for name in ("api", "inference"):
+        service = compose["services"][name]
+        path = service["environment"]["LMFORGE_API_KEYS_FILE"]
+        (secret,) = service["secrets"]
+        assert path == f"/run/secrets/{secret}"
+        assert compose["secrets"][secret]["file"]  # a file the operator must provide
+        assert "allow-unauthenticated" not in " ".join(service["command"])
+    for workload in workloads(manifests).values():
+        spec = workload["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            if c.get("args", [""])[-1] not in ("api", "inference"):
+                continue
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            path = env["LMFORGE_API_KEYS_FILE"]
+            mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+            volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+            assert volume["secret"]["secretName"] and not volume["secret"].get("optional")

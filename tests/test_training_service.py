@@ -229,7 +229,7 @@ def test_fine_tuning_starts_from_a_registered_model_and_deleting_it_removes_its_
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_fine_tuning_starts_from_a_local_hugging_face_llama_directory(api, small_dataset, tmp_path):
+def test_fine_tuning_starts_from_a_local_hugging_face_llama_directory(api, small_dataset, stack):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -248,6 +248,7 @@ def test_fine_tuning_starts_from_a_local_hugging_face_llama_directory(api, small
     )
     torch.manual_seed(0)
     hf = LlamaForCausalLM(cfg)
+    tmp_path = Path(stack.settings.base_model_dirs[0])  # the server's allow-list
     hf.save_pretrained(tmp_path / "hf")
     save_tokenizer(tok, tmp_path / "hf" / "tokenizer.json")
 
@@ -260,7 +261,7 @@ def test_fine_tuning_starts_from_a_local_hugging_face_llama_directory(api, small
 
     with pytest.raises(grpc.RpcError) as e:
         api.create(small_dataset.id, init_from=str(tmp_path / "missing"))
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "spec.training.init_from" in e.value.details()
 
 

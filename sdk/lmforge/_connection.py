@@ -43,6 +43,9 @@ class ConnectionConfig:
     timeout: float | None
     tls_ca_file: str | None
     retry: RetryPolicy
+    # mTLS: the client's certificate chain and key (PEM), for servers that require one.
+    tls_client_cert_file: str | None = None
+    tls_client_key_file: str | None = None
 
     @classmethod
     def resolve(
@@ -55,9 +58,12 @@ class ConnectionConfig:
         tls_ca_file: str | os.PathLike[str] | None = None,
         retry: RetryPolicy | None = None,
         env: Mapping[str, str] | None = None,
+        tls_client_cert_file: str | os.PathLike[str] | None = None,
+        tls_client_key_file: str | os.PathLike[str] | None = None,
     ) -> ConnectionConfig:
-        """Arguments first, then LMFORGE_API_ADDR, LMFORGE_INFERENCE_ADDR, LMFORGE_API_KEY and
-        LMFORGE_TLS_CA_FILE, then the local defaults."""
+        """Arguments first, then LMFORGE_API_ADDR, LMFORGE_INFERENCE_ADDR, LMFORGE_API_KEY,
+        LMFORGE_TLS_CA_FILE, LMFORGE_TLS_CLIENT_CERT_FILE and LMFORGE_TLS_CLIENT_KEY_FILE,
+        then the local defaults."""
         env = os.environ if env is None else env
         return cls(
             api_addr=api_addr or env.get("LMFORGE_API_ADDR") or DEFAULT_API_ADDR,
@@ -68,6 +74,14 @@ class ConnectionConfig:
             timeout=timeout,
             tls_ca_file=str(tls_ca_file or env.get("LMFORGE_TLS_CA_FILE") or "") or None,
             retry=retry or RetryPolicy(),
+            tls_client_cert_file=str(
+                tls_client_cert_file or env.get("LMFORGE_TLS_CLIENT_CERT_FILE") or ""
+            )
+            or None,
+            tls_client_key_file=str(
+                tls_client_key_file or env.get("LMFORGE_TLS_CLIENT_KEY_FILE") or ""
+            )
+            or None,
         )
 
     @staticmethod
@@ -82,7 +96,16 @@ class ConnectionConfig:
         return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
 
     def credentials(self) -> grpc.ChannelCredentials | None:
-        """TLS credentials trusting the CA file, or None for a plaintext channel."""
-        if not self.tls_ca_file:
+        """TLS credentials trusting the CA file (with the client certificate for mTLS when
+        one is set), or None for a plaintext channel."""
+        if not self.tls_ca_file and not self.tls_client_cert_file:
             return None
-        return grpc.ssl_channel_credentials(root_certificates=Path(self.tls_ca_file).read_bytes())
+
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.tls_ca_file),
+            private_key=read(self.tls_client_key_file),
+            certificate_chain=read(self.tls_client_cert_file),
+        )

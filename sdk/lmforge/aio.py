@@ -340,6 +340,8 @@ class AsyncClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         tls_ca_file: str | None = None,
         retry: RetryPolicy | None = None,
+        tls_client_cert_file: str | None = None,
+        tls_client_key_file: str | None = None,
     ):
         self._config = ConnectionConfig.resolve(
             api_addr=api_addr,
@@ -348,6 +350,8 @@ class AsyncClient:
             timeout=timeout,
             tls_ca_file=tls_ca_file,
             retry=retry,
+            tls_client_cert_file=tls_client_cert_file,
+            tls_client_key_file=tls_client_key_file,
         )
         # grpc.aio channels belong to the event loop they are made in, so they are made on
         # first use: an AsyncClient may be built before `asyncio.run`.

@@ -360,6 +360,8 @@ class Client:
         timeout: float | None = DEFAULT_TIMEOUT,
         tls_ca_file: str | None = None,
         retry: RetryPolicy | None = None,
+        tls_client_cert_file: str | None = None,
+        tls_client_key_file: str | None = None,
     ):
         self._config = ConnectionConfig.resolve(
             api_addr=api_addr,
@@ -368,6 +370,8 @@ class Client:
             timeout=timeout,
             tls_ca_file=tls_ca_file,
             retry=retry,
+            tls_client_cert_file=tls_client_cert_file,
+            tls_client_key_file=tls_client_key_file,
         )
         self._api_channel = _channel(self._config, self._config.api_addr)
         self._inference_channel = _channel(self._config, self._config.inference_addr)

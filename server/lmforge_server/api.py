@@ -1,47 +1,43 @@
 """The training API server (grpc.aio): datasets, jobs, models, watch.
 
-Servicers are thin: check the caller and the request, call the store, convert back. Redis
-calls run in a thread pool of their own so a slow call never stalls the event loop.
+Servicers are thin: turn the request into plain values, call the core (lmforge_server.jobs,
+datasets, basemodels, watch, reaper, store), convert the result back. Authentication,
+scopes and exception -> status live once, in lmforge_server.interceptor. Blocking Redis
+calls run in a thread pool of their own; WatchJob uses redis.asyncio (no thread per stream).
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
-import contextlib
 import functools
-import hashlib
-import json
 import logging
 import re
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
+import redis.asyncio as aredis
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lmforge.v1 import common_pb2, training_pb2, training_pb2_grpc
-from lmforge_server import metrics, specs
+from lmforge_server import datasets, jobs, metrics, reaper, transport, watch
 from lmforge_server import store as st
-from lmforge_server.artifacts import TMP_PREFIX, ArtifactStore
-from lmforge_server.auth import AuthError, owner_from_metadata
+from lmforge_server.artifacts import ArtifactStore
+from lmforge_server.errors import InvalidArgument
+from lmforge_server.interceptor import ServiceInterceptor, caller
 from lmforge_server.lifecycle import run_until_signalled
 from lmforge_server.settings import Settings
-from lmforge_server.taskqueue import enqueue_training, make_celery
+from lmforge_server.taskqueue import make_celery
 
 log = logging.getLogger("lmforge.api")
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-EVENT_ID_RE = re.compile(r"^\d+-\d+$")
-MAX_REQUEST_ID = 128
+PAGE_TOKEN_RE = re.compile(r"\Ao([0-9]{1,15})\Z")
 
 _STATE = training_pb2.JobState
 _EVENT = training_pb2.JobEventType
@@ -161,23 +157,15 @@ def _set_fields(msg) -> dict[str, Any]:
 # ------------------------------------------------------------------ request plumbing
 
 
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
 def _page(page_size: int, page_token: str) -> tuple[int, int]:
     if page_size < 0 or page_size > MAX_PAGE_SIZE:
-        raise _Abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"page_size: must be between 0 and {MAX_PAGE_SIZE}, got {page_size}",
-        )
+        raise InvalidArgument(f"page_size: must be between 0 and {MAX_PAGE_SIZE}, got {page_size}")
     offset = 0
     if page_token:
-        if not page_token.startswith("o") or not page_token[1:].isdigit():
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "page_token: not a token we issued")
-        offset = int(page_token[1:])
+        m = PAGE_TOKEN_RE.match(page_token)
+        if not m:
+            raise InvalidArgument("page_token: not a token we issued")
+        offset = int(m[1])
     return page_size or DEFAULT_PAGE_SIZE, offset
 
 
@@ -185,40 +173,15 @@ def _next_token(offset: int | None) -> str:
     return "" if offset is None else f"o{offset}"
 
 
-def _require_id(request) -> None:
-    """Requests that name a record by `id` must name one."""
-    if "id" in request.DESCRIPTOR.fields_by_name and not request.id:
-        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "id: required")
-
-
-def rpc(method: Callable) -> Callable:
-    """Runs a unary handler with the caller's owner; maps store errors to gRPC statuses."""
-
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        try:
-            owner = self.owner(context)
-            _require_id(request)
-            return await method(self, owner, request, context)
-        except _Abort as e:
-            await context.abort(e.code, e.message)
-        except st.NotFound as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
-        except st.Conflict as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-
-    return wrapper
-
-
 class _Base:
+    """What every servicer shares: settings, the store and a thread pool for its calls."""
+
     def __init__(self, settings: Settings, store: st.Store, pool: ThreadPoolExecutor):
         self.settings, self.store, self.pool = settings, store, pool
 
-    def owner(self, context) -> str:
-        try:
-            return owner_from_metadata(context.invocation_metadata(), self.settings.api_keys)
-        except AuthError as e:
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, str(e)) from None
+    @property
+    def owner(self) -> str:
+        return caller().tenant
 
     async def call(self, fn: Callable, *args, **kwargs):
         loop = asyncio.get_running_loop()
@@ -234,130 +197,30 @@ class DatasetService(_Base, training_pb2_grpc.DatasetServiceServicer):
         self.artifacts = artifacts
 
     async def UploadDataset(self, request_iterator, context):
-        try:
-            owner = self.owner(context)
-            return await self._upload(owner, request_iterator)
-        except _Abort as e:
-            await context.abort(e.code, e.message)
+        quota = datasets.Quota(
+            self.settings.max_upload_bytes,
+            self.settings.max_datasets_per_owner,
+            self.settings.max_stored_bytes_per_owner,
+        )
+        rec = await datasets.ingest(
+            self.store, self.artifacts, self.pool, quota, self.owner, request_iterator
+        )
+        return dataset_pb(rec)
 
-    async def _upload(self, owner: str, requests) -> training_pb2.Dataset:
-        limit = self.settings.max_upload_bytes
-        header = None
-        sha = hashlib.sha256()
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-        size = num_chars = 0
-        chars: set[str] = set()
-        tmp_dir = self.artifacts.path("datasets", owner)
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_dir / f"{TMP_PREFIX}{st.new_id('upload')}"
-        try:
-            with open(tmp, "wb") as f:
-                async for req in requests:
-                    part = req.WhichOneof("part")
-                    if header is None:
-                        if part != "header":
-                            raise _Abort(
-                                grpc.StatusCode.INVALID_ARGUMENT,
-                                "header: the first message must be the upload header",
-                            )
-                        header = req.header
-                        self._check_header(header, limit)
-                        continue
-                    if part != "chunk":
-                        raise _Abort(
-                            grpc.StatusCode.INVALID_ARGUMENT, "header: sent twice; send it once"
-                        )
-                    size += len(req.chunk)
-                    if size > limit:
-                        raise _Abort(
-                            grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"chunk: upload exceeds the limit of {limit} bytes",
-                        )
-                    sha.update(req.chunk)
-                    try:
-                        text = decoder.decode(req.chunk)
-                    except UnicodeDecodeError as e:
-                        raise _Abort(
-                            grpc.StatusCode.INVALID_ARGUMENT,
-                            f"chunk: not UTF-8 text (byte {size - len(req.chunk) + e.start})",
-                        ) from None
-                    num_chars += len(text)
-                    chars.update(text)
-                    f.write(req.chunk)
-            if header is None:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "header: missing")
-            try:
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError:
-                raise _Abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, "chunk: not UTF-8 text (truncated at the end)"
-                ) from None
-            if size == 0:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "chunk: the dataset is empty")
-            digest = sha.hexdigest()
-            if digest != header.sha256:
-                raise _Abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"sha256: content hashes to {digest}, header says {header.sha256}",
-                )
-            if header.size_bytes and header.size_bytes != size:
-                raise _Abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"size_bytes: header says {header.size_bytes}, received {size}",
-                )
-            final = self.artifacts.dataset_dir(owner, digest) / "data.txt"
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp.replace(final)
-            rec = st.DatasetRecord(
-                id=digest,
-                owner=owner,
-                name=header.name or digest[:12],
-                sha256=digest,
-                size_bytes=size,
-                num_chars=num_chars,
-                num_distinct_chars=len(chars),
-                created_at=time.time(),
-                path=str(final),
-            )
-            return dataset_pb(await self.call(self.store.put_dataset, rec))
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+    async def GetDataset(self, request, context):
+        dataset_id = datasets.check_dataset_id(request.id)
+        return dataset_pb(await self.call(self.store.get_dataset, self.owner, dataset_id))
 
-    @staticmethod
-    def _check_header(header, limit: int) -> None:
-        if header.name and not NAME_RE.match(header.name):
-            raise _Abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "name: 1-64 characters of letters, digits, '.', '_' or '-'",
-            )
-        if not SHA256_RE.match(header.sha256):
-            raise _Abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "sha256: must be 64 lowercase hex characters"
-            )
-        if header.size_bytes < 0:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "size_bytes: must not be negative")
-        if header.size_bytes > limit:
-            raise _Abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"size_bytes: {header.size_bytes} exceeds the limit of {limit} bytes",
-            )
-
-    @rpc
-    async def GetDataset(self, owner, request, context):
-        return dataset_pb(await self.call(self.store.get_dataset, owner, request.id))
-
-    @rpc
-    async def ListDatasets(self, owner, request, context):
+    async def ListDatasets(self, request, context):
         size, offset = _page(request.page_size, request.page_token)
-        recs, nxt = await self.call(self.store.list_datasets, owner, offset, size)
+        recs, nxt = await self.call(self.store.list_datasets, self.owner, offset, size)
         return training_pb2.ListDatasetsResponse(
             datasets=[dataset_pb(r) for r in recs], next_page_token=_next_token(nxt)
         )
 
-    @rpc
-    async def DeleteDataset(self, owner, request, context):
-        rec = await self.call(self.store.delete_dataset, owner, request.id)
+    async def DeleteDataset(self, request, context):
+        dataset_id = datasets.check_dataset_id(request.id)
+        rec = await self.call(self.store.delete_dataset, self.owner, dataset_id)
         # Other owners' copies of the same bytes live in their own folders.
         await self.call(self.artifacts.remove, Path(rec.path).parent)
         return training_pb2.DeleteDatasetResponse()
@@ -367,151 +230,56 @@ class DatasetService(_Base, training_pb2_grpc.DatasetServiceServicer):
 
 
 class JobService(_Base, training_pb2_grpc.JobServiceServicer):
-    def __init__(self, settings, store, pool, celery):
+    def __init__(self, settings, store, pool, celery, aredis_client: aredis.Redis):
         super().__init__(settings, store, pool)
         self.celery = celery
+        self.aredis = aredis_client
+        self.watches = watch.WatchLimiter(settings.max_watches_per_owner)
 
-    @rpc
-    async def CreateJob(self, owner, request, context):
-        if len(request.request_id) > MAX_REQUEST_ID:
-            raise _Abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request_id: at most {MAX_REQUEST_ID} characters",
-            )
-        if request.model_name and not NAME_RE.match(request.model_name):
-            raise _Abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "model_name: 1-64 characters of letters, digits, '.', '_' or '-'",
-            )
-        if not request.dataset_id:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "dataset_id: required")
-        try:
-            dataset = await self.call(self.store.get_dataset, owner, request.dataset_id)
-        except st.NotFound:
-            raise _Abort(
-                grpc.StatusCode.NOT_FOUND, f"dataset_id: dataset {request.dataset_id!r} not found"
-            ) from None
-        spec = await self._resolve_spec(owner, request.spec, dataset)
-        params = specs.count_parameters(spec.model)
-        job = st.JobRecord(
-            id=st.new_id("job"),
-            owner=owner,
-            dataset_id=dataset.id,
-            model_name=request.model_name or _default_model_name(dataset.name),
-            model_id=st.new_id("mdl"),
-            state=st.QUEUED,
-            spec=spec.to_dict(),
-            parameters=params.__dict__,
+    async def CreateJob(self, request, context):
+        req = jobs.CreateRequest(
+            dataset_id=request.dataset_id,
+            preset=request.spec.preset,
+            model=_set_fields(request.spec.model),
+            training=_set_fields(request.spec.training),
+            model_name=request.model_name,
             request_id=request.request_id,
-            created_at=time.time(),
-            dataset_path=dataset.path,
         )
-        try:
-            job, created = await self.call(
-                self.store.create_job, job, max_active=self.settings.max_queued_jobs_per_owner
-            )
-        except st.Conflict as e:
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"jobs: {e}") from None
-        if created:
-            await self.call(enqueue_training, self.celery, self.settings, job.id)
+        job = await self.call(jobs.create, self.settings, self.store, self.celery, self.owner, req)
         return job_pb(job)
 
-    async def _resolve_spec(self, owner, spec_pb, dataset) -> specs.JobSpec:
-        model = _set_fields(spec_pb.model)
-        training = _set_fields(spec_pb.training)
-        base_model = None
-        init_from = training.get("init_from", "")
-        if init_from:
-            base_model, training["init_from"] = await self._init_source(owner, init_from)
-        try:
-            return specs.resolve(
-                spec_pb.preset,
-                model,
-                training,
-                num_distinct_chars=dataset.num_distinct_chars,
-                base_model=base_model,
-            )
-        except specs.SpecError as e:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"spec.{e}") from None
+    async def GetJob(self, request, context):
+        job_id = jobs.check_id("id", request.id)
+        return job_pb(await self.call(self.store.get_job, self.owner, job_id))
 
-    async def _init_source(self, owner: str, ref: str) -> tuple[specs.ModelConfig, str]:
-        """The model config and weights directory that `training.init_from` names."""
-        field = "spec.training.init_from"
-        if ref.startswith(("/", "file://")):
-            path = Path(ref.removeprefix("file://"))
-            config = path / "config.json"
-            if not config.is_file() or not (path / "tokenizer.json").is_file():
-                raise _Abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{field}: {path} is not a Llama directory with config.json and tokenizer.json",
-                )
-            try:
-                cfg = specs.model_config_from_hf(json.loads(config.read_text()))
-            except (ValueError, KeyError, TypeError) as e:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {e}") from None
-            return cfg, str(path)
-        try:
-            rec = await self.call(self.store.get_model, owner, ref)
-        except st.NotFound:
-            raise _Abort(grpc.StatusCode.NOT_FOUND, f"{field}: model {ref!r} not found") from None
-        if rec.state != st.MODEL_READY:
-            raise _Abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{field}: model {ref!r} is {rec.state.lower()}, not ready",
-            )
-        return specs.ModelConfig(**rec.spec["model"]), rec.path
-
-    @rpc
-    async def GetJob(self, owner, request, context):
-        return job_pb(await self.call(self.store.get_job, owner, request.id))
-
-    @rpc
-    async def ListJobs(self, owner, request, context):
+    async def ListJobs(self, request, context):
         size, offset = _page(request.page_size, request.page_token)
         state = None
         if request.state:
             if request.state not in _STATE.values():
-                raise _Abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"state: {request.state} is not a JobState",
-                )
+                raise InvalidArgument(f"state: {request.state} is not a JobState")
             state = _STATE.Name(request.state).removeprefix("JOB_STATE_")
-        jobs, nxt = await self.call(self.store.list_jobs, owner, offset, size, state)
+        found, nxt = await self.call(self.store.list_jobs, self.owner, offset, size, state)
         return training_pb2.ListJobsResponse(
-            jobs=[job_pb(j) for j in jobs], next_page_token=_next_token(nxt)
+            jobs=[job_pb(j) for j in found], next_page_token=_next_token(nxt)
         )
 
-    @rpc
-    async def CancelJob(self, owner, request, context):
-        return job_pb(await self.call(self.store.request_cancel, owner, request.id))
+    async def CancelJob(self, request, context):
+        job_id = jobs.check_id("id", request.id)
+        return job_pb(await self.call(self.store.request_cancel, self.owner, job_id))
+
+    async def DeleteJob(self, request, context):
+        job_id = jobs.check_id("id", request.id)
+        await self.call(self.store.delete_job, self.owner, job_id)
+        return training_pb2.DeleteJobResponse()
 
     async def WatchJob(self, request, context):
-        try:
-            owner = self.owner(context)
-            _require_id(request)
-            if request.after_event_id and not EVENT_ID_RE.match(request.after_event_id):
-                raise _Abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "after_event_id: must be an event id such as '1700000000000-0'",
-                )
-            await self.call(self.store.get_job, owner, request.id)
-        except _Abort as e:
-            await context.abort(e.code, e.message)
-        except st.NotFound as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
-        after = request.after_event_id
-        while not context.done():
-            events = await self.call(self.store.read_events, request.id, after, block_ms=500)
-            for ev in events:
-                await context.write(event_pb(ev))
-                after = ev.id
-                if ev.terminal:
-                    return
-
-
-def _default_model_name(dataset_name: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]", "-", Path(dataset_name).stem).strip("-._")[:64]
-    return stem or "model"
+        job_id = jobs.check_id("id", request.id)
+        after = watch.check_event_id(request.after_event_id)
+        await self.call(self.store.get_job, self.owner, job_id)
+        with self.watches.slot(self.owner):
+            async for ev in watch.events(self.aredis, job_id, after):
+                yield event_pb(ev)
 
 
 # ------------------------------------------------------------------ models
@@ -522,46 +290,27 @@ class ModelService(_Base, training_pb2_grpc.ModelServiceServicer):
         super().__init__(settings, store, pool)
         self.artifacts = artifacts
 
-    @rpc
-    async def ListModels(self, owner, request, context):
+    async def ListModels(self, request, context):
         size, offset = _page(request.page_size, request.page_token)
-        recs, nxt = await self.call(self.store.list_models, owner, offset, size, request.name)
+        jobs.check_name("name", request.name)
+        recs, nxt = await self.call(self.store.list_models, self.owner, offset, size, request.name)
         return training_pb2.ListModelsResponse(
             models=[model_pb(r) for r in recs], next_page_token=_next_token(nxt)
         )
 
-    @rpc
-    async def GetModel(self, owner, request, context):
-        return model_pb(await self.call(self.store.get_model, owner, request.id))
+    async def GetModel(self, request, context):
+        ref = jobs.check_id("id", request.id)
+        return model_pb(await self.call(self.store.get_model, self.owner, ref))
 
-    @rpc
-    async def DeleteModel(self, owner, request, context):
-        rec = await self.call(self.store.delete_model, owner, request.id)
+    async def DeleteModel(self, request, context):
+        ref = jobs.check_id("id", request.id)
+        rec = await self.call(self.store.delete_model, self.owner, ref)
         if rec.path:
             await self.call(self.artifacts.remove, Path(rec.path))
         return training_pb2.DeleteModelResponse()
 
 
 # ------------------------------------------------------------------ server
-
-
-async def _reap_orphans(settings: Settings, store: st.Store, celery, pool) -> None:
-    """Requeues jobs whose worker died (lease expired): no job is lost with its worker."""
-    loop = asyncio.get_running_loop()
-    while True:
-        await asyncio.sleep(settings.reaper_interval_s)
-        try:
-            for job_id in await loop.run_in_executor(pool, store.orphans):
-                state = await loop.run_in_executor(pool, store.recover_orphan, job_id)
-                if state is not None:
-                    metrics.REAPER_ACTIONS.labels(
-                        "requeued" if state == st.QUEUED else state.lower()
-                    ).inc()
-                if state == st.QUEUED:
-                    log.warning("job %s: its worker was lost; requeued", job_id)
-                    await loop.run_in_executor(pool, enqueue_training, celery, settings, job_id)
-        except Exception:
-            log.exception("orphan reaper failed; retrying")
 
 
 SERVICE_NAMES = (
@@ -575,11 +324,17 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     """Serves the API on settings.api_addr until `stop` is set (or forever)."""
     if not settings.redis_url:
         raise SystemExit("lmforge serve api needs a Redis: --redis-url or LMFORGE_REDIS_URL")
-    store = st.Store.from_url(settings.redis_url)
+    keyring = transport.keyring_or_exit(settings, settings.api_addr)
+    store = st.Store.from_url(settings.redis_url, retention_s=settings.job_retention_s)
+    # An open watch holds one connection while it waits: room for every RPC in flight.
+    async_redis = aredis.Redis.from_url(
+        settings.redis_url, decode_responses=True, max_connections=settings.max_concurrent_rpcs
+    )
     artifacts = ArtifactStore(settings.artifacts_dir)
     celery = make_celery(settings)
     pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="api-redis")
     server = grpc.aio.server(
+        interceptors=[metrics.MetricsInterceptor("api"), ServiceInterceptor(keyring)],
         options=[
             ("grpc.max_receive_message_length", 16 << 20),
             # A port in use is an error, not a port shared with another server.
@@ -587,7 +342,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
-        interceptors=[metrics.MetricsInterceptor("api")],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     exporter = metrics.serve_metrics(
         settings.api_metrics_addr,
@@ -597,7 +352,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         DatasetService(settings, store, pool, artifacts), server
     )
     training_pb2_grpc.add_JobServiceServicer_to_server(
-        JobService(settings, store, pool, celery), server
+        JobService(settings, store, pool, celery, async_redis), server
     )
     training_pb2_grpc.add_ModelServiceServicer_to_server(
         ModelService(settings, store, pool, artifacts), server
@@ -607,14 +362,12 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(settings.api_addr)
-    if port == 0:
-        raise SystemExit(f"cannot listen on {settings.api_addr}")
+    transport.listen(server, settings, settings.api_addr)
     await server.start()
     await asyncio.get_running_loop().run_in_executor(pool, store.r.ping)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reaper = asyncio.create_task(_reap_orphans(settings, store, celery, pool))
+    reaper_task = asyncio.create_task(reaper.run(settings, store, celery, pool))
     log.info("API server listening on %s", settings.api_addr)
     try:
         if stop is None:
@@ -622,10 +375,11 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         else:
             await stop.wait()
     finally:
-        reaper.cancel()
+        reaper_task.cancel()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2)
         exporter.close()
+        await async_redis.aclose()
         pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -73,6 +73,47 @@ class ArtifactStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    @contextlib.contextmanager
+    def staging_dir(self, target: Path, attempt: int) -> Iterator[Path]:
+        """A directory beside `target` for one attempt's export; removed on exit unless
+        `publish` moved it into place."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Staging left by earlier attempts that were killed mid-export.
+        for stale in target.parent.glob(f"{TMP_PREFIX}a*-*-{target.name}"):
+            earlier = stale.name[len(TMP_PREFIX) + 1 :].split("-", 1)[0]
+            if earlier.isdigit() and int(earlier) < attempt:
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = target.with_name(f"{TMP_PREFIX}a{attempt}-{uuid.uuid4().hex}-{target.name}")
+        tmp.mkdir()
+        try:
+            yield tmp
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def attempt_dir(target: Path, attempt: int) -> Path:
+        return target.with_name(f"{target.name}.attempt-{attempt}")
+
+    def publish(self, staged: Path, target: Path, attempt: int) -> Path:
+        """Moves a staged export to `target`, or to the attempt's own directory beside it
+        when `target` already holds files. Never replaces a directory with files in it, so
+        a zombie attempt cannot overwrite the files of the attempt that registered them."""
+        for candidate in (target, self.attempt_dir(target, attempt)):
+            try:
+                os.rename(staged, candidate)  # fails on a non-empty directory
+                return candidate
+            except OSError:
+                continue
+        raise FileExistsError(f"{target} and its attempt-{attempt} directory are taken")
+
+    def remove_other_exports(self, target: Path, keep: Path) -> None:
+        """Removes exports of `target`'s model other than `keep` (the registered one):
+        files of attempts that exported and then died or lost their lease."""
+        for path in [target, *target.parent.glob(f"{target.name}.attempt-*")]:
+            if path != keep and path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+
     def remove(self, target: Path) -> None:
         if target.is_dir():
             shutil.rmtree(target, ignore_errors=True)

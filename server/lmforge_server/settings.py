@@ -42,8 +42,36 @@ class Settings:
     artifact_tmp_max_age_s: float = 24 * 3600.0
     api_addr: str = "127.0.0.1:50051"
     inference_addr: str = "127.0.0.1:50052"
-    # {api key: tenant}. Empty: authentication is off and every caller is tenant "default".
+    # {api key: "tenant[:scope+scope]"}. With no keys here nor in api_keys_file,
+    # authentication is off and every caller is tenant "default" with every scope.
     api_keys: dict[str, str] = field(default_factory=dict)
+    # A file of keys, one `key:tenant[:scopes]` per line (a mounted secret).
+    api_keys_file: str = ""
+    # Serve without API keys on a non-loopback address (refused unless set).
+    allow_unauthenticated: bool = False
+    # TLS: the server's certificate chain and key (PEM); with a client CA, clients must
+    # present a certificate it signed (mTLS). Empty: plaintext.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    # Directories `training.init_from` may name (besides the caller's own models).
+    base_model_dirs: list[str] = field(default_factory=list)
+    # A job whose worker is lost this many times ends FAILED (a poison job).
+    max_attempts: int = 3
+    # A QUEUED job with no task this long (never enqueued, or its worker died on pick-up)
+    # is enqueued again.
+    requeue_stalled_after_s: float = 60.0
+    # Open WatchJob streams per owner, per API server.
+    max_watches_per_owner: int = 100
+    # RPCs in flight per server; more are answered RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 1000
+    # Generate/GenerateStream calls in flight per owner, per inference server.
+    max_generations_per_owner: int = 64
+    # Datasets and their bytes stored per owner.
+    max_datasets_per_owner: int = 1000
+    max_stored_bytes_per_owner: int = 100 << 30
+    # Finished jobs (records and events) are kept this long (0: forever).
+    job_retention_s: float = 30 * 24 * 3600.0
     max_upload_bytes: int = 1 << 30
     max_queued_jobs_per_owner: int = 100
     # A worker's lease on a job lasts this long without a heartbeat.
@@ -104,6 +132,9 @@ class Settings:
                 continue
             if f.name == "api_keys":
                 values[f.name] = _parse_api_keys(raw)
+            elif f.name == "base_model_dirs":
+                values[f.name] = [p.strip() for p in raw.replace(os.pathsep, ",").split(",")]
+                values[f.name] = [p for p in values[f.name] if p]
             elif f.name == "data_dir":
                 values[f.name] = Path(raw).expanduser().resolve()
             elif f.type == "bool":
@@ -126,5 +157,7 @@ class Settings:
             value = getattr(self, f.name)
             if f.name == "api_keys":
                 value = ",".join(f"{k}:{t}" for k, t in value.items())
+            elif f.name == "base_model_dirs":
+                value = ",".join(value)
             env[f"LMFORGE_{f.name.upper()}"] = str(value)
         return env

@@ -69,10 +69,17 @@ class Child:
         return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
 
 
-def wait_serving(addr: str, timeout: float = 60.0, child: Child | None = None) -> None:
-    """Blocks until the gRPC health service at addr says SERVING."""
+def wait_serving(
+    addr: str,
+    timeout: float = 60.0,
+    child: Child | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
+    """Blocks until the gRPC health service at addr says SERVING (over TLS with
+    `credentials`)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(addr) as channel:
+    channel = grpc.secure_channel(addr, credentials) if credentials else grpc.insecure_channel(addr)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if child is not None and not child.alive():
@@ -130,7 +137,11 @@ class Stack:
         inference: bool = True,
         worker: bool = True,
         http: bool = False,
+        probe_credentials: grpc.ChannelCredentials | None = None,
     ):
+        """`probe_credentials`: how to reach servers that serve TLS (the CA, and a client
+        certificate under mTLS) while waiting for them to be SERVING."""
+        self.probe_credentials = probe_credentials
         self.redis: RedisServer | None = None
         self.children: list[Child] = []
         wanted = {"api": True, "inference": inference, "worker": worker, "http": http}
@@ -181,7 +192,7 @@ class Stack:
             if role not in by_role:
                 continue
             try:
-                wait_serving(addr, child=by_role[role])
+                wait_serving(addr, child=by_role[role], credentials=self.probe_credentials)
             except RuntimeError:
                 tail = by_role[role].log_tail()
                 if asked.endswith(":0") and ("Failed to bind" in tail or "cannot listen" in tail):
@@ -206,8 +217,12 @@ class Stack:
         self.stop()
 
 
-def run_up(settings: Settings) -> None:
-    """`lmforge up`: runs the stack until Ctrl-C (SIGINT) or SIGTERM, then stops all of it."""
+def run_up(settings: Settings, *, tls: bool = False) -> None:
+    """`lmforge up`: runs the stack until Ctrl-C (SIGINT) or SIGTERM, then stops all of it.
+
+    With `tls`, both servers serve TLS with a certificate from a CA generated (once) into
+    `<data_dir>/tls`; clients trust it with `--tls-ca-file <data_dir>/tls/ca.pem`.
+    """
     stop = {"now": False}
 
     def handle(signum, frame):
@@ -215,11 +230,25 @@ def run_up(settings: Settings) -> None:
 
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
-    stack = Stack(settings, http=True)
+    probe = None
+    ca_file = None
+    if tls:
+        from lmforge_server.certs import local_tls
+
+        files = local_tls(settings.data_dir / "tls")
+        settings = dataclasses.replace(
+            settings, tls_cert_file=str(files.cert_file), tls_key_file=str(files.key_file)
+        )
+        ca_file = files.ca_file
+        probe = grpc.ssl_channel_credentials(root_certificates=ca_file.read_bytes())
+    stack = Stack(settings, http=True, probe_credentials=probe)
     stack.start()
     try:
         s = stack.settings
         print(f"lmforge is up (data in {s.data_dir})")
+        if ca_file is not None:
+            print(f"  tls        on; clients trust the CA in {ca_file}:")
+            print(ca_file.read_text(), end="")
         print(f"  redis      {s.redis_url}" + ("  (embedded, AOF on)" if stack.redis else ""))
         print(f"  api        {s.api_addr}")
         print(f"  inference  {s.inference_addr}")

@@ -8,6 +8,7 @@ Keys (prefix `lmf:`):
                                        jobs:active:<owner>     the same, per owner
   idem:<owner>:<request_id>  job id    lease:<job id>          "<attempt>:<token>", PX ttl
   model:<id>                 hash      models:<owner>          zset (created_at)
+  bytes:<owner>              bytes of the owner's datasets (quota)
   modelname:<owner>:<name>   zset version -> model id          modelver:<owner>:<name> counter
 """
 
@@ -22,6 +23,8 @@ from typing import Any
 
 import redis
 
+from lmforge_server import errors
+
 P = "lmf:"
 EVENTS_MAXLEN = 100_000
 
@@ -32,11 +35,14 @@ TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 MODEL_TRAINING, MODEL_READY, MODEL_ABANDONED = "TRAINING", "READY", "ABANDONED"
 
 
-class NotFound(KeyError):
+class NotFound(errors.NotFound, KeyError):
     """No such record for this owner (another owner's records are not found either)."""
 
+    def __str__(self) -> str:
+        return self.message
 
-class Conflict(RuntimeError):
+
+class Conflict(errors.FailedPrecondition):
     """The record is not in a state that allows the change."""
 
 
@@ -78,6 +84,10 @@ class JobRecord:
     checkpoint: str = ""
     cancel_requested: bool = False
     dataset_path: str = ""
+    # When the job was last handed to Celery, and when a worker last picked its task up
+    # (0: never): a QUEUED job with neither recent is repaired by the reaper.
+    enqueued_at: float = 0.0
+    picked_at: float = 0.0
 
 
 @dataclass
@@ -111,7 +121,7 @@ class JobEvent:
 
 _JSON_FIELDS = {"spec", "parameters", "progress", "metrics", "files"}
 _INT_FIELDS = {"size_bytes", "num_chars", "num_distinct_chars", "attempt", "version"}
-_FLOAT_FIELDS = {"created_at", "started_at", "finished_at"}
+_FLOAT_FIELDS = {"created_at", "started_at", "finished_at", "enqueued_at", "picked_at"}
 _BOOL_FIELDS = {"cancel_requested"}
 
 
@@ -156,7 +166,7 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
     if not version or version == "latest":
         return name, None
     if not version.isdigit():
-        raise ValueError(f"model version must be a number or 'latest', got {version!r}")
+        raise ValueError(f"model version must be a number or 'latest', got {errors.shown(version)}")
     return name, int(version)
 
 
@@ -179,36 +189,72 @@ return 0
 class Store:
     """All records of all owners; every read takes the caller's owner and hides the rest."""
 
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: redis.Redis, *, retention_s: float = 0.0):
         self.r = client
+        # Finished jobs' records and events expire this long after they end (0: never).
+        self.retention_s = retention_s
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
     @classmethod
-    def from_url(cls, url: str) -> Store:
+    def from_url(cls, url: str, *, retention_s: float = 0.0) -> Store:
         return cls(
             redis.Redis.from_url(
                 url, decode_responses=True, health_check_interval=30, socket_keepalive=True
-            )
+            ),
+            retention_s=retention_s,
         )
+
+    def _expire_cmd(self, pipe, job_id: str) -> None:
+        if self.retention_s > 0:
+            ttl = max(1, int(self.retention_s))
+            pipe.expire(f"{P}job:{job_id}", ttl)
+            pipe.expire(f"{P}job:{job_id}:events", ttl)
 
     # ------------------------------------------------------------ datasets
 
-    def put_dataset(self, rec: DatasetRecord) -> DatasetRecord:
-        """Registers a dataset; the same content for the same owner returns the first record."""
+    def dataset_usage(self, owner: str) -> tuple[int, int]:
+        """(datasets, bytes) the owner stores."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zcard(f"{P}datasets:{owner}")
+        pipe.get(f"{P}bytes:{owner}")
+        count, used = pipe.execute()
+        return int(count), int(used or 0)
+
+    def put_dataset(
+        self, rec: DatasetRecord, *, max_datasets: int = 0, max_bytes: int = 0
+    ) -> DatasetRecord:
+        """Registers a dataset; the same content for the same owner returns the first record.
+
+        Raises errors.ResourceExhausted when a new dataset would exceed the owner's quotas
+        (0: no limit)."""
         key = f"{P}dataset:{rec.owner}:{rec.id}"
+        if self.r.exists(key):
+            return self.get_dataset(rec.owner, rec.id)
+        count, used = self.dataset_usage(rec.owner)
+        if max_datasets and count >= max_datasets:
+            raise errors.ResourceExhausted(
+                f"datasets: {count} stored; the limit per owner is {max_datasets}"
+                " (max_datasets_per_owner)"
+            )
+        if max_bytes and used + rec.size_bytes > max_bytes:
+            raise errors.ResourceExhausted(
+                f"size_bytes: {used} bytes stored, {rec.size_bytes} more would exceed the"
+                f" limit per owner of {max_bytes} (max_stored_bytes_per_owner)"
+            )
         if not self.r.hsetnx(key, "id", rec.id):
             return self.get_dataset(rec.owner, rec.id)
         pipe = self.r.pipeline()
         pipe.hset(key, mapping=_encode(rec))
         pipe.zadd(f"{P}datasets:{rec.owner}", {rec.id: rec.created_at})
+        pipe.incrby(f"{P}bytes:{rec.owner}", rec.size_bytes)
         pipe.execute()
         return rec
 
     def get_dataset(self, owner: str, dataset_id: str) -> DatasetRecord:
         raw = self.r.hgetall(f"{P}dataset:{owner}:{dataset_id}")
         if not raw or "path" not in raw:
-            raise NotFound(f"dataset {dataset_id!r} not found")
+            raise NotFound(f"dataset {errors.shown(dataset_id)} not found")
         return _decode(DatasetRecord, raw)
 
     def list_datasets(self, owner: str, offset: int, limit: int) -> tuple[list, int | None]:
@@ -224,6 +270,7 @@ class Store:
         pipe = self.r.pipeline()
         pipe.delete(f"{P}dataset:{owner}:{dataset_id}")
         pipe.zrem(f"{P}datasets:{owner}", dataset_id)
+        pipe.decrby(f"{P}bytes:{owner}", rec.size_bytes)
         pipe.execute()
         return rec
 
@@ -244,7 +291,9 @@ class Store:
                         return self.get_job(job.owner, existing), False
                     except NotFound:
                         time.sleep(0.02)
-                raise NotFound(f"job {existing!r} for request_id {job.request_id!r} not found")
+                raise NotFound(
+                    f"job {errors.shown(existing)} for request_id {errors.shown(job.request_id)} not found"
+                )
         active = self.r.scard(f"{P}jobs:active:{job.owner}")
         if active >= max_active:
             if job.request_id:
@@ -279,13 +328,13 @@ class Store:
         """A job of any owner: for workers and the reaper, never for client requests."""
         raw = self.r.hgetall(f"{P}job:{job_id}")
         if not raw:
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"job {errors.shown(job_id)} not found")
         return _decode(JobRecord, raw)
 
     def get_job(self, owner: str, job_id: str) -> JobRecord:
         job = self.job(job_id)
         if job.owner != owner:
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"job {errors.shown(job_id)} not found")
         return job
 
     def _iter_jobs(self, owner: str, batch: int = 500) -> Iterable[JobRecord]:
@@ -303,7 +352,14 @@ class Store:
         """Newest first; returns the page and the next offset (None at the end)."""
         if state is None:
             ids = self.r.zrevrange(f"{P}jobs:{owner}", offset, offset + limit)
-            jobs = [self.job(i) for i in ids[:limit]]
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in ids[:limit]:
+                pipe.hgetall(f"{P}job:{job_id}")
+            raws = pipe.execute()
+            expired = [i for i, raw in zip(ids, raws, strict=False) if not raw]
+            if expired:  # past the retention: their index entries go too
+                self.r.zrem(f"{P}jobs:{owner}", *expired)
+            jobs = [_decode(JobRecord, raw) for raw in raws if raw]
             return jobs, (offset + limit if len(ids) > limit else None)
         matching = [j for j in self._iter_jobs(owner) if j.state == state]
         page = matching[offset : offset + limit]
@@ -328,6 +384,7 @@ class Store:
                         pipe.srem(f"{P}jobs:active:{owner}", job_id)
                         pipe.hset(f"{P}model:{job.model_id}", "state", MODEL_ABANDONED)
                         self._event_cmd(pipe, job_id, "STATE", CANCELLED, "cancelled while queued")
+                        self._expire_cmd(pipe, job_id)
                     else:
                         pipe.hset(key, mapping={"state": CANCELLING, "cancel_requested": "1"})
                         self._event_cmd(pipe, job_id, "STATE", CANCELLING, "cancel requested")
@@ -346,13 +403,14 @@ class Store:
         state: str,
         message: str = "",
         progress: dict | None = None,
+        at: float | None = None,
     ) -> None:
         pipe.xadd(
             f"{P}job:{job_id}:events",
             {
                 "type": type_,
                 "state": state,
-                "time": f"{time.time():.6f}",
+                "time": f"{at or time.time():.6f}",
                 "message": message,
                 "progress": json.dumps(progress or {}),
                 "terminal": "1" if (type_ == "STATE" and state in TERMINAL) else "0",
@@ -459,11 +517,15 @@ class Store:
                 except redis.WatchError:
                     continue
 
-    def record_progress(self, job_id, attempt, token, progress: dict, type_="PROGRESS", msg=""):
+    def record_progress(
+        self, job_id, attempt, token, progress: dict, type_="PROGRESS", msg="", at=None
+    ):
+        """`at`: when it happened (events kept through a Redis outage are written later)."""
+
         def write(pipe, job):
             merged = {**job.progress, **progress}
             pipe.hset(f"{P}job:{job_id}", "progress", json.dumps(merged))
-            self._event_cmd(pipe, job_id, type_, job.state, msg, merged)
+            self._event_cmd(pipe, job_id, type_, job.state, msg, merged, at=at)
 
         self.fenced(job_id, attempt, token, write)
 
@@ -498,6 +560,7 @@ class Store:
         else:
             pipe.hset(f"{P}model:{job.model_id}", "state", MODEL_ABANDONED)
         self._event_cmd(pipe, job.id, "STATE", state, message, job.progress)
+        self._expire_cmd(pipe, job.id)
 
     def finish(
         self,
@@ -554,8 +617,9 @@ class Store:
             counts[state] = counts.get(state, 0) + 1
         return counts, queued
 
-    def recover_orphan(self, job_id: str) -> str | None:
-        """Requeues (or, when cancel was asked, cancels) a job whose worker died.
+    def recover_orphan(self, job_id: str, max_attempts: int = 0) -> str | None:
+        """Requeues (or, when cancel was asked, cancels) a job whose worker died; a job
+        whose worker died `max_attempts` times (0: no limit) ends FAILED instead.
 
         Returns the new state, or None when the job was not an orphan after all.
         """
@@ -572,6 +636,11 @@ class Store:
                     if job.state == CANCELLING:
                         self._finish_cmd(pipe, job, CANCELLED, "cancelled (its worker was lost)")
                         new_state = CANCELLED
+                    elif max_attempts and job.attempt >= max_attempts:
+                        step = job.progress.get("step", 0)
+                        msg = f"worker lost {job.attempt} times (last seen at step {step})"
+                        self._finish_cmd(pipe, job, FAILED, msg)
+                        new_state = FAILED
                     else:
                         pipe.hset(key, "state", QUEUED)
                         msg = f"worker of attempt {job.attempt} lost; requeued"
@@ -582,12 +651,51 @@ class Store:
                 except redis.WatchError:
                     continue
 
+    def mark_enqueued(self, job_id: str) -> None:
+        self.r.hset(f"{P}job:{job_id}", "enqueued_at", f"{time.time():.6f}")
+
+    def mark_picked(self, job_id: str) -> None:
+        """A worker received the job's task (before it tries to take the lease)."""
+        self.r.hset(f"{P}job:{job_id}", "picked_at", f"{time.time():.6f}")
+
+    def stalled_queued(self, grace_s: float) -> list[str]:
+        """QUEUED jobs with no task that will run them: never enqueued (the enqueue failed
+        after the record was saved), or picked up by a worker that died before taking the
+        lease. Each has been so for longer than `grace_s`."""
+        now = time.time()
+        out = []
+        for job_id in self.r.smembers(f"{P}jobs:active"):
+            raw = self.r.hmget(
+                f"{P}job:{job_id}", ["state", "created_at", "enqueued_at", "picked_at"]
+            )
+            state, created, enqueued, picked = raw[0], *(float(v or 0) for v in raw[1:])
+            if state != QUEUED or self.r.exists(f"{P}lease:{job_id}"):
+                continue
+            never_sent = not enqueued and now - created > grace_s
+            lost_on_pickup = picked and picked >= enqueued and now - picked > grace_s
+            if never_sent or lost_on_pickup:
+                out.append(job_id)
+        return out
+
+    def delete_job(self, owner: str, job_id: str) -> JobRecord:
+        """Removes a terminal job, its events and its idempotency key (not its model)."""
+        job = self.get_job(owner, job_id)
+        if job.state not in TERMINAL:
+            raise Conflict(f"job {job_id} is {job.state.lower()}; cancel it and wait until it ends")
+        pipe = self.r.pipeline()
+        pipe.delete(f"{P}job:{job_id}", f"{P}job:{job_id}:events")
+        pipe.zrem(f"{P}jobs:{owner}", job_id)
+        if job.request_id:
+            pipe.delete(f"{P}idem:{owner}:{job.request_id}")
+        pipe.execute()
+        return job
+
     # ------------------------------------------------------------ models
 
     def model(self, model_id: str) -> ModelRecord:
         raw = self.r.hgetall(f"{P}model:{model_id}")
         if not raw or "name" not in raw:
-            raise NotFound(f"model {model_id!r} not found")
+            raise NotFound(f"model {errors.shown(model_id)} not found")
         return _decode(ModelRecord, raw)
 
     def get_model(self, owner: str, ref: str) -> ModelRecord:
@@ -604,12 +712,12 @@ class Store:
             raise NotFound(str(e)) from None
         versions = self.r.zrevrange(f"{P}modelname:{owner}:{name}", 0, -1, withscores=True)
         if not versions:
-            raise NotFound(f"model {ref!r} not found")
+            raise NotFound(f"model {errors.shown(ref)} not found")
         if version is not None:
             for model_id, v in versions:
                 if int(v) == version:
                     return self.model(model_id)
-            raise NotFound(f"model {name!r} has no version {version}")
+            raise NotFound(f"model {errors.shown(name)} has no version {version}")
         records = [self.model(mid) for mid, _ in versions]
         ready = [r for r in records if r.state == MODEL_READY]
         return ready[0] if ready else records[0]

@@ -8,12 +8,14 @@ is fenced, so a worker that lost its lease cannot overwrite the new holder's pro
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import secrets
 import socket
 import threading
+import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -82,8 +84,17 @@ class _Heartbeat(threading.Thread):
         self._stop.set()
 
 
+# Progress events kept while Redis is unreachable (about an hour of one event a second).
+MAX_PENDING_EVENTS = 4096
+
+
 class _Hooks:
-    """The training loop's view of the job: progress out, stop requests in."""
+    """The training loop's view of the job: progress out, stop requests in.
+
+    Progress events that cannot be written while Redis is down are kept, in order and with
+    their own timestamps, and written once it is back (the oldest are dropped past
+    MAX_PENDING_EVENTS).
+    """
 
     def __init__(
         self, store: st.Store, job: st.JobRecord, token: str, beat: _Heartbeat, peak_flops=0.0
@@ -96,6 +107,7 @@ class _Hooks:
             * model.get("context_length", 0)
         )
         self._peak_flops = peak_flops
+        self.pending: collections.deque = collections.deque(maxlen=MAX_PENDING_EVENTS)
 
     def should_stop(self) -> str | None:
         if self.beat.cancel.is_set():
@@ -105,14 +117,32 @@ class _Hooks:
         return None
 
     def _write(self, progress: dict, type_: str = "PROGRESS", msg: str = "") -> None:
+        self.pending.append((progress, type_, msg, time.time()))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Writes the kept events in order; False while Redis is still unreachable."""
         try:
-            self.store.record_progress(
-                self.job.id, self.job.attempt, self.token, progress, type_, msg
-            )
+            while self.pending:
+                progress, type_, msg, at = self.pending[0]
+                self.store.record_progress(
+                    self.job.id, self.job.attempt, self.token, progress, type_, msg, at=at
+                )
+                self.pending.popleft()
         except st.LeaseLost:
             self.beat.lost.set()
-        except redis.RedisError as e:  # progress is best effort; training goes on
-            log.warning("job %s: progress not recorded: %s", self.job.id, e)
+            self.pending.clear()
+        except redis.RedisError as e:  # training goes on; the events wait for Redis
+            if len(self.pending) == 1:
+                log.warning("job %s: Redis unreachable (%s); keeping progress", self.job.id, e)
+            return False
+        return True
+
+    def drain(self, within_s: float) -> None:
+        """Writes the kept events, waiting up to `within_s` for Redis to come back."""
+        deadline = time.monotonic() + within_s
+        while not self.flush() and time.monotonic() < deadline:
+            time.sleep(0.5)
 
     def on_progress(self, p) -> None:
         d = asdict(p) if is_dataclass(p) else dict(p)
@@ -170,6 +200,8 @@ def run_job(
     """
     token = f"{socket.gethostname()}-{secrets.token_hex(4)}"
     device = pick_device(settings.device)
+    with contextlib.suppress(redis.RedisError):
+        store.mark_picked(job_id)  # lets the reaper repair a pick-up that dies right here
     job = store.acquire(job_id, token, settings.lease_ttl_s, device_name(device))
     if job is None:
         log.info("job %s: leased elsewhere or finished; skipping this delivery", job_id)
@@ -210,8 +242,10 @@ def _train_export_register(
     settings, store, artifacts, job, token, device, hooks, training, export_onnx
 ) -> str | None:
     spec = JobSpec.from_dict(job.spec)
-    work_dir = artifacts.job_dir(job.id)
-    checkpoint_dir = work_dir / "checkpoints" / f"attempt-{job.attempt}"
+    # Each attempt has its own work directory (data, best weights): a zombie attempt that
+    # lost its lease never writes into the files of the attempt that holds it.
+    work_dir = artifacts.job_dir(job.id) / f"attempt-{job.attempt}"
+    checkpoint_dir = artifacts.job_dir(job.id) / "checkpoints" / f"attempt-{job.attempt}"
     resume_from = Path(job.checkpoint) if job.checkpoint else None
     init_dir = None
     if spec.training.init_from and resume_from is None:
@@ -227,6 +261,9 @@ def _train_export_register(
         init_weights_dir=init_dir,
         torch_threads=settings.torch_threads,
     )
+    # Progress kept during a Redis outage comes before the end; a short outage is waited
+    # out here rather than giving the job back.
+    hooks.drain(settings.lease_ttl_s / 2)
     if result.status == "cancelled":
         store.finish(job.id, job.attempt, token, st.CANCELLED, f"cancelled at step {result.steps}")
         return st.CANCELLED
@@ -234,9 +271,10 @@ def _train_export_register(
         if hooks.beat.lost.is_set():
             return None
         store.requeue(job.id, job.attempt, token, f"worker shut down at step {result.steps}")
-        from lmforge_server.taskqueue import enqueue_training, make_celery
+        from lmforge_server.jobs import enqueue
+        from lmforge_server.taskqueue import make_celery
 
-        enqueue_training(make_celery(settings), settings, job.id)
+        enqueue(make_celery(settings), settings, store, job.id)
         return st.QUEUED
 
     store.set_state(job.id, job.attempt, token, st.EXPORTING, "exporting to ONNX")
@@ -248,15 +286,16 @@ def _train_export_register(
         "dataset_sha256": job.dataset_id,
         "stopped": result.status,
     }
-    with artifacts.atomic_dir(model_dir) as tmp:
+    with artifacts.staging_dir(model_dir, job.attempt) as tmp:
         training.finalize(result, spec, work_dir, tmp, metadata)
         parity = export_onnx(
             tmp, fp16=device.startswith("cuda"), parity_limit=settings.parity_limit
         )
         _merge_metadata(tmp / "metadata.json", {"onnx": parity})
         files = sorted(p.name for p in tmp.iterdir())
+        published = artifacts.publish(tmp, model_dir, job.attempt)
     if hooks.should_stop() == "cancel":
-        artifacts.remove(model_dir)
+        artifacts.remove(published)
         store.finish(job.id, job.attempt, token, st.CANCELLED, "cancelled during export")
         return st.CANCELLED
     prev = store.model(job.model_id)
@@ -269,7 +308,7 @@ def _train_export_register(
         state=st.MODEL_READY,
         spec=job.spec,
         parameters=job.parameters,
-        path=str(model_dir),
+        path=str(published),
         created_at=prev.created_at,
         metrics={
             "val_loss": result.best_val_loss,
@@ -280,7 +319,13 @@ def _train_export_register(
         dataset_sha256=job.dataset_id,
     )
     msg = f"model {model.name}@{model.version} ({model.id}) ready, best val loss {result.best_val_loss:.4f}"
-    store.finish(job.id, job.attempt, token, st.SUCCEEDED, msg, model=model)
+    try:
+        # Fenced: only the lease holder registers its export.
+        store.finish(job.id, job.attempt, token, st.SUCCEEDED, msg, model=model)
+    except st.LeaseLost:
+        artifacts.remove(published)
+        raise
+    artifacts.remove_other_exports(model_dir, keep=published)
     return st.SUCCEEDED
 
 

@@ -35,6 +35,8 @@ def _client(args: argparse.Namespace) -> Client:
         api_key=args.api_key,
         timeout=args.timeout,
         tls_ca_file=args.tls_ca_file,
+        tls_client_cert_file=args.tls_client_cert,
+        tls_client_key_file=args.tls_client_key,
     )
 
 
@@ -59,6 +61,9 @@ def _server_settings(args: argparse.Namespace, **forced: Any) -> Any:
         name: getattr(args, name, None)
         for name in (
             "data_dir", "redis_url", "artifacts", "api_addr", "inference_addr", "http_addr", "device",
+            "api_keys_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file",
         )
     }  # fmt: skip
+    if getattr(args, "allow_unauthenticated", False):
+        flags["allow_unauthenticated"] = True
     return Settings.from_env(**{**flags, **forced})

@@ -38,7 +38,15 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The `lmforge` entry point; always exits via SystemExit with the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("api", "inference", "api_key", "tls_ca_file", "timeout"):
+    for name in (
+        "api",
+        "inference",
+        "api_key",
+        "tls_ca_file",
+        "tls_client_cert",
+        "tls_client_key",
+        "timeout",
+    ):
         setattr(args, name, getattr(args, name, None))
     args.json = getattr(args, "json", False)
     if (args.command, getattr(args, "action", None)) in _NEEDS_ID and not args.id:

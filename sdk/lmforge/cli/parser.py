@@ -39,6 +39,14 @@ def _common(json_flag: bool = True) -> argparse.ArgumentParser:
         "--tls-ca-file", metavar="PEM", help="use TLS, trusting this CA (env LMFORGE_TLS_CA_FILE)"
     )
     p.add_argument(
+        "--tls-client-cert",
+        metavar="PEM",
+        help="client certificate for mTLS (env LMFORGE_TLS_CLIENT_CERT_FILE)",
+    )
+    p.add_argument(
+        "--tls-client-key", metavar="PEM", help="its key (env LMFORGE_TLS_CLIENT_KEY_FILE)"
+    )
+    p.add_argument(
         "--timeout", type=float, metavar="S", help="deadline of each call in seconds (default 60)"
     )
     if json_flag:
@@ -59,6 +67,7 @@ def _server_flags(p: argparse.ArgumentParser, *, bind: bool = True) -> None:
         "--artifacts", help="artifact store (env LMFORGE_ARTIFACTS; default DATA_DIR/artifacts)"
     )
     p.add_argument("--device", help="training device: auto, cpu, cuda[:N] (env LMFORGE_DEVICE)")
+    _security_flags(p, bind=bind)
     if bind:
         p.add_argument(
             "--api-addr", help="address the API server listens on (env LMFORGE_API_ADDR)"
@@ -73,10 +82,35 @@ def _server_flags(p: argparse.ArgumentParser, *, bind: bool = True) -> None:
         )
 
 
+def _security_flags(p: argparse.ArgumentParser, *, bind: bool) -> None:
+    """Keys and TLS of the servers (each also an LMFORGE_* variable)."""
+    if not bind:
+        return
+    p.add_argument(
+        "--api-keys-file",
+        help="API keys, one key:tenant[:scopes] per line (env LMFORGE_API_KEYS_FILE)",
+    )
+    p.add_argument(
+        "--tls-cert-file", help="server certificate chain, PEM (env LMFORGE_TLS_CERT_FILE)"
+    )
+    p.add_argument("--tls-key-file", help="server private key, PEM (env LMFORGE_TLS_KEY_FILE)")
+    p.add_argument(
+        "--tls-client-ca-file",
+        help="require client certificates signed by this CA: mTLS (env LMFORGE_TLS_CLIENT_CA_FILE)",
+    )
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve a non-loopback address without API keys (refused otherwise)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(
         prog="lmforge",
+        # `up --tls` must not read as an abbreviation of --tls-ca-file.
+        allow_abbrev=False,
         description="Train GPT-style language models on your own text and serve them over gRPC.",
         parents=[common],
         epilog="Exit codes: 0 ok, 1 error or failed job, 2 usage, 130 interrupted.",
@@ -95,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "up", "run Redis, the API server, the inference server and a worker until Ctrl-C", cmd_up
     )
     _server_flags(p)
+    p.add_argument(
+        "--tls", action="store_true", help="serve TLS with a CA generated into DATA_DIR/tls"
+    )
     p = add("demo", "train a small model on Tiny Shakespeare and stream a sample from it", cmd_demo)
     _server_flags(p)
     p.add_argument("--preset", default="small", help="model/training preset (default small)")

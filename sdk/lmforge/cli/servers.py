@@ -13,7 +13,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         from lmforge_server.stack import run_up
     except ImportError as e:
         raise MissingExtras("up", e) from e
-    run_up(settings)
+    run_up(settings, tls=getattr(args, "tls", False))
     return EXIT_OK
 
 

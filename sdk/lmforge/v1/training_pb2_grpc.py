@@ -265,6 +265,11 @@ class JobServiceStub:
                 request_serializer=lmforge_dot_v1_dot_training__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=lmforge_dot_v1_dot_training__pb2.Job.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/lmforge.v1.JobService/DeleteJob',
+                request_serializer=lmforge_dot_v1_dot_training__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=lmforge_dot_v1_dot_training__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/lmforge.v1.JobService/WatchJob',
                 request_serializer=lmforge_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
@@ -302,6 +307,14 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Removes a terminal job's record and events (its model stays); FAILED_PRECONDITION while
+        the job is active.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchJob(self, request, context):
         """Every event after `after_event_id` ("" = from the start), then live events; the stream
         ends after the terminal event.
@@ -332,6 +345,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=lmforge_dot_v1_dot_training__pb2.CancelJobRequest.FromString,
                     response_serializer=lmforge_dot_v1_dot_training__pb2.Job.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=lmforge_dot_v1_dot_training__pb2.DeleteJobRequest.FromString,
+                    response_serializer=lmforge_dot_v1_dot_training__pb2.DeleteJobResponse.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
@@ -449,6 +467,33 @@ class JobService:
             '/lmforge.v1.JobService/CancelJob',
             lmforge_dot_v1_dot_training__pb2.CancelJobRequest.SerializeToString,
             lmforge_dot_v1_dot_training__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmforge.v1.JobService/DeleteJob',
+            lmforge_dot_v1_dot_training__pb2.DeleteJobRequest.SerializeToString,
+            lmforge_dot_v1_dot_training__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,10 +15,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lmforge.v1 import inference_pb2, inference_pb2_grpc
-from lmforge_server import metrics
+from lmforge_server import metrics, transport
 from lmforge_server.inference.engine import Engine
 from lmforge_server.inference.resolver import DirectoryResolver, ModelResolver
+from lmforge_server.inference.service import _STATUS as ENGINE_STATUSES
 from lmforge_server.inference.service import InferenceService
+from lmforge_server.interceptor import OwnerLimit, ServiceInterceptor
 from lmforge_server.lifecycle import run_until_signalled
 from lmforge_server.settings import Settings
 
@@ -42,8 +44,19 @@ class InferenceServer:
 
     def __init__(self, settings: Settings, resolver: ModelResolver | None = None, **engine_kw):
         self.settings = settings
+        keyring = transport.keyring_or_exit(settings, settings.inference_addr)
         self.engine = Engine(settings, resolver or default_resolver(settings), **engine_kw)
         self.server = grpc.aio.server(
+            interceptors=[
+                metrics.MetricsInterceptor("inference"),
+                ServiceInterceptor(
+                    keyring,
+                    statuses=tuple(ENGINE_STATUSES),
+                    per_owner=OwnerLimit(
+                        "Generate", settings.max_generations_per_owner, "max_generations_per_owner"
+                    ),
+                ),
+            ],
             options=[
                 ("grpc.max_receive_message_length", 8 << 20),
                 # A port in use is an error, not a port shared with another server.
@@ -51,7 +64,7 @@ class InferenceServer:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],
-            interceptors=[metrics.MetricsInterceptor("inference")],
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceService(self.engine, settings), self.server
@@ -67,9 +80,7 @@ class InferenceServer:
 
     async def start(self) -> str:
         host, _, _ = self.settings.inference_addr.rpartition(":")
-        port = self.server.add_insecure_port(self.settings.inference_addr)
-        if port == 0:
-            raise OSError(f"cannot listen on {self.settings.inference_addr}")
+        port = transport.listen(self.server, self.settings, self.settings.inference_addr)
         self.address = f"{host}:{port}"
         self.metrics = metrics.serve_metrics(
             self.settings.inference_metrics_addr, metrics.EngineCollector(self._engine_load)

@@ -15,9 +15,9 @@ import grpc
 
 from lmforge.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from lmforge_server import metrics
-from lmforge_server.auth import AuthError, owner_from_metadata
 from lmforge_server.inference import engine as core
 from lmforge_server.inference.sampling import SamplingParams
+from lmforge_server.interceptor import caller
 from lmforge_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         self.settings = settings
 
     async def _owner(self, context: grpc.aio.ServicerContext) -> str:
-        try:
-            return owner_from_metadata(context.invocation_metadata(), self.settings.api_keys)
-        except AuthError as e:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        return caller().tenant  # authenticated (and scope-checked) by the interceptor
 
     async def _fail(self, context: grpc.aio.ServicerContext, e: Exception) -> None:
         for kind, code in _STATUS:

@@ -1,0 +1,120 @@
+"""Creating jobs and keeping each one with a task that will run it.
+
+`create` validates a CreateJob request (as plain values), resolves its spec, stores the
+job and enqueues it; a retry with the same request_id returns the job and re-enqueues it
+when its first enqueue never happened. `enqueue` records every hand-off to Celery, so the
+reaper (lmforge_server.reaper) can repair a job that was saved but never sent, or whose
+task died with its worker before the lease was taken. The lease absorbs duplicates.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmforge_server import basemodels, errors, specs
+from lmforge_server import store as st
+from lmforge_server.settings import Settings
+from lmforge_server.taskqueue import enqueue_training
+
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+MAX_REQUEST_ID = 128
+MAX_ID = 128
+
+
+@dataclass
+class CreateRequest:
+    dataset_id: str
+    preset: str = ""
+    model: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    model_name: str = ""
+    request_id: str = ""
+
+
+def check_id(field_name: str, value: str) -> str:
+    if not value:
+        raise errors.InvalidArgument(f"{field_name}: required")
+    if len(value) > MAX_ID:
+        raise errors.InvalidArgument(f"{field_name}: at most {MAX_ID} characters")
+    return value
+
+
+def check_name(field_name: str, value: str) -> str:
+    if value and not NAME_RE.match(value):
+        raise errors.InvalidArgument(
+            f"{field_name}: 1-64 characters of letters, digits, '.', '_' or '-'"
+        )
+    return value
+
+
+def enqueue(celery, settings: Settings, store: st.Store, job_id: str) -> None:
+    enqueue_training(celery, settings, job_id)
+    store.mark_enqueued(job_id)
+
+
+def create(
+    settings: Settings, store: st.Store, celery, owner: str, req: CreateRequest
+) -> st.JobRecord:
+    if len(req.request_id) > MAX_REQUEST_ID:
+        raise errors.InvalidArgument(f"request_id: at most {MAX_REQUEST_ID} characters")
+    check_name("model_name", req.model_name)
+    check_id("dataset_id", req.dataset_id)
+    try:
+        dataset = store.get_dataset(owner, req.dataset_id)
+    except st.NotFound:
+        raise errors.NotFound(
+            f"dataset_id: dataset {errors.shown(req.dataset_id)} not found"
+        ) from None
+    spec = _resolve_spec(settings, store, owner, req, dataset)
+    job = st.JobRecord(
+        id=st.new_id("job"),
+        owner=owner,
+        dataset_id=dataset.id,
+        model_name=req.model_name or default_model_name(dataset.name),
+        model_id=st.new_id("mdl"),
+        state=st.QUEUED,
+        spec=spec.to_dict(),
+        parameters=specs.count_parameters(spec.model).__dict__,
+        request_id=req.request_id,
+        created_at=time.time(),
+        dataset_path=dataset.path,
+    )
+    try:
+        job, created = store.create_job(job, max_active=settings.max_queued_jobs_per_owner)
+    except st.Conflict as e:
+        raise errors.ResourceExhausted(f"jobs: {e} (max_queued_jobs_per_owner)") from None
+    if created or (job.state == st.QUEUED and not job.enqueued_at):
+        # A retry repairs a job whose first enqueue failed after it was saved.
+        enqueue(celery, settings, store, job.id)
+        job.enqueued_at = time.time()
+    return job
+
+
+def _resolve_spec(settings, store, owner, req: CreateRequest, dataset) -> specs.JobSpec:
+    training = dict(req.training)
+    base_model = None
+    if training.get("init_from"):
+        base_model, training["init_from"] = basemodels.resolve(
+            store, owner, training["init_from"], settings.base_model_dirs, settings.artifacts_dir
+        )
+    try:
+        return specs.resolve(
+            req.preset,
+            dict(req.model),
+            training,
+            num_distinct_chars=dataset.num_distinct_chars,
+            base_model=base_model,
+        )
+    except specs.SpecError as e:
+        raise errors.InvalidArgument(f"spec.{e}") from None
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise errors.InvalidArgument(f"spec: {str(e)[:200]}") from None
+
+
+def default_model_name(dataset_name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", Path(dataset_name).stem).strip("-._")[:64]
+    return stem or "model"

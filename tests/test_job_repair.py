@@ -1,0 +1,221 @@
+"""No job is left without a task and none loops forever: poison jobs end FAILED after
+max_attempts, and a job whose enqueue failed is enqueued (by a retry with the same
+request_id, or by the reaper) and finishes. Real Redis, real API server, real workers."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import grpc
+import pytest
+from conftest import SMALL_CORPUS, Api, make_settings
+
+from lmforge.v1 import training_pb2
+from lmforge_server import jobs, reaper
+from lmforge_server import store as st
+from lmforge_server.stack import Child, Stack
+from lmforge_server.taskqueue import make_celery
+
+S = training_pb2
+
+
+def _job(store: st.Store, dataset: st.DatasetRecord, **kw) -> st.JobRecord:
+    job = st.JobRecord(
+        id=st.new_id("job"),
+        owner="default",
+        dataset_id=dataset.id,
+        model_name="m",
+        model_id=st.new_id("mdl"),
+        state=st.QUEUED,
+        spec={},
+        parameters={},
+        created_at=time.time(),
+        **kw,
+    )
+    return store.create_job(job, max_active=100)[0]
+
+
+@pytest.fixture
+def store_and_settings(redis_server, tmp_path):
+    settings = make_settings(tmp_path, redis_url=redis_server.url, max_attempts=3)
+    store = st.Store.from_url(redis_server.url)
+    ds = st.DatasetRecord("d" * 64, "default", "d", "d" * 64, 1, 1, 1, 0.0, "/nowhere")
+    store.put_dataset(ds)
+    return store, settings, ds
+
+
+def test_a_job_whose_worker_dies_every_attempt_ends_failed_after_max_attempts(
+    store_and_settings,
+):
+    store, settings, ds = store_and_settings
+    celery = make_celery(settings)
+    job = _job(store, ds)
+    for attempt in range(1, 4):
+        leased = store.acquire(job.id, f"w{attempt}", ttl_s=0.2, device="cpu")
+        assert leased.attempt == attempt
+        store.record_progress(job.id, attempt, f"w{attempt}", {"step": 10 * attempt})
+        time.sleep(0.3)  # the worker died: no heartbeat, the lease lapses
+        reaper.sweep(settings, store, celery)
+    done = store.job(job.id)
+    assert done.state == st.FAILED
+    assert done.error == "worker lost 3 times (last seen at step 30)"
+    assert store.model(job.model_id).state == st.MODEL_ABANDONED
+    assert not store.r.sismember(f"{st.P}jobs:active:default", job.id)  # the slot is free
+
+
+def test_a_queued_job_whose_task_died_on_pick_up_is_found_stalled(store_and_settings):
+    store, settings, ds = store_and_settings
+    never_sent = _job(store, ds)
+    sent = _job(store, ds)
+    store.mark_enqueued(sent.id)
+    assert store.stalled_queued(grace_s=60) == []  # young jobs are left alone
+    time.sleep(0.3)
+    assert store.stalled_queued(grace_s=0.2) == [never_sent.id]
+    store.mark_picked(sent.id)  # a worker got the task, then died before the lease
+    time.sleep(0.3)
+    assert sorted(store.stalled_queued(grace_s=0.2)) == sorted([never_sent.id, sent.id])
+    store.acquire(sent.id, "w", ttl_s=30, device="cpu")  # leased: not stalled
+    assert store.stalled_queued(grace_s=0.2) == [never_sent.id]
+
+
+def _create_with_a_dead_broker(settings, store, owner_ds, request_id: str) -> str:
+    """CreateJob's core with the broker unreachable: the job is saved, the enqueue fails."""
+    dead = make_celery(dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0"))
+    req = jobs.CreateRequest(
+        dataset_id=owner_ds.id, preset="tiny", training={"max_steps": 5}, request_id=request_id
+    )
+    with pytest.raises(Exception):  # noqa: B017 - kombu's OperationalError, whatever its class
+        jobs.create(settings, store, dead, "default", req)
+    (job_id,) = [j.id for j in store.list_jobs("default", 0, 100)[0] if j.request_id == request_id]
+    assert store.job(job_id).state == st.QUEUED and not store.job(job_id).enqueued_at
+    return job_id
+
+
+@pytest.mark.slow
+def test_a_job_whose_enqueue_failed_is_enqueued_and_finishes(tmp_path):
+    settings = make_settings(tmp_path, requeue_stalled_after_s=6.0)
+    with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
+        api = Api(ch)
+        ds = api.upload(SMALL_CORPUS[:5000].encode())
+        store = st.Store.from_url(stack.settings.redis_url)
+        rec = store.get_dataset("default", ds.id)
+        by_reaper = _create_with_a_dead_broker(stack.settings, store, rec, "rq-reaper")
+        by_retry = _create_with_a_dead_broker(stack.settings, store, rec, "rq-retry")
+        # The client retries with the same request_id: same job, enqueued this time (a
+        # worker picks it up; it is cancelled then, to spare CI a second export).
+        assert api.create(ds.id, request_id="rq-retry", max_steps=5).id == by_retry
+        api.wait_for(by_retry, lambda j: j.attempt >= 1, timeout=120)
+        api.jobs.CancelJob(S.CancelJobRequest(id=by_retry))
+        done = api.wait_terminal(by_reaper, timeout=240)
+        assert done.state == S.JOB_STATE_SUCCEEDED, done.error
+        api_log = next(c for c in stack.children if c.role == "api").log_tail(200_000)
+        assert f"job {by_reaper}: queued without a task" in api_log
+        assert f"job {by_retry}: queued without a task" not in api_log
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_a_poison_job_killing_its_worker_every_attempt_ends_failed(tmp_path):
+    settings = make_settings(tmp_path, max_attempts=2)
+    with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
+        api = Api(ch)
+        ds = api.upload(SMALL_CORPUS.encode())
+        job = api.create(ds.id, max_steps=100_000, checkpoint_interval=100_000)
+        for attempt in (1, 2):
+            api.wait_for(
+                job.id, lambda j, a=attempt: j.attempt == a and j.progress.step > 0, timeout=120
+            )
+            for child in [c for c in stack.children if c.role == "worker"]:
+                child.kill()  # what an OOM kill or a segfault does
+                stack.children.remove(child)
+            if attempt == 1:
+                logs = tmp_path / f"logs{attempt}"
+                stack.children.append(Child("worker", stack.settings, logs).start())
+        done = api.wait_terminal(job.id, timeout=60)
+        assert done.state == S.JOB_STATE_FAILED
+        assert done.error.startswith("worker lost 2 times (last seen at step ")
+        assert api.models.GetModel(S.GetModelRequest(id=job.model_id)).state == (
+            S.MODEL_STATE_ABANDONED
+        )
+
+
+def test_a_zombie_attempt_never_replaces_the_registered_models_files(store_and_settings, tmp_path):
+    from lmforge_server.artifacts import ArtifactStore
+
+    store, settings, ds = store_and_settings
+    artifacts = ArtifactStore(tmp_path / "artifacts")
+    job = _job(store, ds)
+    target = artifacts.model_dir(job.model_id)
+    zombie = store.acquire(job.id, "zombie", ttl_s=0.2, device="cpu")
+    time.sleep(0.3)  # the zombie stalls (GC pause, SIGSTOP); its lease lapses
+    assert store.recover_orphan(job.id, settings.max_attempts) == st.QUEUED
+    holder = store.acquire(job.id, "holder", ttl_s=30, device="cpu")
+    assert (zombie.attempt, holder.attempt) == (1, 2)
+
+    def export(attempt: int, text: str):
+        with artifacts.staging_dir(target, attempt) as tmp:
+            (tmp / "model.onnx").write_text(text)
+            return artifacts.publish(tmp, target, attempt)
+
+    # The zombie publishes first: it gets the model's directory, but cannot register it.
+    by_zombie = export(1, "zombie")
+    assert by_zombie == target
+    with pytest.raises(st.LeaseLost):
+        store.finish(job.id, 1, "zombie", st.SUCCEEDED, "zombie done")
+    # The holder's export goes beside it and is the one registered.
+    by_holder = export(2, "holder")
+    assert by_holder != target and (by_holder / "model.onnx").read_text() == "holder"
+    model = dataclasses.replace(store.model(job.model_id), state=st.MODEL_READY)
+    model.path = str(by_holder)
+    store.finish(job.id, 2, "holder", st.SUCCEEDED, "done", model=model)
+    artifacts.remove_other_exports(target, keep=by_holder)
+    assert not target.exists()
+    # A zombie that exports after the model is READY lands in its own directory.
+    late = export(1, "zombie again")
+    assert late != by_holder and (by_holder / "model.onnx").read_text() == "holder"
+    assert store.model(job.model_id).path == str(by_holder)
+    assert store.job(job.id).state == st.SUCCEEDED
+
+
+def test_staging_left_by_a_killed_earlier_attempt_is_removed(tmp_path):
+    from lmforge_server.artifacts import ArtifactStore
+
+    artifacts = ArtifactStore(tmp_path)
+    target = artifacts.model_dir("mdl_x")
+    with artifacts.staging_dir(target, 1) as killed:
+        (killed / "model.onnx").write_text("half")
+        # SIGKILL skips the cleanup: keep the directory under another staging name.
+        left = killed.rename(killed.parent / killed.name.replace("-mdl_x", "0-mdl_x"))
+    with artifacts.staging_dir(target, 2) as tmp:
+        assert not left.exists()
+        published = artifacts.publish(tmp, target, 2)
+    assert [p.name for p in target.parent.iterdir()] == ["mdl_x"] and published == target
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_progress_during_a_redis_outage_is_kept_and_written_when_it_is_back(tmp_path):
+    settings = make_settings(tmp_path, lease_ttl_s=15.0)
+    with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
+        api = Api(ch)
+        ds = api.upload(SMALL_CORPUS.encode())
+        job = api.create(ds.id, max_steps=300, log_interval=1, checkpoint_interval=10_000)
+        api.wait_for(job.id, lambda j: j.progress.step >= 20)
+        time.sleep(1.2)  # AOF is fsynced every second
+        stack.redis.stop()  # graceful: the AOF is complete
+        time.sleep(2.0)  # the worker trains on; its progress has nowhere to go
+        stack.redis.start()  # same port, same directory
+        done = api.wait_terminal(job.id, timeout=300)
+        assert done.state == S.JOB_STATE_SUCCEEDED and done.attempt == 1, done.error
+        events = api.events(job.id)
+        steps = [e.progress.step for e in events if e.type == S.JOB_EVENT_TYPE_PROGRESS]
+        first = steps[0]
+        # One event per step, none lost in the outage, in order.
+        assert steps == list(range(first, 301)), [
+            (a, b) for a, b in zip(steps, steps[1:], strict=False) if b != a + 1
+        ][:5]
+        times = [e.time.ToNanoseconds() for e in events if e.type == S.JOB_EVENT_TYPE_PROGRESS]
+        assert times == sorted(times)  # kept events carry the time they happened
+        worker_log = next(c for c in stack.children if c.role == "worker").log_tail(200_000)
+        assert "Redis unreachable" in worker_log and "keeping progress" in worker_log

@@ -1,0 +1,143 @@
+"""Per-tenant quotas and retention (issue 8): datasets and stored bytes, concurrent
+generation streams, and finished jobs that expire. Real Redis and real gRPC servers."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from conftest import Api, make_settings
+
+from lmforge.v1 import inference_pb2, training_pb2
+from lmforge_server import store as st
+from lmforge_server.stack import Stack
+
+S = training_pb2
+
+
+def _code(call, *a, **kw):
+    try:
+        call(*a, **kw)
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_dataset_count_and_stored_bytes_are_capped_per_tenant(tmp_path):
+    keys = {"k-a": "alice", "k-b": "bob"}
+    settings = make_settings(
+        tmp_path, api_keys=keys, max_datasets_per_owner=2, max_stored_bytes_per_owner=3000
+    )
+    with (
+        Stack(settings, inference=False, worker=False) as s,
+        grpc.insecure_channel(s.api_addr) as ch,
+    ):
+        alice = Api(ch, [("authorization", "Bearer k-a")])
+        bob = Api(ch, [("authorization", "Bearer k-b")])
+        first = alice.upload(b"a" * 1000)
+        alice.upload(b"b" * 1000)
+        alice.upload(b"a" * 1000)  # the same content again is no new dataset
+        code, details = _code(alice.upload, b"c" * 10)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_datasets_per_owner" in details and "2" in details
+        bob.upload(b"c" * 2500)  # another tenant has quotas of its own
+        code, details = _code(bob.upload, b"d" * 600)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_stored_bytes_per_owner" in details and "3000" in details
+        # Deleting frees both.
+        alice.datasets.DeleteDataset(S.DeleteDatasetRequest(id=first.id), metadata=alice.metadata)
+        assert alice.upload(b"c" * 10).size_bytes == 10
+
+
+def test_finished_jobs_expire_after_the_retention_and_leave_lists_clean(redis_server):
+    store = st.Store.from_url(redis_server.url)
+    ds = st.DatasetRecord("d" * 64, "o", "d", "d" * 64, 1, 1, 1, 0.0, "/nowhere")
+    store.put_dataset(ds)
+    jobs = []
+    for _ in range(2):
+        job = st.JobRecord(
+            id=st.new_id("job"),
+            owner="o",
+            dataset_id=ds.id,
+            model_name="m",
+            model_id=st.new_id("mdl"),
+            state=st.QUEUED,
+            spec={},
+            parameters={},
+            created_at=time.time(),
+        )
+        jobs.append(store.create_job(job, max_active=10)[0])
+    store.retention_s = 1.0
+    store.request_cancel("o", jobs[0].id)  # ends it: CANCELLED
+    assert store.r.ttl(f"{st.P}job:{jobs[0].id}") > 0
+    assert store.r.ttl(f"{st.P}job:{jobs[0].id}:events") > 0
+    assert store.r.ttl(f"{st.P}job:{jobs[1].id}") == -1  # active jobs never expire
+    time.sleep(1.5)
+    listed, _ = store.list_jobs("o", 0, 10)
+    assert [j.id for j in listed] == [jobs[1].id]
+    with pytest.raises(st.NotFound):
+        store.get_job("o", jobs[0].id)
+
+
+def test_concurrent_generations_are_capped_per_tenant(tmp_path):
+    from _tiny_models import build_cycle_model_dir
+
+    settings = make_settings(
+        tmp_path,
+        api_keys={"k-a": "alice", "k-b": "bob"},
+        max_generations_per_owner=1,
+        max_new_tokens_limit=4000,
+    )
+    with Stack(settings, worker=False) as s:
+        store = st.Store.from_url(s.settings.redis_url)
+        model_dir = build_cycle_model_dir(tmp_path / "models" / "cyc", b"abc", context_length=4096)
+        for owner in ("alice", "bob"):
+            rec = st.ModelRecord(
+                id=f"mdl_{owner}",
+                owner=owner,
+                name="cyc",
+                version=1,
+                job_id="job_none",
+                state=st.MODEL_READY,
+                spec={"model": {}},
+                parameters={},
+                path=str(model_dir),
+                created_at=time.time(),
+            )
+            store.r.hset(f"{st.P}model:{rec.id}", mapping=st._encode(rec))
+            store.r.zadd(f"{st.P}modelname:{owner}:cyc", {rec.id: 1})
+        with grpc.insecure_channel(s.inference_addr) as ch:
+            kw = dict(
+                request_serializer=inference_pb2.GenerateRequest.SerializeToString,
+                response_deserializer=inference_pb2.GenerateStreamResponse.FromString,
+            )
+            stream_call = ch.unary_stream("/lmforge.v1.InferenceService/GenerateStream", **kw)
+            unary = ch.unary_unary(
+                "/lmforge.v1.InferenceService/Generate",
+                request_serializer=inference_pb2.GenerateRequest.SerializeToString,
+                response_deserializer=inference_pb2.GenerateResponse.FromString,
+            )
+            long = inference_pb2.GenerateRequest(
+                model="cyc",
+                prompt="a",
+                sampling=inference_pb2.SamplingParams(max_new_tokens=4000, temperature=0),
+            )
+            short = inference_pb2.GenerateRequest(
+                model="cyc", prompt="a", sampling=inference_pb2.SamplingParams(max_new_tokens=2)
+            )
+            alice = (("authorization", "Bearer k-a"),)
+            stream = stream_call(long, metadata=alice, timeout=60)
+            next(stream)  # alice's one generation is running
+            code, details = _code(unary, short, metadata=alice, timeout=30)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_generations_per_owner" in details and "1" in details
+            bob = (("authorization", "Bearer k-b"),)
+            assert unary(short, metadata=bob, timeout=30).usage.completion_tokens == 2
+            stream.cancel()
+            for _ in range(100):  # the slot comes back once the cancelled stream ends
+                if _code(unary, short, metadata=alice, timeout=30)[0] == grpc.StatusCode.OK:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("a cancelled generation never gave its slot back")
