@@ -18,7 +18,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from lmforge_server.inference.detokenize import IncrementalDetokenizer
 from lmforge_server.inference.errors import (
     InferenceError,
     InvalidArgument,
@@ -27,8 +26,15 @@ from lmforge_server.inference.errors import (
     Overloaded,
 )
 from lmforge_server.inference.resolver import ModelResolver, ResolvedModel
-from lmforge_server.inference.sampling import Sampler, SamplingParams
-from lmforge_server.inference.scheduler import Delta, Request, Scheduler, Sink, Timings
+from lmforge_server.inference.sampling import SamplingParams
+from lmforge_server.inference.scheduler import (
+    Delta,
+    Request,
+    Scheduler,
+    Sink,
+    Timings,
+    make_requests,
+)
 from lmforge_server.inference.session import (
     CPU_EP,
     CUDA_EP,
@@ -311,33 +317,16 @@ class Engine:
                 f"got {params.min_tokens}",
             )
         queue: asyncio.Queue[Delta] = asyncio.Queue()
-        emit = Sink(asyncio.get_running_loop(), queue)
-        rows = [
-            Request(
-                prompt_ids=ids,
-                params=params,
-                max_new=max_new,
-                sampler=Sampler(
-                    params,
-                    vocab_size=m.vocab_size,
-                    prompt_ids=ids,
-                    eos_token_id=m.eos_token_id,
-                    index=i,
-                ),
-                detok=IncrementalDetokenizer(
-                    m.decode,
-                    stop=params.stop,
-                    prompt_ids=ids,
-                    include_stop=params.include_stop_str_in_output,
-                ),
-                emit=emit,
-                model_id=loaded.resolved.model_id,
-                index=i,
-                request_id=request_id,
-                context_shift=context_shift,
-            )
-            for i in range(params.n)
-        ]
+        rows = make_requests(
+            m,
+            ids,
+            params,
+            Sink(asyncio.get_running_loop(), queue),
+            model_id=loaded.resolved.model_id,
+            max_new=max_new,
+            request_id=request_id,
+            context_shift=context_shift,
+        )
         key = (owner, request_id)
         if key in self._inflight:  # the same id arrived while this one was tokenising
             raise InvalidArgument("request_id", f"{request_id!r} is already in flight")

@@ -147,6 +147,46 @@ class Request:
         return (self.prompt_ids + self.generated)[self.window_start :]
 
 
+def make_requests(
+    model: OrtModel,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    emit: Callable[[Delta], None],
+    *,
+    model_id: str,
+    max_new: int,
+    request_id: str = "",
+    context_shift: bool = False,
+) -> list[Request]:
+    """The `params.n` samples of one request, each with its own sampler and detokenizer."""
+    return [
+        Request(
+            prompt_ids=prompt_ids,
+            params=params,
+            max_new=max_new,
+            sampler=Sampler(
+                params,
+                vocab_size=model.vocab_size,
+                prompt_ids=prompt_ids,
+                eos_token_id=model.eos_token_id,
+                index=i,
+            ),
+            detok=IncrementalDetokenizer(
+                model.decode,
+                stop=params.stop,
+                prompt_ids=prompt_ids,
+                include_stop=params.include_stop_str_in_output,
+            ),
+            emit=emit,
+            model_id=model_id,
+            index=i,
+            request_id=request_id,
+            context_shift=context_shift,
+        )
+        for i in range(params.n)
+    ]
+
+
 @dataclass(eq=False)
 class Group:
     """A request's samples (n of them), prefilled once from the same ids."""
