@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
 import torch
+from _scheduler_runs import Collector
 from _tiny_models import build_cycle_model_dir, build_model_dir, load_torch, torch_greedy
 from test_inference_server import ServerThread, collect, request, settings
 from tokenizers import Tokenizer
@@ -273,32 +272,6 @@ def test_bad_surface_values_are_invalid_argument_naming_field_and_limit(
 
 
 # --- the scheduler on its own ---------------------------------------------------------------
-
-
-class Collector:
-    """Deltas of directly submitted requests, gathered on the scheduler thread."""
-
-    def __init__(self):
-        self.deltas = []
-        self.lock = threading.Lock()
-
-    def __call__(self, d):
-        with self.lock:
-            self.deltas.append(d)
-
-    def tokens(self):
-        with self.lock:
-            return [t for d in self.deltas for t in d.token_ids]
-
-    def final(self, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                done = [d for d in self.deltas if d.final]
-            if done:
-                return done[-1]
-            time.sleep(0.005)
-        raise AssertionError("no final delta")
 
 
 @pytest.fixture(scope="module")

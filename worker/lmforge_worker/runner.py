@@ -223,7 +223,10 @@ def _train_export_register(
     with artifacts.atomic_dir(model_dir) as tmp:
         training.finalize(result, spec, work_dir, tmp, metadata)
         parity = export_onnx(
-            tmp, fp16=device.startswith("cuda"), parity_limit=settings.parity_limit
+            tmp,
+            fp16=device.startswith("cuda"),
+            parity_limit=settings.parity_limit,
+            eval_tokens=_val_tokens(work_dir / "data"),
         )
         _merge_metadata(tmp / "metadata.json", {"onnx": parity})
         files = sorted(p.name for p in tmp.iterdir())
@@ -247,6 +250,13 @@ def _train_export_register(
             "val_loss": result.best_val_loss,
             "val_bits_per_byte": result.best_val_bpb,
             "onnx_parity_max_abs_diff": float(parity.get("max_abs_diff", 0.0)),
+            # Per graph variant: validation loss and whether it passed the quality gate.
+            **{
+                f"onnx_{v['variant']}_{k}": v[k]
+                for v in parity.get("variants", [])
+                for k in ("val_loss", "passes_quality_gate", "max_abs_logit_diff")
+                if v.get(k) is not None
+            },
         },
         files=files,
         dataset_sha256=job.dataset_id,
@@ -254,6 +264,17 @@ def _train_export_register(
     msg = f"model {model.name}@{model.version} ({model.id}) ready, best val loss {result.best_val_loss:.4f}"
     store.finish(job.id, job.attempt, token, st.SUCCEEDED, msg, model=model)
     return st.SUCCEEDED
+
+
+def _val_tokens(data_dir: Path, limit: int = 1 << 16):
+    """The job's validation tokens (the first `limit`), which score the quantised graphs."""
+    import numpy as np
+
+    try:
+        meta = json.loads((data_dir / "meta.json").read_text())
+        return np.fromfile(data_dir / "val.bin", dtype=meta["dtype"], count=limit)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _merge_metadata(path: Path, extra: dict) -> None:
