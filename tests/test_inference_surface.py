@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -319,6 +321,48 @@ def test_prefix_reuse_gives_the_output_of_a_cold_prompt(char_model, reference):
         assert sched.prefixes.hits == 3
     finally:
         sched.close(wait=True)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_running_streams_tokens(char_model, reference):
+    torch_model, tok = reference
+    sched = Scheduler(char_model, max_batch_size=4, prefill_chunk=8)
+    greedy = SamplingParams(temperature=0)
+    log, lock = [], threading.Lock()
+
+    def logged(name):
+        def emit(d):
+            with lock:
+                log.append((name, d))
+
+        return emit
+
+    run_ids, long_ids = tok.encode("ROMEO:").ids, tok.encode(LONG).ids  # 60 tokens
+    try:
+        sched.submit(
+            make_requests(char_model, run_ids, greedy, logged("run"), model_id="c", max_new=40)
+        )
+        while not log:
+            time.sleep(0.001)
+        calls = sched.prefill_calls
+        with lock:
+            log.append(("submitted", None))
+        sched.submit(
+            make_requests(char_model, long_ids, greedy, logged("long"), model_id="c", max_new=10)
+        )
+        deadline = time.monotonic() + 30
+        while sum(1 for n, d in log if d is not None and d.final) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    finally:
+        sched.close(wait=True)
+    names = [n for n, _ in log]
+    start, first_long = names.index("submitted"), names.index("long")
+    # 60 tokens in chunks of 8: seven chunk turns, then the last 4 tokens and the first token.
+    assert sched.prefill_calls - calls == 8
+    assert names[start:first_long].count("run") >= 6  # a token for the stream every turn
+    tokens = lambda name: [t for n, d in log if n == name for t in d.token_ids]  # noqa: E731
+    assert tokens("long") == torch_greedy(torch_model, long_ids, 10)
+    assert tokens("run") == torch_greedy(torch_model, run_ids, 40)
 
 
 def test_prefix_cache_stays_within_its_byte_bound():

@@ -5,7 +5,8 @@ Off the asyncio event loop, each turn of the loop:
   the longest and masked with `attention_mask`, one ONNX Runtime call for all of them
   (`n` samples of one request share that prefill). A prompt that starts with a prefix
   recently prefilled for this model reuses that prefix's KV cache (`PrefixCache`) and
-  prefills only the rest;
+  prefills only the rest. A long prompt is prefilled PREFILL_CHUNK tokens per turn, so
+  the running streams get a token between its chunks instead of waiting for all of it;
 - runs one decode step of all active rows as one batch. Rows are left-padded to the
   longest cache; padding is added only when a request joins and trimmed when the longest
   one leaves, so a steady batch runs without copies.
@@ -46,6 +47,8 @@ QUEUE_PER_SLOT = 16
 # Prefix reuse: prompts at least this long are remembered, and a hit must share this many.
 MIN_PREFIX_TOKENS = 16
 PREFIX_CACHE_BYTES = 64 << 20
+# Prompt tokens prefilled per scheduler turn for a long prompt (chunked prefill).
+PREFILL_CHUNK = 128
 
 
 @dataclass
@@ -193,6 +196,9 @@ class Group:
 
     rows: list[Request]
     ids: list[int]
+    # Chunked prefill: the first `done` ids are in `cache` already ([1, H, done, D] each).
+    done: int = 0
+    cache: list | None = None
 
 
 # --- prefix reuse ---------------------------------------------------------------------------
@@ -258,11 +264,13 @@ class Scheduler:
         max_batch_size: int,
         name: str = "model",
         prefix_cache: PrefixCache | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ):
         self.model = model
         self.max_batch_size = max(1, max_batch_size)
         self.max_waiting = QUEUE_PER_SLOT * self.max_batch_size
         self.prefixes = prefix_cache if prefix_cache is not None else PrefixCache()
+        self.prefill_chunk = max(1, prefill_chunk)
         self._cv = threading.Condition()
         self._waiting: collections.deque[Group] = collections.deque()
         self._closing = False
@@ -270,8 +278,9 @@ class Scheduler:
         self._rows: list[Request] = []
         self._past: list = []
         self._mask = np.zeros((0, 0), np.int64)
-        # Rows that reached the context and are prefilled again (context_shift).
-        self._shifting: list[Group] = []
+        # Groups that hold batch slots outside the batch: rows that reached the context and
+        # are prefilled again (context_shift), and long prompts between prefill chunks.
+        self._carried: list[Group] = []
         # Deltas of the current step, handed over together (see _flush).
         self._outbox: list[tuple[Request, Delta]] = []
         # Samples ended, by finish reason (monitoring and tests).
@@ -326,12 +335,12 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._waiting or self._rows or self._shifting or self._closing):
+                while not (self._waiting or self._rows or self._carried or self._closing):
                     self._cv.wait()
-                if self._closing and not (self._waiting or self._rows or self._shifting):
+                if self._closing and not (self._waiting or self._rows or self._carried):
                     return
-                new, taken = list(self._shifting), sum(len(g.rows) for g in self._shifting)
-                self._shifting = []
+                new, taken = list(self._carried), sum(len(g.rows) for g in self._carried)
+                self._carried = []
                 while self._waiting:
                     want = len(self._waiting[0].rows)
                     if len(self._rows) + taken + want > self.max_batch_size and (
@@ -391,20 +400,35 @@ class Scheduler:
                     self._finish(req, "cancelled")
             if not all(r.done for r in g.rows):
                 live.append(g)
-        # A prompt sharing a remembered prefix prefills alone on top of that prefix's cache;
-        # the others prefill together, left-padded to the longest.
+        # A prompt sharing a remembered prefix prefills alone on top of that prefix's cache,
+        # a long one a chunk per turn; the others prefill together, left-padded.
         cold = []
         for g in live:
-            shifted = g.rows[0].context_shifts > 0
-            k, past = (0, None) if shifted else self.prefixes.get(g.ids)
-            if past is None:
+            if g.cache is None and not g.rows[0].context_shifts:
+                k, past = self.prefixes.get(g.ids)
+                if past is not None:
+                    g.done, g.cache = k, [np.ascontiguousarray(a) for a in past]
+                    for req in g.rows:
+                        req.cached_prompt_tokens = k
+            if len(g.ids) - g.done > self.prefill_chunk:
+                self._run_chunk(g)
+                self._carried.append(g)
+            elif g.cache is not None:
+                self._run_prefill([g], past=g.cache, past_len=g.done)
+            else:
                 cold.append(g)
-                continue
-            for req in g.rows:
-                req.cached_prompt_tokens = k
-            self._run_prefill([g], past=[np.ascontiguousarray(a) for a in past], past_len=k)
         if cold:
             self._run_prefill(cold, past=None, past_len=0)
+
+    def _run_chunk(self, g: Group) -> None:
+        """Prefills the group's next `prefill_chunk` ids onto its cache (no token yet)."""
+        m, P = self.model, g.done
+        ids = np.asarray([g.ids[P : P + self.prefill_chunk]], np.int64)
+        mask = np.ones((1, P + ids.shape[1]), np.int64)
+        pos = np.arange(P, P + ids.shape[1], dtype=np.int64)[None]
+        _, present = m.run(ids, mask, pos, g.cache if g.cache is not None else m.empty_past(1))
+        self.prefill_calls += 1
+        g.cache, g.done = OrtModel.to_host(present), P + ids.shape[1]
 
     def _run_prefill(self, groups: list[Group], *, past: list | None, past_len: int) -> None:
         m = self.model
@@ -596,8 +620,8 @@ class Scheduler:
                 keep = max(1, ctx // 2)
                 req.window_start = len(req.prompt_ids) + len(req.generated) - keep
                 req.context_shifts += 1
-                self._shifting.append(Group([req], req.window()))
-        shifting = {id(g.rows[0]) for g in self._shifting}
+                self._carried.append(Group([req], req.window()))
+        shifting = {id(g.rows[0]) for g in self._carried}
         keep = [i for i, r in enumerate(self._rows) if not r.done and id(r) not in shifting]
         if len(keep) == len(self._rows):
             return
