@@ -11,7 +11,10 @@ last tenth). Printed, in one run:
   3. aggregate tokens/s through gRPC at 1, 4, 16 and 64 concurrent streams;
   4. prefix reuse: time to first token for a shared 200-token prefix + 10 new tokens,
      against a cold prompt of the same length;
-  5. with --gpt2: the GPT-2-small shape (12 x 768, vocab 50257, ~124M) at batch 1, fp32
+  5. inter-token latency p99 of 8 running streams while a 1,000-token prompt arrives,
+     chunked prefill against the whole prompt at once (in-process Engine, the same
+     weights with a 2,048-token context);
+  6. with --gpt2: the GPT-2-small shape (12 x 768, vocab 50257, ~124M) at batch 1, fp32
      and int8/int4 against the bandwidth floor (its export takes minutes here).
 
     python bench/bench_inference.py [--repeats 3] [--gpt2]
@@ -25,7 +28,6 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -324,8 +326,56 @@ def run(root: Path, repeats: int) -> None:
         f"cold {cold * 1e3:.2f} ms, reused {warm * 1e3:.2f} ms ({cached} tokens from the "
         f"cache): {warm / cold:.2f}x of cold (target <= 0.3x)"
     )
+    itl = itl_figures(root, CORPUS.read_text())
+    print("\n5. inter-token latency of 8 running streams while a 1,000-token prompt arrives")
+    for name, (p50, p99) in itl.items():
+        label = "chunked prefill (128 per turn)" if name == "chunked" else "whole prompt at once"
+        print(f"{label:32} p50 {p50 * 1e3:7.2f} ms   p99 {p99 * 1e3:7.2f} ms")
     if a_n != NEW_TOKENS:
         print(f"note: the gRPC stream produced {a_n} tokens")
+
+
+def itl_figures(root: Path, text: str) -> dict[str, tuple[float, float]]:
+    """p50 and p99 inter-token gap (s) of 8 running streams while a 1,000-token prompt
+    arrives, with chunked prefill and with the whole prompt prefilled at once."""
+    long_dir = root / "models" / "baby-long"
+    if not long_dir.exists():
+        shutil.copytree(root / "models" / "baby", long_dir)
+        cfg = json.loads((long_dir / "config.json").read_text())
+        cfg["max_position_embeddings"] = 2048  # rotary positions: any length runs
+        (long_dir / "config.json").write_text(json.dumps(cfg))
+    long_prompt = text[200_000:201_000]
+
+    async def one(chunked: bool) -> tuple[float, float]:
+        engine = Engine(Settings(inference_device="cpu"), DirectoryResolver(root / "models"))
+        await engine.complete("default", "baby-long", "A", SamplingParams(max_new_tokens=1))
+        (loaded,) = engine._loaded.values()
+        if not chunked:
+            loaded.scheduler.prefill_chunk = 1 << 30
+        gaps: list[float] = []
+        started = asyncio.Event()
+
+        async def stream(i: int) -> None:
+            params = SamplingParams(max_new_tokens=150, temperature=0)
+            prompt = text[i * 500 : i * 500 + 64]
+            last = None
+            async for _ in engine.generate("default", "baby-long", prompt, params):
+                now = time.perf_counter()
+                if last is not None and started.is_set():
+                    gaps.append(now - last)
+                last = now
+
+        async def arrival() -> None:
+            await asyncio.sleep(0.3)
+            started.set()
+            params = SamplingParams(max_new_tokens=1)
+            await engine.complete("default", "baby-long", long_prompt, params)
+
+        await asyncio.gather(*[stream(i) for i in range(8)], arrival())
+        await engine.close()
+        return float(np.percentile(gaps, 50)), float(np.percentile(gaps, 99))
+
+    return {"chunked": asyncio.run(one(True)), "whole": asyncio.run(one(False))}
 
 
 def prefix_figures(stub, text: str, repeats: int) -> tuple[float, float, int]:
@@ -372,7 +422,7 @@ def gpt2(root: Path, repeats: int) -> None:
     facts = export_onnx(path)
     bandwidth = read_bandwidth_gbs()
     print(
-        f"\n5. GPT-2-small shape: {model.num_parameters() / 1e6:.1f}M parameters, export "
+        f"\n6. GPT-2-small shape: {model.num_parameters() / 1e6:.1f}M parameters, export "
         f"{time.perf_counter() - t:.0f}s; bandwidth {bandwidth:.1f} GB/s"
     )
     print(f"{'':8} {'MB':>7} {'floor ms':>9} {'ms/token':>9} {'/ floor':>8} {'vs fp32':>8}")

@@ -144,9 +144,15 @@ def test_n_samples_share_one_prefill_and_each_matches_its_own_seed(stub, server)
     singles = [collect(stub, gen(stub, seed=77 + i, **kw))[1] for i in range(3)]
     assert [samples[i] for i in range(3)] == singles
     assert len({tuple(s) for s in singles}) > 1  # different seeds, different samples
-    resp = stub.Generate(gen(stub, seed=77, n=3, **kw), timeout=60)
+    texts = {i: "".join(m.text for m in msgs if m.index == i) for i in range(3)}
+    resp = stub.Generate(gen(stub, seed=77, n=3, logprobs=True, top_logprobs=2, **kw), timeout=60)
     assert [list(c.token_ids) for c in resp.choices] == singles
     assert list(resp.token_ids) == singles[0] and resp.usage.completion_tokens == 60
+    for i, c in enumerate(resp.choices):
+        assert (c.index, c.text, c.completion_tokens) == (i, texts[i], 20)
+        assert c.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+        assert len(c.logprobs) == len(c.top_logprobs) == 20
+        assert all(len(t.token_ids) == 2 for t in c.top_logprobs)
 
 
 def test_top_logprobs_are_the_k_most_likely_with_the_greedy_token_first(stub, reference):
@@ -224,7 +230,10 @@ def test_context_shift_generates_past_the_context_like_a_sliding_window(stub, re
         stub, gen(stub, prompt=prompt, shift=True, temperature=0, max_new_tokens=60)
     )
     assert len(ids) == 60 and msgs[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
-    assert msgs[-1].context_shifts >= 1
+    # The window (96) fills at the 7th token, keeps 48, and fills again at the 56th.
+    assert msgs[-1].context_shifts == 2
+    resp = stub.Generate(gen(stub, prompt=prompt, shift=True, temperature=0, max_new_tokens=60))
+    assert list(resp.token_ids) == ids and resp.context_shifts == 2
     # Reference: the next token is greedy over the window, which keeps its newest half
     # whenever it would pass the context (96).
     seq, start, want = tok.encode(prompt).ids, 0, []
@@ -236,6 +245,17 @@ def test_context_shift_generates_past_the_context_like_a_sliding_window(stub, re
             seq.append(int(logits[0, -1].argmax()))
             want.append(seq[-1])
     assert ids == want
+
+
+def test_a_repeated_prefix_is_served_from_the_cache_with_the_same_tokens(stub):
+    first = stub.Generate(gen(stub, prompt=LONG + " A", temperature=0, max_new_tokens=10))
+    again = stub.Generate(gen(stub, prompt=LONG + " A", temperature=0, max_new_tokens=10))
+    other = list(stub.GenerateStream(gen(stub, prompt=LONG + " B", temperature=0)))
+    assert first.cached_prompt_tokens == 0
+    assert again.cached_prompt_tokens == len(LONG) + 1  # all but the last prompt token
+    assert list(again.token_ids) == list(first.token_ids)
+    assert other[-1].cached_prompt_tokens == len(LONG) + 1
+    assert all(m.cached_prompt_tokens == 0 for m in other[:-1])
 
 
 @pytest.mark.parametrize(

@@ -123,7 +123,12 @@ def test_a_bad_quantised_graph_is_not_served_by_default_but_can_be_named(outlier
             assert info.variant == ("int8" if "int8" in passing else "fp32")
             reported = {v.variant: v for v in info.variants}
             assert set(reported) == {"fp32", "int8", "int4"}
-            assert not reported["int4"].passes_quality_gate and reported["fp32"].bytes > 0
+            for v in listing["variants"]:
+                r = reported[v["variant"]]
+                assert (r.passes_quality_gate, r.bytes) == (v["passes_quality_gate"], v["bytes"])
+                assert r.val_loss == pytest.approx(v["val_loss"], rel=1e-6)
+                assert r.decode_ms_per_token == pytest.approx(v["decode_ms_per_token"])
+                assert r.max_abs_logit_diff == pytest.approx(v["max_abs_logit_diff"], rel=1e-6)
             named = stub.GetModelInfo(
                 inference_pb2.GetModelInfoRequest(model="outliers", variant="int4")
             )
