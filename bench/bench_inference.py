@@ -255,7 +255,7 @@ def run(root: Path, repeats: int) -> None:
     torch_eager(model, ids[0])
     c_ttft, c_tok, _ = best(lambda: torch_eager(model, ids[0]), repeats)
 
-    # (b) in-process engine, every variant.
+    # (b) in-process engine, every variant; then intra-op threads 1 and 2 (served variant).
     async def engine_figures():
         engine = Engine(Settings(inference_device="cpu"), DirectoryResolver(root / "models"))
         out = {}
@@ -264,9 +264,22 @@ def run(root: Path, repeats: int) -> None:
             runs = [await engine_stream(engine, prompts[0], name) for _ in range(repeats)]
             out[name] = tuple(min(r[i] for r in runs) for i in range(2))
         await engine.close()
-        return out
+        threads = {}
+        for n in (1, 2):
+            settings = Settings(inference_device="cpu", inference_threads=n)
+            engine = Engine(settings, DirectoryResolver(root / "models"))
+            await engine_stream(engine, prompts[0], "")
+            one = min([(await engine_stream(engine, prompts[0], ""))[1] for _ in range(repeats)])
+            many = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                done = await asyncio.gather(*[engine_stream(engine, p, "") for p in prompts[:16]])
+                many.append(sum(r[2] for r in done) / (time.perf_counter() - t))
+            threads[n] = (one, max(many))
+            await engine.close()
+        return out, threads
 
-    b_figs = asyncio.run(engine_figures())
+    b_figs, thread_figs = asyncio.run(engine_figures())
 
     # (a) gRPC, server process, default variant; concurrency; prefix reuse.
     proc, addr = start_server(root, max_batch_size=64)
@@ -313,6 +326,12 @@ def run(root: Path, repeats: int) -> None:
         print(
             f"{n:8} {v['bytes'] / 1e6:7.1f} {v['val_loss']:9.4f} {v['val_loss'] / ref - 1:+8.2%} "
             f"{'pass' if v['passes_quality_gate'] else 'FAIL':>5} {v['decode_ms_per_token']:14.2f}"
+        )
+
+    print("\nintra-op threads (in-process Engine, served variant)")
+    for n, (one, many) in thread_figs.items():
+        print(
+            f"{n} thread(s): {one * 1e3:.2f} ms/token at batch 1, {many:.0f} tokens/s at 16 streams"
         )
 
     print("\n3. aggregate tokens/s through gRPC (served variant; max_batch_size 64)")

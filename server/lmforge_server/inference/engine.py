@@ -147,6 +147,7 @@ class Engine:
                 io_binding=self._io_binding,
                 spin=self.settings.inference_spin,
                 variant=variant,
+                threads=self.settings.inference_threads,
             )
             sched = Scheduler(
                 model, max_batch_size=self.settings.max_batch_size, name=resolved.model_id

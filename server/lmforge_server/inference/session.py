@@ -107,6 +107,7 @@ class OrtModel:
         io_binding: bool | None = None,
         spin: bool = False,
         variant: str = "",
+        threads: int = 0,
     ):
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -122,6 +123,8 @@ class OrtModel:
         # ENABLE_ALL: 2.6-3x faster than no optimisation on a 124M model (KNOWN.md).
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        if threads > 0:
+            so.intra_op_num_threads = threads
         if not cuda and not spin:
             # No spin-waiting in the intra-op pool by default: the scheduler, the event loop
             # and gRPC share these cores. Measured (10.7M model, 2 loaded cores, interleaved):
