@@ -413,7 +413,7 @@ def export_onnx(
     fp16: bool = False,
     exporter: str = DEFAULT_EXPORTER,
     parity_limit: float = FP32_PARITY_LIMIT,
-    variants: tuple[str, ...] = VARIANTS,
+    variants: tuple[str, ...] | None = None,
     eval_tokens: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Exports the model in `model_dir` to `model_dir/model.onnx` (and `model_fp16.onnx`).
@@ -425,9 +425,10 @@ def export_onnx(
     the fp32 graph's max |logit difference| exceeds `parity_limit`; the fp16 graph's
     difference is recorded, not enforced (it runs on the CPU only where ORT can).
 
-    `variants` are quantised from the fp32 graph (model_<variant>.onnx), scored on
-    `eval_tokens` (the job's validation tokens; without them no variant passes the quality
-    gate) and timed; `variants.json` lists every graph with those figures.
+    `variants` (default: VARIANTS when `eval_tokens` are given, else none) are quantised
+    from the fp32 graph (model_<variant>.onnx), scored on `eval_tokens` (the job's
+    validation tokens; without them no variant passes the quality gate) and timed;
+    `variants.json` lists every graph with those figures.
     """
     model_dir = Path(model_dir)
     if exporter not in _EXPORTERS:
@@ -441,7 +442,9 @@ def export_onnx(
         fp32["parity"] = check_parity(model, fp32["tmp"])
         if fp32["parity"]["max_abs_logit_diff"] > parity_limit:
             raise ParityError(fp32["parity"]["max_abs_logit_diff"], parity_limit)
-        fp32["variant"] = "fp32"
+        fp32["variant"], fp32["passes_quality_gate"] = "fp32", True
+        if variants is None:
+            variants = VARIANTS if eval_tokens is not None else ()
         scored = [fp32]
         for name in variants:
             target = model_dir / f"model_{name}.onnx"
@@ -454,7 +457,8 @@ def export_onnx(
             item["bytes"] = tmp.stat().st_size
             item["parity"] = check_parity(model, tmp)
             scored.append(item)
-        _score_variants(model, scored, eval_tokens)
+        if len(scored) > 1:
+            _score_variants(model, scored, eval_tokens)
         if fp16:
             # A copy: casting in place would round the fp32 reference weights.
             half = _export_one(
