@@ -241,10 +241,16 @@ class Engine:
             raise InvalidArgument("request_id", f"{request_id!r} is already in flight")
         return request_id
 
-    def _max_new(self, params: SamplingParams, prompt_tokens: int, ctx: int, shift: bool) -> int:
+    def _max_new(
+        self, params: SamplingParams, prompt_tokens: int, ctx: int, shift: bool, fit: bool
+    ) -> int:
+        """max_new_tokens for the request: refused past the context unless the request
+        shifts it (context_shift) or asked to fit in it (truncate_prompt: capped there)."""
         room = ctx - prompt_tokens
         if params.max_new_tokens is None:
             return min(DEFAULT_MAX_NEW_TOKENS, self.settings.max_new_tokens_limit, room)
+        if params.max_new_tokens > room and fit and not shift:
+            return room
         if params.max_new_tokens > room and not shift:
             raise InvalidArgument(
                 "sampling.max_new_tokens",
@@ -305,12 +311,8 @@ class Engine:
                 f"is {len(ids)} tokens; the model's context length is {ctx}, so the limit "
                 f"is {ctx - 1} prompt tokens (set truncate_prompt to keep the last ones)",
             )
-        if truncate_prompt:
-            # Keep the last tokens that leave room for max_new_tokens (at least one).
-            wanted = params.max_new_tokens or 1
-            room = ctx - 1 if context_shift else max(1, ctx - min(wanted, ctx - 1))
-            ids = ids[-room:]
-        max_new = self._max_new(params, len(ids), ctx, context_shift)
+        ids = ids[-(ctx - 1) :]
+        max_new = self._max_new(params, len(ids), ctx, context_shift, truncate_prompt)
         if params.min_tokens > max_new:
             raise InvalidArgument(
                 "sampling.min_tokens",
