@@ -316,18 +316,61 @@ def _export_one(model: Llama, target: Path, *, dtype: torch.dtype, exporter: str
         raise
 
 
+def _fold_weight_transposes(proto) -> None:
+    """MatMul(x, Transpose(W)) with W an initializer -> MatMul(x, W^T), W^T an initializer.
+
+    A tied lm_head reads the embedding through a Transpose; the quantiser only quantises a
+    MatMul with a constant weight, so without this the largest matrix (the output
+    projection) would stay fp32. The embedding keeps its fp32 copy for the Gather.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    folded = set()
+    for node in proto.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        t = producers.get(node.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        w = numpy_helper.to_array(inits[t.input[0]])
+        name = f"{t.input[0]}_transposed"
+        if name not in inits:
+            arr = np.ascontiguousarray(w.transpose(perm) if perm else w.T)
+            inits[name] = numpy_helper.from_array(arr, name)
+            proto.graph.initializer.append(inits[name])
+        node.input[1] = name
+        folded.add(t.output[0])
+    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    dead = [
+        n
+        for n in proto.graph.node
+        if n.op_type == "Transpose" and n.output[0] in folded and n.output[0] not in used
+    ]
+    for n in dead:
+        proto.graph.node.remove(n)
+
+
 def quantize(src: Path, dst: Path, variant: str) -> None:
     """Writes the `variant` ("int8" or "int4") of the fp32 graph `src` to `dst`."""
+    import logging
+
     import onnx
 
     if variant in ("int8", "int4"):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+        logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+        proto = onnx.load(str(src))
+        _fold_weight_transposes(proto)
+
         # accuracy_level 4: activations quantised to int8 per row and block inside the
         # kernel (the fast CPU path), so a row's result never depends on the rest of the
         # batch (dynamic per-tensor int8 quantisation would make batching change tokens).
         q = MatMulNBitsQuantizer(
-            onnx.load(str(src)),
+            proto,
             bits=8 if variant == "int8" else 4,
             block_size=QUANT_BLOCK_SIZE,
             is_symmetric=True,
