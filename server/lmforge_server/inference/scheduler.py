@@ -446,6 +446,7 @@ class Scheduler:
         self.prefill_calls += 1
         self.prefilled_groups += G
         cache = OrtModel.to_host(present) if G > 1 or len(groups[0].rows) > 1 else None
+        joins: list[tuple[Request, list]] = []
         for i, (g, n) in enumerate(zip(groups, lens, strict=True)):
             # This group's cache without the padding in front: [1, H, past_len + n, D].
             if cache is None:
@@ -463,10 +464,9 @@ class Scheduler:
             if not g.rows[0].context_shifts:
                 host = OrtModel.to_host(row_cache) if cache is None else row_cache
                 self.prefixes.put(g.ids, host)
-            joined = [r for r in g.rows if self._accept(r, logits[i])]
-            for req in joined:
-                self._join(req, row_cache if len(joined) == 1 else OrtModel.to_host(row_cache))
-        self._flush()  # first tokens go out now, not after the decode step
+            joins += [(r, row_cache) for r in g.rows if self._accept(r, logits[i])]
+        self._flush()  # first tokens go out now, not after the join's copying
+        self._join(joins)
 
     # -- decode
 
@@ -587,24 +587,32 @@ class Scheduler:
 
     # -- the batch
 
-    def _join(self, req: Request, present: list) -> None:
-        """Adds a prefilled sample's cache [1, H, L, D] as a new row, left-padding as needed."""
-        cache = OrtModel.to_host(present)
-        L = cache[0].shape[2]
-        if not self._rows:
-            self._rows, self._past = [req], list(present)
-            self._mask = np.ones((1, L), np.int64)
+    def _join(self, joins: list[tuple[Request, list]]) -> None:
+        """Adds prefilled samples' caches [1, H, L, D] as new rows, left-padding to the
+        longest: one copy of the batch's cache for all of them, not one per row."""
+        if not joins:
             return
-        past = OrtModel.to_host(self._past)
-        P = past[0].shape[2]
-        T = max(P, L)
+        if (
+            not self._rows and len(joins) == 1
+        ):  # the batch is this row: no copy (device values stay)
+            req, present = joins[0]
+            self._rows, self._past = [req], list(present)
+            first = present[0]
+            length = first.shape[2] if isinstance(first, np.ndarray) else first.shape()[2]
+            self._mask = np.ones((1, length), np.int64)
+            return
+        parts = [OrtModel.to_host(self._past)] if self._rows else []
+        masks = [self._mask] if self._rows else []
+        for _, cache in joins:
+            parts.append(OrtModel.to_host(cache))
+            masks.append(np.ones((1, parts[-1][0].shape[2]), np.int64))
+        T = max(p[0].shape[2] for p in parts)
         self._past = [
-            np.concatenate([_left_pad(a, T - P), _left_pad(b, T - L)], axis=0)
-            for a, b in zip(past, cache, strict=True)
+            np.concatenate([_left_pad(p[layer], T - p[layer].shape[2]) for p in parts], axis=0)
+            for layer in range(len(parts[0]))
         ]
-        mask_new = np.concatenate([np.zeros((1, T - L), np.int64), np.ones((1, L), np.int64)], 1)
-        self._mask = np.concatenate([_left_pad_mask(self._mask, T - P), mask_new], axis=0)
-        self._rows.append(req)
+        self._mask = np.concatenate([_left_pad_mask(m, T - m.shape[1]) for m in masks], axis=0)
+        self._rows += [req for req, _ in joins]
 
     def _drop_finished(self) -> None:
         """Removes finished or cancelled rows, and rows at the context that shift it, and
