@@ -417,7 +417,9 @@ def graph_val_loss(path: Path, cfg, windows: np.ndarray) -> float:
 def decode_ms_per_token(path: Path, cfg, *, steps: int = 32, repeats: int = 3) -> float:
     """Batch-1 greedy decode latency of the graph on this machine's CPU (best of `repeats`)."""
     sess = _session(path)
-    n = min(16, cfg.context_length - steps - 1)
+    # Short contexts (the tiny preset has 32 positions) get fewer steps, never none.
+    steps = max(1, min(steps, cfg.context_length // 2))
+    n = max(1, min(16, cfg.context_length - steps - 1))
     ids = np.arange(n, dtype=np.int64)[None] % cfg.vocab_size
     best = float("inf")
     for _ in range(repeats):
