@@ -347,16 +347,20 @@ def run(root: Path, repeats: int) -> None:
     )
     itl = itl_figures(root, CORPUS.read_text())
     print("\n5. inter-token latency of 8 running streams while a 1,000-token prompt arrives")
-    for name, (p50, p99) in itl.items():
+    for name, (p50, p99, worst) in itl.items():
         label = "chunked prefill (128 per turn)" if name == "chunked" else "whole prompt at once"
-        print(f"{label:32} p50 {p50 * 1e3:7.2f} ms   p99 {p99 * 1e3:7.2f} ms")
+        print(
+            f"{label:32} p50 {p50 * 1e3:7.2f} ms   p99 {p99 * 1e3:7.2f} ms   "
+            f"max {worst * 1e3:7.2f} ms"
+        )
     if a_n != NEW_TOKENS:
         print(f"note: the gRPC stream produced {a_n} tokens")
 
 
-def itl_figures(root: Path, text: str) -> dict[str, tuple[float, float]]:
-    """p50 and p99 inter-token gap (s) of 8 running streams while a 1,000-token prompt
-    arrives, with chunked prefill and with the whole prompt prefilled at once."""
+def itl_figures(root: Path, text: str) -> dict[str, tuple[float, float, float]]:
+    """p50, p99 and max inter-token gap (s) of 8 running streams while a 1,000-token prompt
+    arrives, with chunked prefill and with the whole prompt prefilled at once. The stall a
+    whole prefill causes is one gap per stream, below p99's reach: the max shows it."""
     long_dir = root / "models" / "baby-long"
     if not long_dir.exists():
         shutil.copytree(root / "models" / "baby", long_dir)
@@ -365,7 +369,7 @@ def itl_figures(root: Path, text: str) -> dict[str, tuple[float, float]]:
         (long_dir / "config.json").write_text(json.dumps(cfg))
     long_prompt = text[200_000:201_000]
 
-    async def one(chunked: bool) -> tuple[float, float]:
+    async def one(chunked: bool) -> tuple[float, float, float]:
         engine = Engine(Settings(inference_device="cpu"), DirectoryResolver(root / "models"))
         await engine.complete("default", "baby-long", "A", SamplingParams(max_new_tokens=1))
         (loaded,) = engine._loaded.values()
@@ -392,7 +396,7 @@ def itl_figures(root: Path, text: str) -> dict[str, tuple[float, float]]:
 
         await asyncio.gather(*[stream(i) for i in range(8)], arrival())
         await engine.close()
-        return float(np.percentile(gaps, 50)), float(np.percentile(gaps, 99))
+        return float(np.percentile(gaps, 50)), float(np.percentile(gaps, 99)), max(gaps)
 
     return {"chunked": asyncio.run(one(True)), "whole": asyncio.run(one(False))}
 
