@@ -184,11 +184,18 @@ def test_max_new_tokens_ends_with_finish_reason_length(stub):
     assert msgs[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
 
 
-def test_generation_stops_at_the_context_length(stub, reference):
+def test_generation_past_the_context_is_refused_naming_both_limits(stub, reference):
     _, tok = reference
     prompt = ("To be, or not to be: that is the question: " * 3)[:90]  # 90 of 96 positions
     assert len(tok.encode(prompt).ids) == 90
-    _, ids, msgs = collect(stub, request(prompt=prompt, max_new_tokens=50, temperature=0))
+    with pytest.raises(grpc.RpcError) as e:
+        collect(stub, request(prompt=prompt, max_new_tokens=50, temperature=0))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = e.value.details()
+    assert details.startswith("sampling.max_new_tokens") and "50" in details
+    assert "90" in details and "context length 96" in details and "context_shift" in details
+    # Unset, max_new_tokens defaults to what the context leaves.
+    _, ids, msgs = collect(stub, request(prompt=prompt, temperature=0))
     assert len(ids) == 6
     assert msgs[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
 
@@ -199,6 +206,7 @@ def test_prompt_longer_than_the_context_is_rejected_unless_truncated(stub):
         stub.Generate(request(prompt=prompt, max_new_tokens=5), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompt" in e.value.details() and "95" in e.value.details()
+    # truncate_prompt fits the request in the context: the last 95 tokens, then what is left.
     resp = stub.Generate(request(prompt=prompt, max_new_tokens=5, truncate_prompt=True))
     assert resp.usage.prompt_tokens == 95 and resp.usage.completion_tokens == 1
 
@@ -234,7 +242,11 @@ def test_model_still_training_is_failed_precondition(stub):
         ("sampling.top_p", dict(top_p=0.0), "(0, 1]"),
         ("sampling.top_p", dict(top_p=1.5), "(0, 1]"),
         ("sampling.top_k", dict(top_k=-1), ">= 0"),
-        ("sampling.repetition_penalty", dict(repetition_penalty=0.0), "> 0"),
+        ("sampling.repetition_penalty", dict(repetition_penalty=0.0), "[0.01, 100]"),
+        # Positive but underflowing: would divide logits into infinities (was INTERNAL).
+        ("sampling.repetition_penalty", dict(repetition_penalty=1.4e-45), "[0.01, 100]"),
+        ("sampling.repetition_penalty", dict(repetition_penalty=1e-39), "[0.01, 100]"),
+        ("sampling.repetition_penalty", dict(repetition_penalty=1e30), "[0.01, 100]"),
         ("sampling.max_new_tokens", dict(max_new_tokens=0), "between 1 and 4096"),
         ("sampling.max_new_tokens", dict(max_new_tokens=5000), "between 1 and 4096"),
         ("prompt", dict(prompt=""), "empty"),

@@ -18,8 +18,8 @@ from test_inference_server import ServerThread, collect, request, settings, wait
 from tokenizers import Tokenizer
 
 from lmforge.v1 import inference_pb2, inference_pb2_grpc
-from lmforge_server.inference.engine import QUEUE_PER_SLOT
 from lmforge_server.inference.resolver import DirectoryResolver
+from lmforge_server.inference.scheduler import QUEUE_PER_SLOT
 
 F = inference_pb2
 CYCLE = b"abcdefgh"
@@ -174,12 +174,13 @@ def test_a_stream_finishes_on_a_model_evicted_from_the_cache(models):
     try:
         with grpc.insecure_channel(s.address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            n = 2000
-            stream = stub.GenerateStream(
-                request("cyc", "a", temperature=0, max_new_tokens=n), timeout=120
-            )
+            # Long enough (shifting past the 2,048 window) to outlast the loads below.
+            n = 4096
+            req = request("cyc", "a", temperature=0, max_new_tokens=n)
+            req.context_shift = True
+            stream = stub.GenerateStream(req, timeout=120)
             first = next(stream)
-            evicted = s.server.engine._loaded["cyc"].scheduler
+            evicted = next(v.scheduler for k, v in s.server.engine._loaded.items() if k[0] == "cyc")
             assert s.stats()["cyc"]["active"] == 1
             # Loading two other models evicts `cyc` while its stream is in flight.
             for other in ("char", "char-copy"):

@@ -96,6 +96,8 @@ class Settings:
     # Let ONNX Runtime's CPU threads spin-wait: faster on cores of its own, much slower on
     # cores shared with other work.
     inference_spin: bool = False
+    # ONNX Runtime intra-op threads per model (0: one per physical core, ORT's default).
+    inference_threads: int = 0
     # Celery queue that training tasks go to.
     train_queue: str = "gpu"
     # The HTTP gateway (web console, OpenAI-compatible API, its own /metrics).

@@ -7,6 +7,12 @@ The graph (names as onnxruntime-genai uses them):
   outputs  logits [batch, 1, vocab] (last position only; float32 even in the fp16 graph),
            present.<i>.key / .value [batch, n_kv, past + seq, head_dim]
 Prefill passes an empty past (past = 0).
+
+Beside the fp32 graph, quantised variants of it (`VARIANTS`): int8 and int4, weight-only
+MatMulNBits with 8- and 4-bit weights in blocks of 32 and int8 compute. Each is checked like fp32 (parity, recorded not enforced) and scored on the
+job's validation tokens (teacher-forced through the graph's own KV cache); one whose loss
+is more than QUALITY_GATE above fp32's is marked as failing the gate, and the server never
+serves it by default. The facts land in `variants.json` beside the graphs.
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ MAX_IR_VERSION = 10
 FP32_PARITY_LIMIT = 1e-4
 PARITY_PROMPT_TOKENS = 16
 PARITY_DECODE_STEPS = 32
+VARIANTS = ("int8", "int4")
+# A quantised graph may lose at most this fraction of fp32's validation loss to be served.
+QUALITY_GATE = 0.01
+EVAL_WINDOWS, EVAL_LENGTH = 8, 64
+QUANT_BLOCK_SIZE = 32
 
 
 class ParityError(RuntimeError):
@@ -196,6 +207,14 @@ DEFAULT_EXPORTER = "dynamo"
 _EXPORTERS = {"dynamo": _export_dynamo, "legacy": _export_legacy}
 
 
+def _write_json(path: Path, data: Any) -> None:
+    import json
+
+    tmp = _tmp_beside(path)
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 def _tmp_beside(path: Path) -> Path:
     return path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
 
@@ -308,12 +327,150 @@ def _export_one(model: Llama, target: Path, *, dtype: torch.dtype, exporter: str
         raise
 
 
+def _fold_weight_transposes(proto) -> None:
+    """MatMul(x, Transpose(W)) with W an initializer -> MatMul(x, W^T), W^T an initializer.
+
+    A tied lm_head reads the embedding through a Transpose; the quantiser only quantises a
+    MatMul with a constant weight, so without this the largest matrix (the output
+    projection) would stay fp32. The embedding keeps its fp32 copy for the Gather.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    folded = set()
+    for node in proto.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        t = producers.get(node.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        w = numpy_helper.to_array(inits[t.input[0]])
+        name = f"{t.input[0]}_transposed"
+        if name not in inits:
+            arr = np.ascontiguousarray(w.transpose(perm) if perm else w.T)
+            inits[name] = numpy_helper.from_array(arr, name)
+            proto.graph.initializer.append(inits[name])
+        node.input[1] = name
+        folded.add(t.output[0])
+    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    dead = [
+        n
+        for n in proto.graph.node
+        if n.op_type == "Transpose" and n.output[0] in folded and n.output[0] not in used
+    ]
+    for n in dead:
+        proto.graph.node.remove(n)
+
+
+def quantize(src: Path, dst: Path, variant: str) -> None:
+    """Writes the `variant` ("int8" or "int4") of the fp32 graph `src` to `dst`."""
+    import logging
+
+    import onnx
+
+    if variant in ("int8", "int4"):
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+        proto = onnx.load(str(src))
+        _fold_weight_transposes(proto)
+
+        # accuracy_level 4: activations quantised to int8 per row and block inside the
+        # kernel (the fast CPU path), so a row's result never depends on the rest of the
+        # batch (dynamic per-tensor int8 quantisation would make batching change tokens).
+        q = MatMulNBitsQuantizer(
+            proto,
+            bits=8 if variant == "int8" else 4,
+            block_size=QUANT_BLOCK_SIZE,
+            is_symmetric=True,
+            accuracy_level=4,
+        )
+        q.process()
+        q.model.save_model_to_file(str(dst), use_external_data_format=False)
+    else:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    proto = onnx.load(str(dst))
+    if proto.ir_version > MAX_IR_VERSION:
+        proto.ir_version = MAX_IR_VERSION
+        onnx.save(proto, str(dst))
+
+
+def eval_windows(tokens: np.ndarray, context_length: int) -> np.ndarray:
+    """Up to EVAL_WINDOWS evenly spaced windows [W, L + 1] of `tokens` for `graph_val_loss`."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    length = min(EVAL_LENGTH, context_length - 1, len(tokens) - 1)
+    if length < 2:
+        raise ValueError(f"need at least 3 evaluation tokens, got {len(tokens)}")
+    starts = np.linspace(0, len(tokens) - length - 1, EVAL_WINDOWS).astype(np.int64)
+    return np.stack([tokens[s : s + length + 1] for s in np.unique(starts)])
+
+
+def graph_val_loss(path: Path, cfg, windows: np.ndarray) -> float:
+    """Mean next-token loss of the ONNX graph over `windows`, fed one token at a time
+    through its own KV cache (the graph emits last-position logits only)."""
+    sess = _session(path)
+    B, L = windows.shape[0], windows.shape[1] - 1
+    past = [np.zeros((B, cfg.n_kv_heads, 0, cfg.head_dim), np.float32)] * (2 * cfg.n_layers)
+    total = 0.0
+    for t in range(L):
+        mask = np.ones((B, t + 1), np.int64)
+        out = sess.run(None, _feeds(cfg, windows[:, t : t + 1], mask, past))
+        past = list(out[1:])
+        logits = out[0][:, -1].astype(np.float64)
+        m = logits.max(axis=1, keepdims=True)
+        logz = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
+        total += float((logz - logits[np.arange(B), windows[:, t + 1]]).sum())
+    return total / (B * L)
+
+
+def decode_ms_per_token(path: Path, cfg, *, steps: int = 32, repeats: int = 3) -> float:
+    """Batch-1 greedy decode latency of the graph on this machine's CPU (best of `repeats`)."""
+    sess = _session(path)
+    # Short contexts (the tiny preset has 32 positions) get fewer steps, never none.
+    steps = max(1, min(steps, cfg.context_length // 2))
+    n = max(1, min(16, cfg.context_length - steps - 1))
+    ids = np.arange(n, dtype=np.int64)[None] % cfg.vocab_size
+    best = float("inf")
+    for _ in range(repeats):
+        past = [np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), np.float32)] * (2 * cfg.n_layers)
+        out = sess.run(None, _feeds(cfg, ids, np.ones((1, n), np.int64), past))
+        t = time.perf_counter()
+        for i in range(steps):
+            nxt = out[0][:, -1].argmax(-1)[:, None].astype(np.int64)
+            out = sess.run(None, _feeds(cfg, nxt, np.ones((1, n + i + 1), np.int64), out[1:]))
+        best = min(best, (time.perf_counter() - t) / steps * 1e3)
+    return best
+
+
+def _score_variants(model: Llama, items: list[dict], eval_tokens) -> None:
+    """Adds val_loss, passes_quality_gate and decode_ms_per_token to each variant's facts."""
+    cfg = model.config
+    windows = None if eval_tokens is None else eval_windows(eval_tokens, cfg.context_length)
+    ref = None
+    for item in items:
+        item["decode_ms_per_token"] = round(decode_ms_per_token(item["tmp"], cfg), 4)
+        item["val_loss"] = None if windows is None else graph_val_loss(item["tmp"], cfg, windows)
+        if item["variant"] == "fp32":
+            ref = item["val_loss"]
+            item["passes_quality_gate"] = True
+        else:
+            # Unmeasured quality fails closed: the variant serves only when asked for.
+            ok = ref is not None and item["val_loss"] is not None
+            item["passes_quality_gate"] = ok and item["val_loss"] <= ref * (1 + QUALITY_GATE)
+            if ok:
+                item["val_loss_increase"] = item["val_loss"] / ref - 1
+
+
 def export_onnx(
     model_dir: Path,
     *,
     fp16: bool = False,
     exporter: str = DEFAULT_EXPORTER,
     parity_limit: float = FP32_PARITY_LIMIT,
+    variants: tuple[str, ...] | None = None,
+    eval_tokens: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Exports the model in `model_dir` to `model_dir/model.onnx` (and `model_fp16.onnx`).
 
@@ -323,6 +480,11 @@ def export_onnx(
     opset, IR version, export seconds and the parity figures. Raises ParityError when
     the fp32 graph's max |logit difference| exceeds `parity_limit`; the fp16 graph's
     difference is recorded, not enforced (it runs on the CPU only where ORT can).
+
+    `variants` (default: VARIANTS when `eval_tokens` are given, else none) are quantised
+    from the fp32 graph (model_<variant>.onnx), scored on `eval_tokens` (the job's
+    validation tokens; without them no variant passes the quality gate) and timed;
+    `variants.json` lists every graph with those figures.
     """
     model_dir = Path(model_dir)
     if exporter not in _EXPORTERS:
@@ -336,6 +498,23 @@ def export_onnx(
         fp32["parity"] = check_parity(model, fp32["tmp"])
         if fp32["parity"]["max_abs_logit_diff"] > parity_limit:
             raise ParityError(fp32["parity"]["max_abs_logit_diff"], parity_limit)
+        fp32["variant"], fp32["passes_quality_gate"] = "fp32", True
+        if variants is None:
+            variants = VARIANTS if eval_tokens is not None else ()
+        scored = [fp32]
+        for name in variants:
+            target = model_dir / f"model_{name}.onnx"
+            tmp = _tmp_beside(target)
+            item = {"tmp": tmp, "file": target.name, "variant": name, "dtype": "fp32"}
+            done.append(item)
+            t = time.perf_counter()
+            quantize(fp32["tmp"], tmp, name)
+            item["export_seconds"] = round(time.perf_counter() - t, 3)
+            item["bytes"] = tmp.stat().st_size
+            item["parity"] = check_parity(model, tmp)
+            scored.append(item)
+        if len(scored) > 1:
+            _score_variants(model, scored, eval_tokens)
         if fp16:
             # A copy: casting in place would round the fp32 reference weights.
             half = _export_one(
@@ -344,6 +523,7 @@ def export_onnx(
                 dtype=torch.float16,
                 exporter=exporter,
             )
+            half["variant"] = "fp16"
             done.append(half)
             try:
                 half["parity"] = check_parity(
@@ -351,8 +531,25 @@ def export_onnx(
                 )
             except Exception as e:  # the CPU EP lacks some fp16 kernels; CUDA runs it
                 half["parity"] = {"skipped": f"{type(e).__name__}: {e}"[:300]}
+        listing = [
+            {
+                "variant": item["variant"],
+                "file": item["file"],
+                "bytes": item["bytes"],
+                "max_abs_logit_diff": item["parity"].get("max_abs_logit_diff"),
+                **{
+                    k: item[k]
+                    for k in ("val_loss", "passes_quality_gate", "decode_ms_per_token")
+                    if k in item
+                },
+            }
+            for item in done
+        ]
         for item in done:
             os.replace(item.pop("tmp"), model_dir / item["file"])
+        _write_json(
+            model_dir / "variants.json", {"quality_gate": QUALITY_GATE, "variants": listing}
+        )
     finally:
         for item in done:
             if "tmp" in item:
@@ -362,6 +559,7 @@ def export_onnx(
         # The fp32 graph's max |logit difference|, the figure the model record keeps.
         "max_abs_diff": fp32["parity"]["max_abs_logit_diff"],
         "files": {item["file"]: item for item in done},
+        "variants": listing,
         "input_names": input_names(cfg.n_layers),
         "output_names": output_names(cfg.n_layers),
     }

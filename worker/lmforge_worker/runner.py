@@ -289,7 +289,10 @@ def _train_export_register(
     with artifacts.staging_dir(model_dir, job.attempt) as tmp:
         training.finalize(result, spec, work_dir, tmp, metadata)
         parity = export_onnx(
-            tmp, fp16=device.startswith("cuda"), parity_limit=settings.parity_limit
+            tmp,
+            fp16=device.startswith("cuda"),
+            parity_limit=settings.parity_limit,
+            eval_tokens=_val_tokens(work_dir / "data"),
         )
         _merge_metadata(tmp / "metadata.json", {"onnx": parity})
         files = sorted(p.name for p in tmp.iterdir())
@@ -314,6 +317,13 @@ def _train_export_register(
             "val_loss": result.best_val_loss,
             "val_bits_per_byte": result.best_val_bpb,
             "onnx_parity_max_abs_diff": float(parity.get("max_abs_diff", 0.0)),
+            # Per graph variant: validation loss and whether it passed the quality gate.
+            **{
+                f"onnx_{v['variant']}_{k}": v[k]
+                for v in parity.get("variants", [])
+                for k in ("val_loss", "passes_quality_gate", "max_abs_logit_diff")
+                if v.get(k) is not None
+            },
         },
         files=files,
         dataset_sha256=job.dataset_id,
@@ -327,6 +337,17 @@ def _train_export_register(
         raise
     artifacts.remove_other_exports(model_dir, keep=published)
     return st.SUCCEEDED
+
+
+def _val_tokens(data_dir: Path, limit: int = 1 << 16):
+    """The job's validation tokens (the first `limit`), which score the quantised graphs."""
+    import numpy as np
+
+    try:
+        meta = json.loads((data_dir / "meta.json").read_text())
+        return np.fromfile(data_dir / "val.bin", dtype=meta["dtype"], count=limit)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _merge_metadata(path: Path, extra: dict) -> None:

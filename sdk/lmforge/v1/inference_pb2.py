@@ -25,29 +25,43 @@ _sym_db = _symbol_database.Default()
 from lmforge.v1 import common_pb2 as lmforge_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1almforge/v1/inference.proto\x12\nlmforge.v1\x1a\x17lmforge/v1/common.proto\"\x9a\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"w\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.lmforge.v1.SamplingParams\x12\x17\n\x0ftruncate_prompt\x18\x04 \x01(\x08\"h\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x02\x12\x10\n\x08total_ms\x18\x03 \x01(\x02\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x02\"\xd0\x01\n\x10GenerateResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.lmforge.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.lmforge.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.lmforge.v1.Timings\"\xe5\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.lmforge.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.lmforge.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.lmforge.v1.Timings\x12\x10\n\x08model_id\x18\x08 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb9\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12\x1a\n\x12\x65xecution_provider\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\x05\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x08 \x01(\x05\x12\x0e\n\x06loaded\x18\t \x01(\x08*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xf6\x01\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1b.lmforge.v1.GenerateRequest\x1a\x1c.lmforge.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.lmforge.v1.GenerateRequest\x1a\".lmforge.v1.GenerateStreamResponse0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.lmforge.v1.GetModelInfoRequest\x1a\x15.lmforge.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1almforge/v1/inference.proto\x12\nlmforge.v1\x1a\x17lmforge/v1/common.proto\"\x87\x04\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x0e\n\x01n\x18\t \x01(\x05H\x06\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\x12\x12\n\nmin_tokens\x18\x0b \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12=\n\nlogit_bias\x18\r \x03(\x0b\x32).lmforge.v1.SamplingParams.LogitBiasEntry\x12\"\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x04\n\x02_n\"\xb3\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.lmforge.v1.SamplingParams\x12\x17\n\x0ftruncate_prompt\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rcontext_shift\x18\x06 \x01(\x08\x12\x0f\n\x07variant\x18\x07 \x01(\t\"h\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x02\x12\x10\n\x08total_ms\x18\x03 \x01(\x02\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x02\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xc5\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.lmforge.v1.FinishReason\x12-\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x17.lmforge.v1.TopLogprobs\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x05\"\xee\x02\n\x10GenerateResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.lmforge.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.lmforge.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.lmforge.v1.Timings\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12-\n\x0ctop_logprobs\x18\t \x03(\x0b\x32\x17.lmforge.v1.TopLogprobs\x12#\n\x07\x63hoices\x18\n \x03(\x0b\x32\x12.lmforge.v1.Choice\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x0b \x01(\x05\x12\x16\n\x0e\x63ontext_shifts\x18\x0c \x01(\x05\"\xed\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.lmforge.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.lmforge.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.lmforge.v1.Timings\x12\x10\n\x08model_id\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\r\n\x05index\x18\n \x01(\x05\x12-\n\x0ctop_logprobs\x18\x0b \x03(\x0b\x32\x17.lmforge.v1.TopLogprobs\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x0c \x01(\x05\x12\x16\n\x0e\x63ontext_shifts\x18\r \x01(\x05\"5\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x96\x01\n\x0cGraphVariant\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x10\n\x08val_loss\x18\x02 \x01(\x02\x12\x1b\n\x13passes_quality_gate\x18\x03 \x01(\x08\x12\x1b\n\x13\x64\x65\x63ode_ms_per_token\x18\x04 \x01(\x02\x12\x1a\n\x12max_abs_logit_diff\x18\x05 \x01(\x02\x12\r\n\x05\x62ytes\x18\x06 \x01(\x03\"\xf6\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12\x1a\n\x12\x65xecution_provider\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\x05\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x08 \x01(\x05\x12\x0e\n\x06loaded\x18\t \x01(\x08\x12\x0f\n\x07variant\x18\n \x01(\t\x12*\n\x08variants\x18\x0b \x03(\x0b\x32\x18.lmforge.v1.GraphVariant*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xb4\x02\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1b.lmforge.v1.GenerateRequest\x1a\x1c.lmforge.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.lmforge.v1.GenerateRequest\x1a\".lmforge.v1.GenerateStreamResponse0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.lmforge.v1.GetModelInfoRequest\x1a\x15.lmforge.v1.ModelInfo\x12<\n\x05\x41\x62ort\x12\x18.lmforge.v1.AbortRequest\x1a\x19.lmforge.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lmforge.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1249
-  _globals['_FINISHREASON']._serialized_end=1396
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2394
+  _globals['_FINISHREASON']._serialized_end=2541
   _globals['_SAMPLINGPARAMS']._serialized_start=68
-  _globals['_SAMPLINGPARAMS']._serialized_end=350
-  _globals['_GENERATEREQUEST']._serialized_start=352
-  _globals['_GENERATEREQUEST']._serialized_end=471
-  _globals['_TIMINGS']._serialized_start=473
-  _globals['_TIMINGS']._serialized_end=577
-  _globals['_GENERATERESPONSE']._serialized_start=580
-  _globals['_GENERATERESPONSE']._serialized_end=788
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=791
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1020
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1022
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1058
-  _globals['_MODELINFO']._serialized_start=1061
-  _globals['_MODELINFO']._serialized_end=1246
-  _globals['_INFERENCESERVICE']._serialized_start=1399
-  _globals['_INFERENCESERVICE']._serialized_end=1645
+  _globals['_SAMPLINGPARAMS']._serialized_end=587
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=446
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=494
+  _globals['_GENERATEREQUEST']._serialized_start=590
+  _globals['_GENERATEREQUEST']._serialized_end=769
+  _globals['_TIMINGS']._serialized_start=771
+  _globals['_TIMINGS']._serialized_end=875
+  _globals['_TOPLOGPROBS']._serialized_start=877
+  _globals['_TOPLOGPROBS']._serialized_end=927
+  _globals['_CHOICE']._serialized_start=930
+  _globals['_CHOICE']._serialized_end=1127
+  _globals['_GENERATERESPONSE']._serialized_start=1130
+  _globals['_GENERATERESPONSE']._serialized_end=1496
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1499
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1864
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1866
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1919
+  _globals['_ABORTREQUEST']._serialized_start=1921
+  _globals['_ABORTREQUEST']._serialized_end=1955
+  _globals['_ABORTRESPONSE']._serialized_start=1957
+  _globals['_ABORTRESPONSE']._serialized_end=1989
+  _globals['_GRAPHVARIANT']._serialized_start=1992
+  _globals['_GRAPHVARIANT']._serialized_end=2142
+  _globals['_MODELINFO']._serialized_start=2145
+  _globals['_MODELINFO']._serialized_end=2391
+  _globals['_INFERENCESERVICE']._serialized_start=2544
+  _globals['_INFERENCESERVICE']._serialized_end=2852
 # @@protoc_insertion_point(module_scope)

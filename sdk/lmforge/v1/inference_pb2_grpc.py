@@ -49,6 +49,11 @@ class InferenceServiceStub:
                 request_serializer=lmforge_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=lmforge_dot_v1_dot_inference__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/lmforge.v1.InferenceService/Abort',
+                request_serializer=lmforge_dot_v1_dot_inference__pb2.AbortRequest.SerializeToString,
+                response_deserializer=lmforge_dot_v1_dot_inference__pb2.AbortResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -74,6 +79,14 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Abort(self, request, context):
+        """Cancels the caller's request in flight with this request_id (for clients that cannot
+        close their stream); its samples end with FINISH_REASON_CANCELLED at the next step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +104,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=lmforge_dot_v1_dot_inference__pb2.GetModelInfoRequest.FromString,
                     response_serializer=lmforge_dot_v1_dot_inference__pb2.ModelInfo.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=lmforge_dot_v1_dot_inference__pb2.AbortRequest.FromString,
+                    response_serializer=lmforge_dot_v1_dot_inference__pb2.AbortResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +192,33 @@ class InferenceService:
             '/lmforge.v1.InferenceService/GetModelInfo',
             lmforge_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
             lmforge_dot_v1_dot_inference__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmforge.v1.InferenceService/Abort',
+            lmforge_dot_v1_dot_inference__pb2.AbortRequest.SerializeToString,
+            lmforge_dot_v1_dot_inference__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,6 +30,7 @@ class IncrementalDetokenizer:
         *,
         stop: Sequence[str] = (),
         prompt_ids: Sequence[int] = (),
+        include_stop: bool = False,
     ):
         self._decode = decode
         self._stop = tuple(s for s in stop if s)
@@ -40,6 +41,10 @@ class IncrementalDetokenizer:
         self._pending = ""  # decoded, not yet emitted (could become a stop sequence)
         self.text = ""  # everything emitted so far
         self.stopped = False
+        # Keep the stop sequence itself in the text (include_stop_str_in_output).
+        self._include_stop = include_stop
+        # Stop sequences end the text only once armed (min_tokens holds them off).
+        self.stop_armed = True
 
     def add(self, token_id: int) -> str:
         """Adds one token; returns the text that can be sent now (may be empty)."""
@@ -69,15 +74,16 @@ class IncrementalDetokenizer:
         pending = self._pending
         # The earliest stop sequence wins. Emitted text never holds the start of one (the
         # held-back suffix below guarantees it), so searching the pending text suffices.
-        cut = -1
-        for s in self._stop:
+        cut, found = -1, ""
+        for s in self._stop if self.stop_armed else ():
             i = pending.find(s)
             if i != -1 and (cut == -1 or i < cut):
-                cut = i
+                cut, found = i, s
         if cut != -1:
+            cut += len(found) if self._include_stop else 0
             self.stopped = True
             out, self._pending = pending[:cut], ""
-        elif final:
+        elif final or not self.stop_armed:
             out, self._pending = pending, ""
         else:
             hold = self._held_suffix(pending)

@@ -34,15 +34,12 @@ _STATUS = [
     (core.ModelNotReady, grpc.StatusCode.FAILED_PRECONDITION),
     (core.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
-DEFAULT_MAX_NEW_TOKENS = 64
 
 
-def sampling_params(s: inference_pb2.SamplingParams, max_new_tokens_limit: int) -> SamplingParams:
+def sampling_params(s: inference_pb2.SamplingParams) -> SamplingParams:
     """Proto -> SamplingParams; unset fields take the documented defaults (not validated)."""
     return SamplingParams(
-        max_new_tokens=s.max_new_tokens
-        if s.HasField("max_new_tokens")
-        else min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens_limit),
+        max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else None,
         temperature=s.temperature if s.HasField("temperature") else 1.0,
         top_k=s.top_k if s.HasField("top_k") else 0,
         top_p=s.top_p if s.HasField("top_p") else 1.0,
@@ -50,7 +47,20 @@ def sampling_params(s: inference_pb2.SamplingParams, max_new_tokens_limit: int) 
         seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop),
         logprobs=s.logprobs,
+        n=s.n if s.HasField("n") else 1,
+        top_logprobs=s.top_logprobs,
+        min_tokens=s.min_tokens,
+        stop_token_ids=tuple(s.stop_token_ids),
+        logit_bias=tuple(sorted(s.logit_bias.items())),
+        include_stop_str_in_output=s.include_stop_str_in_output,
     )
+
+
+def _top(d: core.Delta) -> list[inference_pb2.TopLogprobs]:
+    return [
+        inference_pb2.TopLogprobs(token_ids=[t for t, _ in step], logprobs=[x for _, x in step])
+        for step in d.top_logprobs
+    ]
 
 
 def _timings(t: core.Timings | None) -> inference_pb2.Timings | None:
@@ -83,27 +93,40 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         log.exception("inference request failed")
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
 
-    def _stream(self, owner: str, request: inference_pb2.GenerateRequest):
-        params = sampling_params(request.sampling, self.settings.max_new_tokens_limit)
-        return self.engine.generate(
-            owner, request.model, request.prompt, params, truncate_prompt=request.truncate_prompt
+    def _request(self, request: inference_pb2.GenerateRequest) -> dict:
+        return dict(
+            model=request.model,
+            prompt=request.prompt,
+            params=sampling_params(request.sampling),
+            truncate_prompt=request.truncate_prompt,
+            request_id=request.request_id,
+            context_shift=request.context_shift,
+            variant=request.variant,
         )
 
     async def GenerateStream(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         owner = await self._owner(context)
-        stream = self._stream(owner, request)
+        stream = self.engine.generate(owner, **self._request(request))
         try:
             async for d in stream:
                 msg = inference_pb2.GenerateStreamResponse(
-                    text=d.text, token_ids=d.token_ids, logprobs=d.logprobs, model_id=d.model_id
+                    text=d.text,
+                    token_ids=d.token_ids,
+                    logprobs=d.logprobs,
+                    model_id=d.model_id,
+                    request_id=d.request_id,
+                    index=d.index,
+                    top_logprobs=_top(d),
                 )
                 if d.final:
                     msg.final = True
                     msg.finish_reason = FINISH_REASONS[d.finish_reason]
                     msg.usage.CopyFrom(_usage(d))
                     msg.timings.CopyFrom(_timings(d.timings))
+                    msg.cached_prompt_tokens = d.cached_prompt_tokens
+                    msg.context_shifts = d.context_shifts
                     metrics.observe_generation(d)
                 yield msg
         except grpc.aio.AbortError:
@@ -118,28 +141,43 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GenerateResponse:
         owner = await self._owner(context)
-        params = sampling_params(request.sampling, self.settings.max_new_tokens_limit)
         try:
-            d = await self.engine.complete(
-                owner,
-                request.model,
-                request.prompt,
-                params,
-                truncate_prompt=request.truncate_prompt,
-            )
+            samples = await self.engine.complete_samples(owner, **self._request(request))
         except grpc.aio.AbortError:
             raise
         except Exception as e:  # every failure becomes a status; none reaches the server
             await self._fail(context, e)
-        metrics.observe_generation(d)
+        for c in samples:
+            metrics.observe_generation(c)
+        d = samples[0]
+        choices = [
+            inference_pb2.Choice(
+                index=c.index,
+                text=c.text,
+                token_ids=c.token_ids,
+                logprobs=c.logprobs,
+                finish_reason=FINISH_REASONS[c.finish_reason],
+                top_logprobs=_top(c),
+                completion_tokens=c.completion_tokens,
+            )
+            for c in samples
+        ]
         return inference_pb2.GenerateResponse(
             model_id=d.model_id,
             text=d.text,
             token_ids=d.token_ids,
             logprobs=d.logprobs,
             finish_reason=FINISH_REASONS[d.finish_reason],
-            usage=_usage(d),
+            usage=common_pb2.Usage(
+                prompt_tokens=d.prompt_tokens,
+                completion_tokens=sum(c.completion_tokens for c in samples),
+            ),
             timings=_timings(d.timings),
+            request_id=d.request_id,
+            top_logprobs=_top(d),
+            choices=choices,
+            cached_prompt_tokens=d.cached_prompt_tokens,
+            context_shifts=d.context_shifts,
         )
 
     async def GetModelInfo(
@@ -147,7 +185,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.ModelInfo:
         owner = await self._owner(context)
         try:
-            info = await self.engine.model_info(owner, request.model)
+            info = await self.engine.model_info(owner, request.model, variant=request.variant)
         except grpc.aio.AbortError:
             raise
         except Exception as e:  # every failure becomes a status; none reaches the server
@@ -162,4 +200,26 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             vocab_size=info.vocab_size,
             eos_token_id=info.eos_token_id,
             loaded=info.loaded,
+            variant=info.variant,
+            variants=[
+                inference_pb2.GraphVariant(
+                    variant=v["variant"],
+                    val_loss=v.get("val_loss") or 0.0,
+                    passes_quality_gate=bool(v.get("passes_quality_gate")),
+                    decode_ms_per_token=v.get("decode_ms_per_token") or 0.0,
+                    max_abs_logit_diff=v.get("max_abs_logit_diff") or 0.0,
+                    bytes=v.get("bytes") or 0,
+                )
+                for v in info.variants
+            ],
         )
+
+    async def Abort(
+        self, request: inference_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.AbortResponse:
+        owner = await self._owner(context)
+        try:
+            aborted = self.engine.abort(owner, request.request_id)
+        except Exception as e:  # every failure becomes a status; none reaches the server
+            await self._fail(context, e)
+        return inference_pb2.AbortResponse(aborted=aborted)

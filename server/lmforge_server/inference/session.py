@@ -1,0 +1,208 @@
+"""One exported model on ONNX Runtime: the session, its tokenizer, its shapes and its KV cache.
+
+The device choice (CUDA only where a GPU and ORT's CUDA provider are both present) lives
+here too, since it decides how the session binds its inputs and keeps its cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from lmforge_server.specs import EOS_TOKEN
+
+CPU_EP, CUDA_EP = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+log = logging.getLogger("lmforge.inference")
+
+
+def gpu_present() -> bool:
+    """An NVIDIA GPU is visible to this process (without importing torch or CUDA)."""
+    if os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl"):
+        return True
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def choose_providers(inference_device: str) -> list[str]:
+    """ONNX Runtime providers for `inference_device` ("auto", "cpu", "cuda").
+
+    CUDA only where a GPU is actually present and ORT has the CUDA provider: asking
+    onnxruntime-gpu for CUDA on a machine without one logs a loud error first.
+    """
+    import onnxruntime as ort
+
+    if inference_device == "cpu":
+        return [CPU_EP]
+    usable = CUDA_EP in ort.get_available_providers() and gpu_present()
+    if inference_device.startswith("cuda") and not usable:
+        raise RuntimeError(
+            "inference_device is cuda but no GPU (or no ONNX Runtime CUDA provider) is present"
+        )
+    if inference_device not in ("auto",) and not inference_device.startswith("cuda"):
+        raise ValueError(f"inference_device must be auto, cpu or cuda, got {inference_device!r}")
+    if not usable:
+        return [CPU_EP]
+    # The CUDA provider needs CUDA and cuDNN in the process: torch's CUDA wheels bring them and
+    # load them on import (as in the worker); else ORT looks in nvidia-* wheels and system paths.
+    with contextlib.suppress(ImportError):
+        import torch  # noqa: F401
+    ort.preload_dlls()
+    return [CUDA_EP, CPU_EP]
+
+
+# --- one ONNX session -------------------------------------------------------------------------
+
+
+def read_variants(path: Path) -> list[dict]:
+    """The graph variants exported for the model in `path` (variants.json, written by the
+    export), fp32 first; a model exported before variants existed has fp32 (and fp16)."""
+    try:
+        variants = json.loads((path / "variants.json").read_text())["variants"]
+    except (OSError, ValueError, KeyError):
+        variants = [{"variant": "fp32", "file": "model.onnx", "passes_quality_gate": True}]
+        if (path / "model_fp16.onnx").is_file():
+            variants.append({"variant": "fp16", "file": "model_fp16.onnx"})
+    return [v for v in variants if (path / v["file"]).is_file()]
+
+
+def choose_variant(variants: list[dict], name: str = "", *, cuda: bool) -> dict:
+    """The variant named, else the one served by default.
+
+    CPU: the fastest at export (decode ms/token measured there) among those that passed the
+    quality gate (validation loss within 1% of fp32's), fp32 when none has figures. CUDA:
+    fp16 where exported (the quantised graphs are CPU kernels), else fp32.
+    """
+    by_name = {v["variant"]: v for v in variants}
+    if name:
+        return by_name[name]
+    if cuda:
+        return by_name.get("fp16", by_name["fp32"])
+    passing = [
+        v
+        for v in variants
+        if v.get("passes_quality_gate") and v.get("decode_ms_per_token") and v["variant"] != "fp16"
+    ]
+    if not passing:
+        return by_name["fp32"]
+    return min(passing, key=lambda v: v["decode_ms_per_token"])
+
+
+class OrtModel:
+    """An exported model: its ORT session, tokenizer and shapes.
+
+    `run` takes numpy inputs and the past cache (numpy arrays, or the device values a
+    previous `run` returned) and gives last-position logits [B, V] as numpy and the present
+    cache. With IO binding (CUDA) the cache stays on the device between steps; `to_host`
+    brings it back when the batch changes shape.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        providers: list[str],
+        io_binding: bool | None = None,
+        spin: bool = False,
+        variant: str = "",
+        threads: int = 0,
+    ):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.path = path
+        cuda = providers[0] == CUDA_EP
+        self.variants = read_variants(path)
+        chosen = choose_variant(self.variants, variant, cuda=cuda)
+        onnx_file = path / chosen["file"]
+        self.variant = chosen["variant"]
+        self.dtype = "fp16" if self.variant == "fp16" else "fp32"
+        so = ort.SessionOptions()
+        # ENABLE_ALL: 2.6-3x faster than no optimisation on a 124M model (KNOWN.md).
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if threads > 0:
+            so.intra_op_num_threads = threads
+        if not cuda and not spin:
+            # No spin-waiting in the intra-op pool by default: the scheduler, the event loop
+            # and gRPC share these cores. Measured (10.7M model, 2 loaded cores, interleaved):
+            # 2.1-2.4 ms/token and 0.9-1.3k tokens/s at 16 streams without spinning against
+            # 3.8-8.3 ms/token and 0.5-0.8k tokens/s with it. On cores of its own spinning
+            # wins (887 against 577 tokens/s at one stream): settings.inference_spin.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(onnx_file), so, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        if cuda and self.provider != CUDA_EP:
+            log.warning("%s: the CUDA provider did not load; serving on %s", path, self.provider)
+            if self.dtype == "fp16":  # the CPU provider lacks fp16 kernels: the fp32 graph
+                chosen = choose_variant(self.variants, "fp32", cuda=False)
+                onnx_file, self.variant, self.dtype = path / chosen["file"], "fp32", "fp32"
+                self.session = ort.InferenceSession(str(onnx_file), so, providers=[CPU_EP])
+        # IO binding: +6-11% on a 124M model but -7-12% on 10M on CPU (Python overhead), and
+        # on CUDA it keeps the cache on the GPU; so on for CUDA, off for CPU by default.
+        self.io_binding = (self.provider == CUDA_EP) if io_binding is None else io_binding
+        self.device = "cuda" if self.provider == CUDA_EP else "cpu"
+
+        config = json.loads((path / "config.json").read_text())
+        self.context_length = int(config.get("max_position_embeddings", 2048))
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        eos = self.tokenizer.token_to_id(EOS_TOKEN)
+        self.eos_token_id = int(config.get("eos_token_id", eos) if eos is None else eos)
+
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.present_names = [o.name for o in self.session.get_outputs()][1:]
+        first = inputs[self.past_names[0]]
+        self.n_kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.cache_dtype = np.float16 if "float16" in first.type else np.float32
+        self.vocab_size = int(self.session.get_outputs()[0].shape[-1] or config["vocab_size"])
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.n_kv_heads, 0, self.head_dim)
+        return [np.zeros(shape, self.cache_dtype) for _ in self.past_names]
+
+    def run(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list):
+        if not self.io_binding:
+            feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
+            feeds.update(zip(self.past_names, past, strict=True))
+            out = self.session.run(None, feeds)
+            return out[0][:, -1, :].astype(np.float32, copy=False), out[1:]
+        import onnxruntime as ort
+
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", input_ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", positions)
+        for name, value in zip(self.past_names, past, strict=True):
+            if isinstance(value, np.ndarray):
+                value = ort.OrtValue.ortvalue_from_numpy(value, self.device, 0)
+            io.bind_ortvalue_input(name, value)
+        io.bind_output("logits", "cpu")
+        for name in self.present_names:
+            io.bind_output(name, self.device)
+        self.session.run_with_iobinding(io)
+        out = io.get_outputs()
+        return out[0].numpy()[:, -1, :].astype(np.float32, copy=False), list(out[1:])
+
+    @staticmethod
+    def to_host(cache: list) -> list[np.ndarray]:
+        return [c if isinstance(c, np.ndarray) else c.numpy() for c in cache]

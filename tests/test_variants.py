@@ -1,0 +1,168 @@
+"""Quantised graph variants: exported beside fp32, scored, gated, served by name or default.
+
+One tiny model exported once with its int8 and int4 variants (real onnxruntime
+quantisation, real ONNX Runtime sessions, a real gRPC server on loopback). Its weights
+carry outliers (one large weight in every block of 32) so 4-bit and int8 quantisation
+lose real quality: the gate must catch that from the validation loss alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from _scheduler_runs import Collector, alone
+from _tiny_models import CORPUS, EXTRA_CHARS, _cache_salt, tiny_config
+from test_inference_server import ServerThread, settings
+
+from lmforge.v1 import inference_pb2, inference_pb2_grpc
+from lmforge_server.inference.resolver import DirectoryResolver
+from lmforge_server.inference.sampling import SamplingParams
+from lmforge_server.inference.scheduler import PrefixCache, Scheduler, make_requests
+from lmforge_server.inference.session import CPU_EP, OrtModel, choose_variant, read_variants
+from lmforge_server.specs import ModelConfig
+
+pytestmark = pytest.mark.slow
+
+
+def _eval_tokens(tok) -> np.ndarray:
+    return np.asarray(tok.encode(CORPUS[20000:24000]).ids)
+
+
+@pytest.fixture(scope="module")
+def outlier_model(tmp_path_factory) -> Path:
+    """A model dir with fp32, int8 and int4 graphs and variants.json (cached on disk)."""
+    from lmforge_worker.export import export_onnx
+    from lmforge_worker.model import Llama, save_pretrained
+    from lmforge_worker.tokenization import build_tokenizer, save_tokenizer
+
+    tok = build_tokenizer("char", CORPUS[:20000] + EXTRA_CHARS)
+    cfg = ModelConfig(**{**tiny_config().__dict__, "vocab_size": tok.get_vocab_size()})
+    key = hashlib.sha256(json.dumps([cfg.__dict__, "outliers", _cache_salt()]).encode())
+    cache = Path(tempfile.gettempdir()) / "lmforge-test-models" / f"var-{key.hexdigest()[:20]}"
+    if not (cache / "variants.json").is_file():
+        torch.manual_seed(0)
+        model = Llama(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(20.0)
+                    p[:, ::32] *= 30  # an outlier per quantisation block
+        tmp = cache.with_name(f"{cache.name}.tmp-{torch.randint(1 << 30, ()).item()}")
+        save_pretrained(model, tmp)
+        save_tokenizer(tok, tmp / "tokenizer.json")
+        export_onnx(tmp, parity_limit=1.0, eval_tokens=_eval_tokens(tok))
+        try:
+            tmp.rename(cache)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    dest = tmp_path_factory.mktemp("models") / "outliers"
+    shutil.copytree(cache, dest)
+    return dest
+
+
+def test_every_variant_is_written_with_parity_loss_and_speed(outlier_model):
+    listing = json.loads((outlier_model / "variants.json").read_text())
+    by_name = {v["variant"]: v for v in listing["variants"]}
+    assert set(by_name) == {"fp32", "int8", "int4"} and listing["quality_gate"] == 0.01
+    for v in by_name.values():
+        assert (outlier_model / v["file"]).stat().st_size == v["bytes"]
+        assert v["val_loss"] > 0 and v["decode_ms_per_token"] > 0
+        assert np.isfinite(v["max_abs_logit_diff"])
+    assert by_name["fp32"]["max_abs_logit_diff"] <= 1e-4 * 20**2  # scaled weights, scaled logits
+    # 4-bit weights are smaller than 8-bit ones, which are smaller than fp32.
+    assert by_name["int4"]["bytes"] < by_name["int8"]["bytes"] < by_name["fp32"]["bytes"]
+
+
+def test_quality_gate_fails_variants_more_than_one_percent_worse(outlier_model):
+    by_name = {v["variant"]: v for v in read_variants(outlier_model)}
+    ref = by_name["fp32"]["val_loss"]
+    for name in ("int8", "int4"):
+        v = by_name[name]
+        assert v["passes_quality_gate"] == (v["val_loss"] <= ref * 1.01)
+    # The outliers cost 4-bit weights far more than the gate allows; 8-bit blocks keep up.
+    assert not by_name["int4"]["passes_quality_gate"]
+    assert by_name["int4"]["val_loss"] > ref * 1.2
+
+
+def test_default_is_the_fastest_variant_that_passes_the_gate():
+    variants = [
+        {"variant": "fp32", "passes_quality_gate": True, "decode_ms_per_token": 1.6},
+        {"variant": "int8", "passes_quality_gate": True, "decode_ms_per_token": 1.1},
+        {"variant": "int4", "passes_quality_gate": False, "decode_ms_per_token": 0.7},
+        {"variant": "fp16", "passes_quality_gate": True, "decode_ms_per_token": 0.1},
+    ]
+    assert choose_variant(variants, cuda=False)["variant"] == "int8"
+    assert choose_variant(variants, "int4", cuda=False)["variant"] == "int4"
+    assert choose_variant(variants, cuda=True)["variant"] == "fp16"
+    variants[1]["passes_quality_gate"] = False
+    assert choose_variant(variants, cuda=False)["variant"] == "fp32"
+
+
+def test_a_bad_quantised_graph_is_not_served_by_default_but_can_be_named(outlier_model):
+    # Figures as a machine where 4-bit is fastest would measure them: the gate still wins.
+    path = outlier_model / "variants.json"
+    listing = json.loads(path.read_text())
+    for v in listing["variants"]:
+        v["decode_ms_per_token"] = {"fp32": 2.0, "int8": 1.0, "int4": 0.5}[v["variant"]]
+    path.write_text(json.dumps(listing))
+    root = outlier_model.parent
+    s = ServerThread(settings(), DirectoryResolver(root))
+    try:
+        with grpc.insecure_channel(s.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            info = stub.GetModelInfo(inference_pb2.GetModelInfoRequest(model="outliers"))
+            passing = [v["variant"] for v in listing["variants"] if v["passes_quality_gate"]]
+            assert info.variant == ("int8" if "int8" in passing else "fp32")
+            reported = {v.variant: v for v in info.variants}
+            assert set(reported) == {"fp32", "int8", "int4"}
+            for v in listing["variants"]:
+                r = reported[v["variant"]]
+                assert (r.passes_quality_gate, r.bytes) == (v["passes_quality_gate"], v["bytes"])
+                assert r.val_loss == pytest.approx(v["val_loss"], rel=1e-6)
+                assert r.decode_ms_per_token == pytest.approx(v["decode_ms_per_token"])
+                assert r.max_abs_logit_diff == pytest.approx(v["max_abs_logit_diff"], rel=1e-6)
+            named = stub.GetModelInfo(
+                inference_pb2.GetModelInfoRequest(model="outliers", variant="int4")
+            )
+            assert named.variant == "int4"
+            # A request naming the variant gets that graph's tokens.
+            req = inference_pb2.GenerateRequest(
+                model="outliers",
+                prompt="ROMEO:",
+                variant="int4",
+                sampling=inference_pb2.SamplingParams(temperature=0, max_new_tokens=12),
+            )
+            got = list(stub.Generate(req, timeout=60).token_ids)
+        assert got == alone(OrtModel(outlier_model, providers=[CPU_EP], variant="int4"), "ROMEO:")
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8", "int4"])
+def test_each_variant_batched_with_joins_and_leaves_matches_itself_alone(outlier_model, variant):
+    """Left-padded batches and slots reused after a request leaves change nothing."""
+    model = OrtModel(outlier_model, providers=[CPU_EP], variant=variant)
+    prompts = ["ROMEO:", "JULIET: O", "A", "What, ho!", "First Citizen:"]
+    lengths = [12, 4, 9, 12, 6]
+    want = [alone(model, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    sched = Scheduler(model, max_batch_size=3, prefix_cache=PrefixCache(max_bytes=0))
+    try:
+        outs = []
+        for p, n in zip(prompts, lengths, strict=True):
+            out = Collector()
+            ids = model.encode(p)
+            params = SamplingParams(temperature=0)
+            sched.submit(make_requests(model, ids, params, out, model_id="m", max_new=n))
+            outs.append(out)
+        got = [o.final() and o.tokens() for o in outs]
+    finally:
+        sched.close(wait=True)
+    assert got == want
