@@ -104,14 +104,14 @@ def test_streamed_completion_joins_to_the_same_text_and_ends_with_usage(client, 
 def test_stop_sequence_ends_the_completion_with_reason_stop(client, trained_model):
     text = (
         client.completions.create(
-            model=trained_model, prompt="ROMEO:\n", max_tokens=40, temperature=0, seed=1
+            model=trained_model, prompt="ROMEO:\n", max_tokens=20, temperature=0, seed=1
         )
         .choices[0]
         .text
     )
     stop = text[3:5]
     r = client.completions.create(
-        model=trained_model, prompt="ROMEO:\n", max_tokens=40, temperature=0, seed=1, stop=[stop]
+        model=trained_model, prompt="ROMEO:\n", max_tokens=20, temperature=0, seed=1, stop=[stop]
     )
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].text == text[: text.index(stop)]
