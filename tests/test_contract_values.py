@@ -205,7 +205,7 @@ def test_the_exported_model_is_the_best_evaluations_weights(api, run, stack):
     exported = load_file(str(model_dir / "model.safetensors"))
     job_dir = stack.settings.artifacts_dir / "jobs" / done.id
     assert (model_dir / "model.safetensors").read_bytes() == (
-        job_dir / "best.safetensors"
+        job_dir / f"attempt-{done.attempt}" / "best.safetensors"
     ).read_bytes()
     # The last step's weights (the final checkpoint) are not what was exported.
     [final] = sorted(job_dir.rglob("*.pt"))[-1:]

@@ -99,7 +99,12 @@ def _message(rng: random.Random, cls, ids: list[str], depth: int = 0):
         if rng.random() < 0.4:
             continue
         try:
-            if f.is_repeated:
+            if f.type == F.TYPE_MESSAGE and f.message_type.GetOptions().map_entry:
+                entry = f.message_type.fields_by_name
+                for _ in range(rng.choice([0, 1, 3])):
+                    key = _value(rng, entry["key"], ids, depth)
+                    getattr(msg, f.name)[key] = _value(rng, entry["value"], ids, depth)
+            elif f.is_repeated:
                 for _ in range(rng.choice([0, 1, 3])):
                     v = _value(rng, f, ids, depth)
                     if f.type == F.TYPE_MESSAGE:

@@ -159,7 +159,8 @@ def test_killed_writer_leaves_nothing_readable_and_is_swept(settings, tmp_path):
     )
     try:
         deadline = time.monotonic() + 30
-        while not store.list("models/crashed"):
+        # Until a.bin is whole (a local put is a temporary file first, then a rename).
+        while not any(o.key.endswith("/a.bin") for o in store.list("models/crashed")):
             assert writer.poll() is None, "the writer ended before it was killed"
             assert time.monotonic() < deadline, "the writer uploaded nothing"
             time.sleep(0.05)

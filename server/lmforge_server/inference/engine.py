@@ -122,8 +122,11 @@ class Engine:
             raise ModelNotReady(f"model {ref!r} is still training; it serves once its job succeeds")
         if resolved.state != "READY":
             raise ModelNotReady(f"model {ref!r} is {resolved.state.lower()}; it cannot serve")
+        names = [v["variant"] for v in read_variants(resolved.path)]
+        if "fp32" not in names:
+            # Its files are gone (deleted under a record that still says READY).
+            raise ModelNotReady(f"model {ref!r} has no servable files; it cannot serve")
         if variant:
-            names = [v["variant"] for v in read_variants(resolved.path)]
             if variant not in names:
                 raise InvalidArgument(
                     "variant", f"{variant!r} is not exported for this model; it has {names}"
