@@ -76,9 +76,10 @@ def test_upload_train_watch_the_curve_grow_and_stream_from_the_playground(
     assert browser.find_element(By.ID, "upload-progress").get_attribute("value") == "1"
     _wait(browser, lambda d: Select(d.find_element(By.ID, "job-dataset")).first_selected_option.get_attribute("value") == dataset_id)  # fmt: skip
 
-    # Start a tiny job that logs every 2 steps and evaluates twice.
-    browser.find_element(By.ID, "job-max-steps").send_keys("60")
-    browser.find_element(By.ID, "job-eval-interval").send_keys("30")
+    # Start a tiny job that evaluates twice, long enough (a few seconds on a quiet machine)
+    # for the page to be seen growing.
+    browser.find_element(By.ID, "job-max-steps").send_keys("300")
+    browser.find_element(By.ID, "job-eval-interval").send_keys("150")
     browser.find_element(By.ID, "job-name").send_keys("console")
     browser.find_element(By.ID, "job-start").click()
     _wait(browser, lambda d: "#/jobs/job_" in d.current_url, what="job page")
@@ -102,7 +103,7 @@ def test_upload_train_watch_the_curve_grow_and_stream_from_the_playground(
             seen.append(n)
         if _text(browser, "#job-state") == "SUCCEEDED":
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert _text(browser, "#job-state") == "SUCCEEDED", seen
     growing = [n for n in seen if n > 0]
     assert len(growing) >= 3 and growing == sorted(growing), seen
