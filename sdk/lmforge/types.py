@@ -136,6 +136,10 @@ class TrainingSpec:
     init_from: str | None = None
     #: A progress event every this many steps.
     log_interval: int | None = None
+    #: Devices (GPUs) per node; more than 1 runs DDP under torchrun. batch_size is global.
+    devices: int | None = None
+    #: Nodes per job (1 unless the deployment allows more).
+    nodes: int | None = None
 
 
 @dataclass

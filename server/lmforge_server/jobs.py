@@ -52,7 +52,8 @@ def check_name(field_name: str, value: str) -> str:
 
 
 def enqueue(celery, settings: Settings, store: st.Store, job_id: str) -> None:
-    enqueue_training(celery, settings, job_id)
+    devices = store.job(job_id).spec.get("training", {}).get("devices", 1)
+    enqueue_training(celery, settings, job_id, devices)
     store.mark_enqueued(job_id)
 
 
@@ -102,13 +103,15 @@ def _resolve_spec(settings, store, owner, req: CreateRequest, dataset) -> specs.
             store, owner, training["init_from"], settings.base_model_dirs, settings.artifacts_dir
         )
     try:
-        return specs.resolve(
+        spec = specs.resolve(
             req.preset,
             dict(req.model),
             training,
             num_distinct_chars=dataset.num_distinct_chars,
             base_model=base_model,
         )
+        specs.check_fleet(spec, settings.max_devices_per_job)
+        return spec
     except specs.SpecError as e:
         raise errors.InvalidArgument(f"spec.{e}") from None
     except (TypeError, ValueError, ArithmeticError) as e:

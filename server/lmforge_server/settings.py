@@ -98,8 +98,15 @@ class Settings:
     inference_spin: bool = False
     # ONNX Runtime intra-op threads per model (0: one per physical core, ORT's default).
     inference_threads: int = 0
-    # Celery queue that training tasks go to.
+    # The device class, which names the training queues: a job on one device goes to
+    # queue `<train_queue>` ("gpu", "cpu"), a job on N devices to `<train_queue>-xN`
+    # ("gpu-x4"). A worker consumes the one queue that matches its class and worker_devices.
     train_queue: str = "gpu"
+    # Devices (GPUs, or gloo processes on a CPU worker) this worker gives each job.
+    worker_devices: int = 1
+    # The most devices a job may ask for (the largest worker of the fleet): a larger job is
+    # refused at CreateJob instead of waiting forever in a queue no worker reads.
+    max_devices_per_job: int = 8
     # The HTTP gateway (web console, OpenAI-compatible API, its own /metrics).
     http_addr: str = "127.0.0.1:50080"
     # Prometheus /metrics of each process; empty turns it off.

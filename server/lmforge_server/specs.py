@@ -17,6 +17,8 @@ COMPILE_MODES = ("auto", "on", "off")
 EOS_TOKEN = "<|endoftext|>"
 BYTE_VOCAB = 256 + 1
 MAX_PARAMETERS = 2_000_000_000
+MAX_DEVICES = 64
+MAX_NODES = 64
 
 
 class SpecError(ValueError):
@@ -69,6 +71,10 @@ class TrainConfig:
     early_stopping_patience: int = 0
     init_from: str = ""
     log_interval: int = 10
+    # Processes (GPUs) per node and nodes per job; batch_size is the global batch, split
+    # evenly across all devices * nodes ranks.
+    devices: int = 1
+    nodes: int = 1
 
 
 @dataclass(frozen=True)
@@ -270,6 +276,20 @@ def resolve(
     return spec
 
 
+def check_fleet(spec: JobSpec, max_devices: int) -> None:
+    """Raises SpecError when no worker of this deployment could take the job (its queue
+    would never be read)."""
+    t = spec.training
+    _check(
+        t.devices <= max_devices,
+        "training.devices",
+        f"must be at most {max_devices} (the largest worker of this deployment), got {t.devices}",
+    )
+    # Workers run one node each; a job over several nodes is started with torchrun by hand
+    # (README, "Multi-node training"), not through the queue.
+    _check(t.nodes == 1, "training.nodes", f"must be 1 for queued jobs, got {t.nodes}")
+
+
 def _validate_model(m: ModelConfig) -> None:
     _int_range("model.n_layers", m.n_layers, 1, 128)
     _int_range("model.n_heads", m.n_heads, 1, 256)
@@ -326,6 +346,14 @@ def _validate_training(t: TrainConfig) -> None:
     )
     _int_range("training.early_stopping_patience", t.early_stopping_patience, 0, 1_000_000)
     _int_range("training.log_interval", t.log_interval, 1, 1_000_000)
+    _int_range("training.devices", t.devices, 1, MAX_DEVICES)
+    _int_range("training.nodes", t.nodes, 1, MAX_NODES)
+    ranks = t.devices * t.nodes
+    _check(
+        t.batch_size % ranks == 0,
+        "training.batch_size",
+        f"must be divisible by training.devices * training.nodes ({ranks}), got {t.batch_size}",
+    )
 
 
 def count_parameters(m: ModelConfig) -> ParameterCount:

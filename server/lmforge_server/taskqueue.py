@@ -34,5 +34,16 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue_training(app: Celery, settings: Settings, job_id: str) -> None:
-    app.send_task(TRAIN_TASK, args=[job_id], queue=settings.train_queue)
+def queue_for(device_class: str, devices: int) -> str:
+    """The Celery queue of a job on `devices` devices of a class: "gpu", "gpu-x4", "cpu"."""
+    return device_class if devices <= 1 else f"{device_class}-x{devices}"
+
+
+def worker_queue(settings: Settings) -> str:
+    """The one queue a worker with `worker_devices` devices of class `train_queue` reads."""
+    return queue_for(settings.train_queue, settings.worker_devices)
+
+
+def enqueue_training(app: Celery, settings: Settings, job_id: str, devices: int = 1) -> None:
+    """Sends job `job_id` to the queue of workers with exactly `devices` devices."""
+    app.send_task(TRAIN_TASK, args=[job_id], queue=queue_for(settings.train_queue, devices))

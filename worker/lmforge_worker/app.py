@@ -17,7 +17,7 @@ from lmforge_server import metrics
 from lmforge_server.artifacts import ArtifactStore
 from lmforge_server.settings import Settings
 from lmforge_server.store import Store
-from lmforge_server.taskqueue import TRAIN_TASK, make_celery
+from lmforge_server.taskqueue import TRAIN_TASK, make_celery, worker_queue
 from lmforge_worker import runner
 
 log = logging.getLogger("lmforge.worker")
@@ -50,7 +50,7 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     app.worker_main(
         [
             "worker",
-            "--queues", settings.train_queue,
+            "--queues", worker_queue(settings),
             "--pool", "solo",
             "--concurrency", "1",
             "--hostname", f"lmforge-{os.getpid()}@{socket.gethostname()}",

@@ -163,15 +163,23 @@ class TokenBins:
                 )
 
     def batch(
-        self, split: str, batch_size: int, context_length: int, generator: torch.Generator
+        self,
+        split: str,
+        batch_size: int,
+        context_length: int,
+        generator: torch.Generator,
+        rows: slice | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets [batch_size, context_length] (int64) at random offsets.
 
         The offsets come from `generator` alone, so the same generator state gives the same
-        batch.
+        batch. `rows` keeps only those rows of it (a data-parallel rank's shard); the
+        generator advances as for the whole batch.
         """
         arr = self.splits[split]
         starts = torch.randint(len(arr) - context_length, (batch_size,), generator=generator)
+        if rows is not None:
+            starts = starts[rows]
         rows = np.stack([arr[s : s + context_length + 1] for s in starts.tolist()])
         rows = torch.from_numpy(rows.astype(np.int64))
         return rows[:, :-1], rows[:, 1:]

@@ -250,7 +250,12 @@ def _train_export_register(
     init_dir = None
     if spec.training.init_from and resume_from is None:
         init_dir = Path(spec.training.init_from)
-    result = training.train(
+    # More than one device: the same loop on every rank under torchrun (this task stays the
+    # lease holder and relays the hooks).
+    run = training.train
+    if spec.training.devices * spec.training.nodes > 1:
+        from lmforge_worker.distributed import launch as run
+    result = run(
         spec,
         Path(job.dataset_path),
         work_dir,

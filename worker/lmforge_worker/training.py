@@ -33,6 +33,7 @@ from lmforge_worker.model import (
     load_pretrained,
     save_weights,
 )
+from lmforge_worker.ranks import SINGLE, Ranks
 
 CHECKPOINT_VERSION = 1
 BEST_WEIGHTS = "best.safetensors"
@@ -158,18 +159,23 @@ def _lm_loss(run_model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean
 
 
 @torch.no_grad()
-def _evaluate(model, run_model, batches, byte_counts, device, precision) -> tuple[float, float]:
-    """Mean val loss per token and bits per byte over the fixed eval batches."""
+def _evaluate(
+    model, run_model, batches, byte_counts, device, precision, ranks: Ranks = SINGLE
+) -> tuple[float, float]:
+    """Mean val loss per token and bits per byte over the fixed eval batches (each rank
+    scores its share of them; the sums are all-reduced)."""
     model.eval()
     nats = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = 0
-    for x, y in batches:
+    for x, y in batches[ranks.rank :: ranks.world]:
         with _autocast(device, precision):
             nats += _lm_loss(run_model, x, y, reduction="sum").double()
         n_tokens += y.numel()
     model.train()
-    total = nats.item()
-    return total / n_tokens, total / math.log(2) / max(1, sum(byte_counts))
+    n_bytes = sum(byte_counts[ranks.rank :: ranks.world])
+    sums = torch.stack([nats, nats.new_tensor(n_tokens), nats.new_tensor(n_bytes)])
+    total, n_tokens, n_bytes = ranks.sum(sums).tolist()
+    return total / n_tokens, total / math.log(2) / max(1, n_bytes)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -200,6 +206,22 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+class _SilentHooks:
+    """The hooks of ranks other than 0: they report nothing and never decide to stop."""
+
+    def should_stop(self) -> None:
+        return None
+
+    def on_progress(self, progress) -> None:
+        pass
+
+    def on_eval(self, *args) -> None:
+        pass
+
+    def on_checkpoint(self, step, path) -> None:
+        pass
+
+
 def _call(hooks, name: str, *args) -> None:
     fn = getattr(hooks, name, None)
     if fn is not None:
@@ -217,6 +239,7 @@ def train(
     resume_from: Path | None = None,
     init_weights_dir: Path | None = None,
     torch_threads: int = 0,
+    ranks: Ranks = SINGLE,
 ) -> TrainResult:
     """Trains the model of `spec` on the corpus; returns how it ended.
 
@@ -232,11 +255,16 @@ def train(
       checkpoints and returns status "cancelled" or "interrupted".
     - Stops early ("early_stopped") after `early_stopping_patience` evaluations in a row
       without a new best (0: never).
+    - `ranks` (torchrun, see lmforge_worker.distributed): every rank trains on its shard of
+      each global batch under DDP; only rank 0 writes files and calls the progress hooks,
+      and rank 0's `should_stop` answer is every rank's.
     Raises ValueError when the corpus is too short for the context length, the tokenizer
     does not fit the model's vocabulary, or a checkpoint belongs to another model.
     """
     t0 = time.monotonic()
     m, t = spec.model, spec.training
+    if not ranks.is_main:
+        hooks = _SilentHooks()
     dev = torch.device(device)
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
@@ -255,14 +283,21 @@ def train(
         init_dir = Path(t.init_from)
     if init_dir is not None:
         pretrained_tok = Path(init_dir) / "tokenizer.json"
-    info = prepare_data(
-        corpus_path,
-        work_dir / "data",
-        tokenizer=m.tokenizer,
-        vocab_size=m.vocab_size,
-        val_fraction=t.val_fraction,
-        pretrained_tokenizer=pretrained_tok,
-    )
+
+    def prepare():
+        return prepare_data(
+            corpus_path,
+            work_dir / "data",
+            tokenizer=m.tokenizer,
+            vocab_size=m.vocab_size,
+            val_fraction=t.val_fraction,
+            pretrained_tokenizer=pretrained_tok,
+        )
+
+    # One process per node builds the data; the others then read it.
+    info = prepare() if ranks.local_rank == 0 else None
+    ranks.barrier()
+    info = info or prepare()
     if info.vocab_size > m.vocab_size:
         raise ValueError(
             f"the tokenizer has {info.vocab_size} ids but the model only {m.vocab_size}"
@@ -285,6 +320,7 @@ def train(
         del base
     model.to(dev)
     model.train()
+    ranks.seed_apart(t.seed)
     optimizer = _configure_optimizer(model, t, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     data_gen = torch.Generator().manual_seed(t.seed)
@@ -307,12 +343,18 @@ def train(
         evals_since_best = b["evals_since_best"]
         # Restore the best weights as of the checkpoint: the file in work_dir may be newer.
         if b["weights"] is not None:
-            save_weights(b["weights"], best_path)
+            if ranks.is_main:
+                save_weights(b["weights"], best_path)
             have_best = True
         elif b["step"] == step and math.isfinite(best_loss):
-            save_weights(hf_state_dict(model), best_path)
+            if ranks.is_main:
+                save_weights(hf_state_dict(model), best_path)
             have_best = True
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        per_rank = ckpt["rng"].get("torch_ranks")
+        if per_rank is not None and len(per_rank) == ranks.world:
+            torch.set_rng_state(per_rank[ranks.rank])
+        else:
+            torch.set_rng_state(ckpt["rng"]["torch"])
         if dev.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
         data_gen.set_state(ckpt["rng"]["data"])
@@ -332,7 +374,10 @@ def train(
         del ckpt
 
     compiled = use_compile(t.compile, dev)
-    run_model = torch.compile(model) if compiled else model
+    run_model = ranks.wrap(model, dev)
+    run_model = torch.compile(run_model) if compiled else run_model
+    # DDP's forward is for training steps; evaluation runs the plain module.
+    eval_model = model if ranks.world > 1 else run_model
 
     def to_dev(xy):
         if dev.type == "cuda":
@@ -346,7 +391,10 @@ def train(
     eval_batches = [to_dev(b) for b in eval_batches]
     tokens_per_step = t.batch_size * t.grad_accum_steps * m.context_length
 
-    def checkpoint(finished: str | None = None) -> Path:
+    def checkpoint(finished: str | None = None) -> Path | None:
+        rng_ranks = ranks.gather_rng()  # a collective: every rank comes here
+        if not ranks.is_main:
+            return None
         if best_step == step or not have_best:
             best_weights = None  # the model's own weights (or none yet)
         else:
@@ -368,6 +416,7 @@ def train(
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
                 "data": data_gen.get_state(),
+                "torch_ranks": rng_ranks,
             },
             "best": {
                 "val_loss": best_loss,
@@ -399,7 +448,8 @@ def train(
         hooks,
         "on_log",
         f"training {count_parameters(m).total:,} parameters on {dev} ({precision}"
-        f"{', compiled' if compiled else ''}), {info.train_tokens:,} train / "
+        f"{', compiled' if compiled else ''}"
+        f"{f', {ranks.world} ranks' if ranks.world > 1 else ''}), {info.train_tokens:,} train / "
         f"{info.val_tokens:,} val tokens, from step {step}",
     )
     train_time, steps_this_run = 0.0, 0
@@ -407,7 +457,7 @@ def train(
     last_ckpt_step = step if resume_from is not None else -1
     status: Status = "completed"
     while step < t.max_steps:
-        stop = hooks.should_stop()
+        stop = ranks.agree_stop(hooks)
         if stop:
             if last_ckpt_step != step:
                 checkpoint()
@@ -418,11 +468,13 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=dev)
-        for _ in range(t.grad_accum_steps):
-            x, y = to_dev(bins.batch("train", t.batch_size, m.context_length, data_gen))
-            with _autocast(dev, precision):
-                loss = _lm_loss(run_model, x, y)
-            scaler.scale(loss / t.grad_accum_steps).backward()
+        rows = ranks.rows(t.batch_size)
+        for micro in range(t.grad_accum_steps):
+            x, y = to_dev(bins.batch("train", t.batch_size, m.context_length, data_gen, rows))
+            with ranks.no_sync(run_model, micro == t.grad_accum_steps - 1):
+                with _autocast(dev, precision):
+                    loss = _lm_loss(run_model, x, y)
+                scaler.scale(loss / t.grad_accum_steps).backward()
             loss_sum += loss.detach()
         if t.grad_clip > 0:
             scaler.unscale_(optimizer)
@@ -437,7 +489,7 @@ def train(
 
         if step % t.log_interval == 0 or last:
             # .item() syncs the GPU, so only on logging steps; time includes that sync.
-            final_loss = loss_sum.item() / t.grad_accum_steps
+            final_loss = ranks.mean(loss_sum).item() / t.grad_accum_steps
             dt = time.monotonic() - ts
             train_time += dt
             window_time += dt
@@ -464,13 +516,14 @@ def train(
 
         if step % t.eval_interval == 0 or last:
             if not last and step % t.log_interval != 0:
-                final_loss = loss_sum.item() / t.grad_accum_steps
+                final_loss = ranks.mean(loss_sum).item() / t.grad_accum_steps
             val_loss, val_bpb = _evaluate(
-                model, run_model, eval_batches, eval_bytes, dev, precision
+                model, eval_model, eval_batches, eval_bytes, dev, precision, ranks
             )
             if val_loss < best_loss:
                 best_loss, best_bpb, best_step, evals_since_best = val_loss, val_bpb, step, 0
-                save_weights(hf_state_dict(model), best_path)
+                if ranks.is_main:
+                    save_weights(hf_state_dict(model), best_path)
                 have_best = True
             else:
                 evals_since_best += 1
@@ -490,7 +543,7 @@ def train(
             last_ckpt_step = step
 
     if math.isnan(final_loss) and steps_this_run:
-        final_loss = loss_sum.item() / t.grad_accum_steps
+        final_loss = ranks.mean(loss_sum).item() / t.grad_accum_steps
     # The final checkpoint lets a redelivered job skip straight to export.
     checkpoint(finished=status)
     return result(status)

@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a spec field: model.n_layers=4, training.max_steps=100 (repeatable)",
     )
+    p.add_argument(
+        "--devices",
+        type=int,
+        metavar="N",
+        help="train on N devices (GPUs) with DDP under torchrun; batch_size is the global batch",
+    )
     p.add_argument("--name", help="the model name to register (default: from the file name)")
     p.add_argument("--dataset-name", help="the dataset's name (default: the file name)")
     p.add_argument("--request-id", help="idempotency key: the same key gives the same job")

@@ -25,6 +25,8 @@ from lmforge.types import (
 
 def cmd_train(args: argparse.Namespace) -> int:
     model, training = parse_overrides(args.set or [])
+    if args.devices is not None:
+        training["devices"] = args.devices
     with _client(args) as client:
         path = Path(args.file)
         if path.is_file():
