@@ -202,7 +202,10 @@ def run_job(
     device = pick_device(settings.device)
     with contextlib.suppress(redis.RedisError):
         store.mark_picked(job_id)  # lets the reaper repair a pick-up that dies right here
-    job = store.acquire(job_id, token, settings.lease_ttl_s, device_name(device))
+    where = device_name(device)
+    if settings.worker_devices > 1:
+        where = f"{settings.worker_devices} x {where}"
+    job = store.acquire(job_id, token, settings.lease_ttl_s, where)
     if job is None:
         log.info("job %s: leased elsewhere or finished; skipping this delivery", job_id)
         return None
