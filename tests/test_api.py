@@ -110,6 +110,32 @@ def test_bad_spec_is_rejected_naming_the_field(api, small_dataset, fields, field
     assert field_name in e.value.details()
 
 
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(devices=0), "spec.training.devices: must be between 1 and 64, got 0"),
+        (
+            dict(devices=16, batch_size=16),
+            "spec.training.devices: must be at most 8 (the largest worker of this deployment)",
+        ),
+        (dict(nodes=0), "spec.training.nodes: must be between 1 and 64, got 0"),
+        (dict(nodes=2, batch_size=8), "spec.training.nodes: must be 1 for queued jobs, got 2"),
+        (
+            dict(devices=3, batch_size=8),
+            "spec.training.batch_size: must be divisible by training.devices * training.nodes"
+            " (3), got 8",
+        ),
+    ],
+)
+def test_devices_beyond_the_fleet_or_the_batch_are_rejected_naming_field_and_limit(
+    api, small_dataset, fields, message
+):
+    with pytest.raises(grpc.RpcError) as e:
+        api.create(small_dataset.id, **fields)
+    assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in e.value.details()
+
+
 def test_unknown_preset_and_dataset_are_named(api, small_dataset):
     with pytest.raises(grpc.RpcError) as e:
         api.create(small_dataset.id, preset="huge")
