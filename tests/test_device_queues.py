@@ -82,8 +82,10 @@ def test_a_killed_worker_takes_its_torchrun_ranks_and_the_job_resumes_from_its_c
     with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
         api = Api(ch)
         ds = api.upload(SMALL_CORPUS.encode())
+        # Too many steps to end on their own while the test looks: ranks left alive would
+        # still be there after the kill.
         job = api.create(
-            ds.id, devices=2, max_steps=300, checkpoint_interval=25, eval_interval=100
+            ds.id, devices=2, max_steps=100_000, checkpoint_interval=25, eval_interval=100
         )
         api.wait_for(job.id, lambda j: j.progress.step >= 60)
         ranks = _pids_of(f"{job.id}/attempt-1/ranks")
@@ -92,14 +94,20 @@ def test_a_killed_worker_takes_its_torchrun_ranks_and_the_job_resumes_from_its_c
         assert last_checkpoint >= 25
 
         next(c for c in stack.children if c.role == "worker").kill()  # SIGKILL
+        killed_at = api.get(job.id).progress.step
         deadline = time.monotonic() + 60
         while _pids_of(f"{job.id}/attempt-1/ranks") and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _pids_of(f"{job.id}/attempt-1/ranks"), "torchrun outlived its worker"
 
         _worker(stack, tmp_path / "logs2", devices=2)
-        done = api.wait_terminal(job.id, timeout=300)
-        assert done.state == S.JOB_STATE_SUCCEEDED and done.attempt == 2, done.error
+        # Past where attempt 1 was killed: attempt 2 has reported progress of its own.
+        api.wait_for(job.id, lambda j: j.attempt == 2 and j.progress.step > killed_at)
+        # Every rank of the new attempt honours a cancel.
+        api.jobs.CancelJob(S.CancelJobRequest(id=job.id), timeout=30)
+        done = api.wait_terminal(job.id)
+        assert done.state == S.JOB_STATE_CANCELLED and done.attempt == 2, done.error
+        assert not _pids_of(f"{job.id}/attempt-2/ranks")
         events = api.events(job.id)
         start2 = next(i for i, e in enumerate(events) if e.message.startswith("attempt 2"))
         assert "resuming from" in events[start2].message
