@@ -574,6 +574,8 @@ def test_job_spec_echoes_every_field_set_and_the_preset_or_default_for_the_rest(
         compile="off",
         early_stopping_patience=4,
         log_interval=2,
+        devices=5,  # divides batch_size; a queued job has one node
+        nodes=1,
     )
     spec = S.JobSpec(
         preset="tiny",
