@@ -133,6 +133,17 @@ def test_server_errors_are_one_line_messages_with_exit_1(cli, corpus):
     assert code == 1 and err.count("\n") == 1
 
 
+def test_train_devices_flag_sets_the_job_devices(cli, corpus):
+    code, _, err = cli(
+        "train", str(corpus), "--preset", "tiny", "--devices", "16", "--set", "batch_size=16"
+    )
+    assert code == 1 and "training.devices: must be at most 8" in err, err
+    code, out, _ = cli("train", str(corpus), "--preset", "tiny", "--devices", "2", "--json")
+    job = json.loads(out)
+    assert code == 0 and job["spec"]["training"]["devices"] == 2
+    assert cli("jobs", "cancel", job["id"])[0] == 0  # no two-device worker here
+
+
 def test_usage_errors_exit_2(cli, corpus):
     assert cli("jobs", "get")[0] == 2
     code, _, err = cli("train", str(corpus), "--set", "n_layer=2")
