@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training import TEXT, Recorder, tiny_spec
 
 from lmforge_worker.distributed import EVENTS, launch, torchrun_command, write_args
 from lmforge_worker.training import train
-from test_training import TEXT, Recorder, tiny_spec
 
 torch.set_num_threads(1)
 
@@ -99,9 +99,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_torchrun_nodes_on_loopback_train_the_one_process_curve(
-    tmp_path, corpus, one_process
-):
+def test_two_torchrun_nodes_on_loopback_train_the_one_process_curve(tmp_path, corpus, one_process):
     spec = tiny_spec(devices=1, nodes=2, **SHORT)
     endpoint = f"127.0.0.1:{_free_port()}"
     procs = []
