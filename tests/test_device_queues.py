@@ -113,3 +113,20 @@ def test_a_killed_worker_takes_its_torchrun_ranks_and_the_job_resumes_from_its_c
         assert "resuming from" in events[start2].message
         steps2 = [e.progress.step for e in events[start2:] if e.type == S.JOB_EVENT_TYPE_PROGRESS]
         assert steps2[0] > last_checkpoint and steps2 == sorted(steps2)
+
+
+@pytest.mark.fault
+def test_a_worker_shutdown_stops_every_rank_with_a_checkpoint_and_requeues_the_job(tmp_path):
+    settings = make_settings(tmp_path, train_queue="cpu", worker_devices=2)
+    with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
+        api = Api(ch)
+        ds = api.upload(SMALL_CORPUS.encode())
+        job = api.create(ds.id, devices=2, max_steps=100_000, checkpoint_interval=100_000)
+        api.wait_for(job.id, lambda j: j.progress.step >= 20)
+        next(c for c in stack.children if c.role == "worker").stop()  # SIGTERM: warm shutdown
+        requeued = api.get(job.id)
+        assert requeued.state == S.JOB_STATE_QUEUED, requeued.error
+        # The ranks stopped together; rank 0 checkpointed where they stopped.
+        shutdown_step = _checkpoint_steps(api.events_so_far(job.id))[-1]
+        assert shutdown_step >= 20
+        assert not _pids_of(f"{job.id}/attempt-1/ranks")
