@@ -24,11 +24,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lmforge.v1 import common_pb2, training_pb2, training_pb2_grpc
-from lmforge_server import datasets, jobs, metrics, reaper, transport, watch
+from lmforge_server import datasets, job_metrics, jobs, metrics, pausing, reaper, transport, watch
 from lmforge_server import store as st
 from lmforge_server.artifacts import ArtifactStore
 from lmforge_server.errors import InvalidArgument
 from lmforge_server.interceptor import ServiceInterceptor, caller
+from lmforge_server.labels import check_labels
 from lmforge_server.lifecycle import run_until_signalled
 from lmforge_server.settings import Settings
 from lmforge_server.taskqueue import make_celery
@@ -110,6 +111,7 @@ def job_pb(job: st.JobRecord) -> training_pb2.Job:
         started_at=_ts(job.started_at),
         finished_at=_ts(job.finished_at),
         device=job.device,
+        metadata=job.metadata,
     )
 
 
@@ -244,6 +246,7 @@ class JobService(_Base, training_pb2_grpc.JobServiceServicer):
             training=_set_fields(request.spec.training),
             model_name=request.model_name,
             request_id=request.request_id,
+            metadata=dict(request.metadata),
         )
         job = await self.call(jobs.create, self.settings, self.store, self.celery, self.owner, req)
         return job_pb(job)
@@ -259,7 +262,8 @@ class JobService(_Base, training_pb2_grpc.JobServiceServicer):
             if request.state not in _STATE.values():
                 raise InvalidArgument(f"state: {request.state} is not a JobState")
             state = _STATE.Name(request.state).removeprefix("JOB_STATE_")
-        found, nxt = await self.call(self.store.list_jobs, self.owner, offset, size, state)
+        labels = check_labels(dict(request.metadata), "metadata")
+        found, nxt = await self.call(self.store.list_jobs, self.owner, offset, size, state, labels)
         return training_pb2.ListJobsResponse(
             jobs=[job_pb(j) for j in found], next_page_token=_next_token(nxt)
         )
@@ -272,6 +276,23 @@ class JobService(_Base, training_pb2_grpc.JobServiceServicer):
         job_id = jobs.check_id("id", request.id)
         await self.call(self.store.delete_job, self.owner, job_id)
         return training_pb2.DeleteJobResponse()
+
+    async def PauseJob(self, request, context):
+        job_id = jobs.check_id("id", request.id)
+        return job_pb(await self.call(pausing.request_pause, self.store, self.owner, job_id))
+
+    async def ResumeJob(self, request, context):
+        job_id = jobs.check_id("id", request.id)
+        job = await self.call(
+            pausing.resume_and_enqueue, self.settings, self.store, self.celery, self.owner, job_id
+        )
+        return job_pb(job)
+
+    async def GetJobMetrics(self, request, context):
+        job_id = jobs.check_id("id", request.id)
+        rows = await self.call(job_metrics.job_metrics, self.store, self.owner, job_id)
+        for row in rows:
+            yield _fill(training_pb2.MetricRow(), row)
 
     async def WatchJob(self, request, context):
         job_id = jobs.check_id("id", request.id)

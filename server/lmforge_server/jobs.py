@@ -17,6 +17,7 @@ from typing import Any
 
 from lmforge_server import basemodels, errors, specs
 from lmforge_server import store as st
+from lmforge_server.labels import check_labels
 from lmforge_server.settings import Settings
 from lmforge_server.taskqueue import enqueue_training
 
@@ -33,6 +34,7 @@ class CreateRequest:
     training: dict[str, Any] = field(default_factory=dict)
     model_name: str = ""
     request_id: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def check_id(field_name: str, value: str) -> str:
@@ -70,6 +72,7 @@ def create(
             f"dataset_id: dataset {errors.shown(req.dataset_id)} not found"
         ) from None
     spec = _resolve_spec(settings, store, owner, req, dataset)
+    labels = check_labels(req.metadata, "metadata")
     job = st.JobRecord(
         id=st.new_id("job"),
         owner=owner,
@@ -82,6 +85,7 @@ def create(
         request_id=req.request_id,
         created_at=time.time(),
         dataset_path=dataset.path,
+        metadata=labels,
     )
     try:
         job, created = store.create_job(job, max_active=settings.max_queued_jobs_per_owner)

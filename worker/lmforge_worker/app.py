@@ -7,9 +7,11 @@ job back instead of dying mid-step).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
+import threading
 
 from celery import Celery, signals
 
@@ -40,6 +42,16 @@ def _on_shutdown(**_) -> None:
     runner.SHUTDOWN.set()
 
 
+def _preload() -> None:
+    # torch, onnx and onnxscript take seconds to import: do it while Celery connects, so
+    # neither the first job's start nor its export waits for them.
+    for name in ("lmforge_worker.training", "lmforge_worker.export", "torch.onnx", "onnxruntime"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # the job that needs it reports the error
+            log.exception("preloading %s failed", name)
+
+
 def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     """Runs a Celery worker on settings.redis_url until SIGINT/SIGTERM (blocks)."""
     if not settings.redis_url:
@@ -47,6 +59,7 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     logging.basicConfig(level=loglevel, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = build_app(settings)
     metrics.serve_metrics(settings.worker_metrics_addr)
+    threading.Thread(target=_preload, name="preload", daemon=True).start()
     app.worker_main(
         [
             "worker",

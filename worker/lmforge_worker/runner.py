@@ -21,7 +21,7 @@ from pathlib import Path
 
 import redis
 
-from lmforge_server import metrics
+from lmforge_server import metrics, pausing
 from lmforge_server import store as st
 from lmforge_server.artifacts import ArtifactStore
 from lmforge_server.settings import Settings
@@ -50,13 +50,14 @@ def device_name(device: str) -> str:
 
 
 class _Heartbeat(threading.Thread):
-    """Renews the lease every ttl/3 and watches the job's cancel flag."""
+    """Renews the lease every ttl/3 and watches the job's cancel and pause flags."""
 
     def __init__(self, store: st.Store, job_id: str, attempt: int, token: str, ttl_s: float):
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
         self.store, self.job_id, self.ttl_s = store, job_id, ttl_s
         self.attempt, self.token = attempt, token
         self.cancel = threading.Event()
+        self.pause = threading.Event()
         self.lost = threading.Event()
         self._stop = threading.Event()
 
@@ -69,6 +70,8 @@ class _Heartbeat(threading.Thread):
             try:
                 if self.store.cancel_requested(self.job_id):
                     self.cancel.set()
+                if pausing.pause_requested(self.store, self.job_id):
+                    self.pause.set()
                 if since_renew >= renew_every:
                     since_renew = 0.0
                     renewed = self.store.renew(self.job_id, self.attempt, self.token, self.ttl_s)
@@ -108,10 +111,14 @@ class _Hooks:
         )
         self._peak_flops = peak_flops
         self.pending: collections.deque = collections.deque(maxlen=MAX_PENDING_EVENTS)
+        # Seconds per phase outside the training loop (imports), reported with its own.
+        self.timings: dict[str, float] = {}
 
     def should_stop(self) -> str | None:
         if self.beat.cancel.is_set():
             return "cancel"
+        if self.beat.pause.is_set():
+            return "pause"
         if self.beat.lost.is_set() or SHUTDOWN.is_set():
             return "shutdown"
         return None
@@ -210,9 +217,11 @@ def run_job(
     beat.start()
     hooks = _Hooks(store, job, token, beat, settings.training_peak_flops)
     try:
+        t_import = time.monotonic()
         from lmforge_worker import training
         from lmforge_worker.export import export_onnx
 
+        hooks.timings = {"imports": time.monotonic() - t_import}
         return _train_export_register(
             settings, store, artifacts, job, token, device, hooks, training, export_onnx
         )
@@ -267,6 +276,9 @@ def _train_export_register(
     if result.status == "cancelled":
         store.finish(job.id, job.attempt, token, st.CANCELLED, f"cancelled at step {result.steps}")
         return st.CANCELLED
+    if result.status == "paused":
+        pausing.mark_paused(store, job.id, job.attempt, token, result.steps)
+        return st.PAUSED
     if result.status == "interrupted":
         if hooks.beat.lost.is_set():
             return None
@@ -286,6 +298,7 @@ def _train_export_register(
         "dataset_sha256": job.dataset_id,
         "stopped": result.status,
     }
+    t_export = time.monotonic()
     with artifacts.staging_dir(model_dir, job.attempt) as tmp:
         training.finalize(result, spec, work_dir, tmp, metadata)
         parity = export_onnx(
@@ -294,9 +307,11 @@ def _train_export_register(
             parity_limit=settings.parity_limit,
             eval_tokens=_val_tokens(work_dir / "data"),
         )
-        _merge_metadata(tmp / "metadata.json", {"onnx": parity})
+        timings = {**hooks.timings, **result.timings, "export": time.monotonic() - t_export}
+        _merge_metadata(tmp / "metadata.json", {"onnx": parity, "timings": timings})
         files = sorted(p.name for p in tmp.iterdir())
         published = artifacts.publish(tmp, model_dir, job.attempt)
+    hooks.on_log("timings: " + " ".join(f"{k}={v:.2f}" for k, v in timings.items()))
     if hooks.should_stop() == "cancel":
         artifacts.remove(published)
         store.finish(job.id, job.attempt, token, st.CANCELLED, "cancelled during export")

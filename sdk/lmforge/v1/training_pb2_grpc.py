@@ -275,6 +275,21 @@ class JobServiceStub:
                 request_serializer=lmforge_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=lmforge_dot_v1_dot_training__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.PauseJob = channel.unary_unary(
+                '/lmforge.v1.JobService/PauseJob',
+                request_serializer=lmforge_dot_v1_dot_training__pb2.PauseJobRequest.SerializeToString,
+                response_deserializer=lmforge_dot_v1_dot_training__pb2.Job.FromString,
+                _registered_method=True)
+        self.ResumeJob = channel.unary_unary(
+                '/lmforge.v1.JobService/ResumeJob',
+                request_serializer=lmforge_dot_v1_dot_training__pb2.ResumeJobRequest.SerializeToString,
+                response_deserializer=lmforge_dot_v1_dot_training__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJobMetrics = channel.unary_stream(
+                '/lmforge.v1.JobService/GetJobMetrics',
+                request_serializer=lmforge_dot_v1_dot_training__pb2.GetJobMetricsRequest.SerializeToString,
+                response_deserializer=lmforge_dot_v1_dot_training__pb2.MetricRow.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -323,6 +338,29 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseJob(self, request, context):
+        """A queued job pauses at once; a running one checkpoints at its next step and releases
+        its worker (state PAUSED). Pausing a paused job returns it unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeJob(self, request, context):
+        """Requeues a paused job; it continues from its checkpoint (bit for bit on CPU).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobMetrics(self, request, context):
+        """Every logged step so far (one row per step, validation loss where evaluated); the
+        stream ends at the last row recorded when it is read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -355,6 +393,21 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=lmforge_dot_v1_dot_training__pb2.WatchJobRequest.FromString,
                     response_serializer=lmforge_dot_v1_dot_training__pb2.JobEvent.SerializeToString,
+            ),
+            'PauseJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseJob,
+                    request_deserializer=lmforge_dot_v1_dot_training__pb2.PauseJobRequest.FromString,
+                    response_serializer=lmforge_dot_v1_dot_training__pb2.Job.SerializeToString,
+            ),
+            'ResumeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeJob,
+                    request_deserializer=lmforge_dot_v1_dot_training__pb2.ResumeJobRequest.FromString,
+                    response_serializer=lmforge_dot_v1_dot_training__pb2.Job.SerializeToString,
+            ),
+            'GetJobMetrics': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetJobMetrics,
+                    request_deserializer=lmforge_dot_v1_dot_training__pb2.GetJobMetricsRequest.FromString,
+                    response_serializer=lmforge_dot_v1_dot_training__pb2.MetricRow.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -521,6 +574,87 @@ class JobService:
             '/lmforge.v1.JobService/WatchJob',
             lmforge_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
             lmforge_dot_v1_dot_training__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmforge.v1.JobService/PauseJob',
+            lmforge_dot_v1_dot_training__pb2.PauseJobRequest.SerializeToString,
+            lmforge_dot_v1_dot_training__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmforge.v1.JobService/ResumeJob',
+            lmforge_dot_v1_dot_training__pb2.ResumeJobRequest.SerializeToString,
+            lmforge_dot_v1_dot_training__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lmforge.v1.JobService/GetJobMetrics',
+            lmforge_dot_v1_dot_training__pb2.GetJobMetricsRequest.SerializeToString,
+            lmforge_dot_v1_dot_training__pb2.MetricRow.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,167 @@
+"""Training as a product, through the real service (Redis, API server, Celery worker):
+pause and resume, metrics, a target validation loss, labels."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import torch
+from conftest import unique
+
+from lmforge.v1 import training_pb2
+from lmforge_worker.training import load_checkpoint
+
+S = training_pb2
+
+
+def _final_weights(stack, job_id: str) -> dict[str, torch.Tensor]:
+    """The model weights of the job's last checkpoint (the one written at its end)."""
+    ckpts = sorted(
+        (stack.settings.artifacts_dir / "jobs" / job_id / "checkpoints").rglob("step-*.pt"),
+        key=lambda p: (p.name, p.parent.name),
+    )
+    return load_checkpoint(ckpts[-1])["model"]
+
+
+def _abort_code(fn, *args):
+    with pytest.raises(grpc.RpcError) as e:
+        fn(*args)
+    return e.value.code(), e.value.details()
+
+
+def test_pause_then_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
+    api, small_dataset, stack
+):
+    spec = dict(max_steps=400, eval_interval=100, checkpoint_interval=1000, log_interval=10)
+    straight = api.create(small_dataset.id, **spec)
+    assert api.wait_terminal(straight.id).state == S.JOB_STATE_SUCCEEDED
+
+    job = api.create(small_dataset.id, **spec)
+    api.wait_for(job.id, lambda j: j.state == S.JOB_STATE_RUNNING and j.progress.step >= 20)
+    api.jobs.PauseJob(S.PauseJobRequest(id=job.id))
+    paused = api.wait_for(job.id, lambda j: j.state == S.JOB_STATE_PAUSED, timeout=60)
+    assert paused.progress.step >= 20
+    time.sleep(1.0)  # no worker trains a paused job
+    assert api.get(job.id).progress.step == paused.progress.step
+    assert api.jobs.PauseJob(S.PauseJobRequest(id=job.id)).state == S.JOB_STATE_PAUSED
+
+    resumed = api.jobs.ResumeJob(S.ResumeJobRequest(id=job.id))
+    assert resumed.state in (S.JOB_STATE_QUEUED, S.JOB_STATE_RUNNING)
+    done = api.wait_terminal(job.id)
+    assert done.state == S.JOB_STATE_SUCCEEDED and done.attempt == 2, done.error
+    states = [e.message for e in api.events(job.id) if e.type == S.JOB_EVENT_TYPE_STATE]
+    paused_at = next(int(m.split()[-1]) for m in states if m.startswith("paused at step"))
+    assert paused.progress.step <= paused_at < 400
+    assert any(m.startswith("attempt 2") and "resuming from" in m for m in states)
+
+    a, b = _final_weights(stack, straight.id), _final_weights(stack, job.id)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the straight one"
+    assert done.progress.best_val_loss == api.get(straight.id).progress.best_val_loss
+
+
+def test_pause_and_resume_answer_clearly_in_every_state(api, small_dataset):
+    code, details = _abort_code(api.jobs.PauseJob, S.PauseJobRequest(id="job_nope"))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, details = _abort_code(api.jobs.ResumeJob, S.ResumeJobRequest())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "id" in details
+
+    job = api.create(small_dataset.id, max_steps=1_000_000, checkpoint_interval=1_000_000)
+    paused = api.jobs.PauseJob(S.PauseJobRequest(id=job.id))
+    assert paused.state in (S.JOB_STATE_PAUSED, S.JOB_STATE_RUNNING, S.JOB_STATE_QUEUED)
+    api.wait_for(job.id, lambda j: j.state == S.JOB_STATE_PAUSED, timeout=60)
+    cancelled = api.jobs.CancelJob(S.CancelJobRequest(id=job.id))
+    assert cancelled.state == S.JOB_STATE_CANCELLED  # a paused job holds no worker
+    for rpc, req in (
+        (api.jobs.PauseJob, S.PauseJobRequest),
+        (api.jobs.ResumeJob, S.ResumeJobRequest),
+    ):
+        code, details = _abort_code(rpc, req(id=job.id))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "cancelled" in details, details
+
+
+def test_metrics_rows_equal_the_progress_and_eval_events(api, small_dataset):
+    job = api.create(small_dataset.id, max_steps=40, log_interval=5, eval_interval=20)
+    assert api.wait_terminal(job.id).state == S.JOB_STATE_SUCCEEDED
+    events = api.events(job.id)
+    rows = list(api.jobs.GetJobMetrics(S.GetJobMetricsRequest(id=job.id)))
+
+    progress = [e.progress for e in events if e.type == S.JOB_EVENT_TYPE_PROGRESS]
+    evals = {e.progress.step: e.progress for e in events if e.type == S.JOB_EVENT_TYPE_EVAL}
+    assert [r.step for r in rows] == [p.step for p in progress] == list(range(5, 41, 5))
+    for row, p in zip(rows, progress, strict=True):
+        assert (row.loss, row.learning_rate, row.grad_norm, row.tokens_per_second) == (
+            p.loss,
+            p.learning_rate,
+            p.grad_norm,
+            p.tokens_per_second,
+        )
+        assert row.grad_norm > 0 and row.tokens_seen == p.tokens_seen
+        if row.step in evals:
+            assert row.HasField("val_loss") and row.val_loss == evals[row.step].val_loss
+            assert row.val_bits_per_byte == evals[row.step].val_bits_per_byte
+        else:
+            assert not row.HasField("val_loss")
+    assert sorted(evals) == [20, 40]
+
+    code, _ = _abort_code(lambda: list(api.jobs.GetJobMetrics(S.GetJobMetricsRequest(id="job_x"))))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_target_val_loss_ends_the_job_succeeded_at_the_first_evaluation_reaching_it(
+    api, small_dataset
+):
+    job = api.create(small_dataset.id, max_steps=5000, eval_interval=10, target_val_loss=3.2)
+    assert job.spec.training.target_val_loss == pytest.approx(3.2)
+    done = api.wait_terminal(job.id)
+    assert done.state == S.JOB_STATE_SUCCEEDED, done.error
+    evals = [e.progress for e in api.events(job.id) if e.type == S.JOB_EVENT_TYPE_EVAL]
+    assert evals[-1].val_loss <= 3.2 < min(p.val_loss for p in evals[:-1])
+    assert done.progress.step == evals[-1].step < 5000
+    model = api.models.GetModel(S.GetModelRequest(id=done.model_id))
+    assert model.state == S.MODEL_STATE_READY
+
+    code, details = _abort_code(lambda: api.create(small_dataset.id, target_val_loss=-1))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.training.target_val_loss" in details
+
+
+def test_jobs_carry_labels_and_list_filters_on_them(api, small_dataset):
+    run = unique("run")
+
+    def create(labels):
+        req = S.CreateJobRequest(
+            dataset_id=small_dataset.id, spec=S.JobSpec(preset="tiny"), metadata=labels
+        )
+        job = api.jobs.CreateJob(req)
+        api.jobs.CancelJob(S.CancelJobRequest(id=job.id))  # labels only: no training needed
+        return job
+
+    a = create({"run": run, "team": "nlp"})
+    b = create({"run": run, "team": "vision"})
+    assert dict(a.metadata) == {"run": run, "team": "nlp"}
+    assert dict(api.get(b.id).metadata) == {"run": run, "team": "vision"}
+
+    def listed(**labels):
+        return [j.id for j in api.jobs.ListJobs(S.ListJobsRequest(metadata=labels)).jobs]
+
+    assert listed(run=run) == [b.id, a.id]
+    assert listed(run=run, team="nlp") == [a.id]
+    assert listed(run=run, team="audio") == []
+    cancelled = api.jobs.ListJobs(
+        S.ListJobsRequest(metadata={"run": run}, state=S.JOB_STATE_CANCELLED)
+    )
+    assert {j.id for j in cancelled.jobs} == {a.id, b.id}
+
+    too_many = {f"k{i}": "v" for i in range(17)}
+    for labels, expected in (
+        (too_many, "metadata: at most 16 pairs"),
+        ({"bad key": "v"}, "metadata: key 'bad key'"),
+        ({"k": "v" * 513}, "metadata[k]: at most 512 characters"),
+    ):
+        code, details = _abort_code(create, labels)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and expected in details, details
+    code, details = _abort_code(lambda: listed(**{"": "x"}))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "metadata" in details
