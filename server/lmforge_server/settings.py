@@ -84,6 +84,9 @@ class Settings:
     device: str = "auto"
     # Torch threads for training on CPU (0: torch's default).
     torch_threads: int = 0
+    # Let torch's OpenMP threads spin-wait between kernels (OMP_WAIT_POLICY=ACTIVE): a little
+    # faster on cores of its own, many times slower on cores shared with other work.
+    train_spin: bool = False
     # Export fails (and the job with it) when fp32 ONNX logits differ from PyTorch's by more.
     parity_limit: float = 1e-4
     # Inference server.

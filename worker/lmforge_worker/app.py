@@ -57,6 +57,8 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     if not settings.redis_url:
         raise SystemExit("lmforge worker needs a Redis: --redis-url or LMFORGE_REDIS_URL")
     logging.basicConfig(level=loglevel, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Read by libgomp when torch loads, so before any import of torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE" if settings.train_spin else "PASSIVE")
     app = build_app(settings)
     metrics.serve_metrics(settings.worker_metrics_addr)
     threading.Thread(target=_preload, name="preload", daemon=True).start()
