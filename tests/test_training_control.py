@@ -3,6 +3,9 @@ pause and resume, metrics, a target validation loss, labels."""
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import time
 
 import grpc
@@ -10,6 +13,8 @@ import pytest
 import torch
 from conftest import unique
 
+from lmforge import Client
+from lmforge.cli import main as cli_main
 from lmforge.v1 import training_pb2
 from lmforge_worker.training import load_checkpoint
 
@@ -82,7 +87,7 @@ def test_pause_and_resume_answer_clearly_in_every_state(api, small_dataset):
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "cancelled" in details, details
 
 
-def test_metrics_rows_equal_the_progress_and_eval_events(api, small_dataset):
+def test_metrics_rows_equal_the_progress_and_eval_events(api, small_dataset, stack):
     job = api.create(small_dataset.id, max_steps=40, log_interval=5, eval_interval=20)
     assert api.wait_terminal(job.id).state == S.JOB_STATE_SUCCEEDED
     events = api.events(job.id)
@@ -108,6 +113,24 @@ def test_metrics_rows_equal_the_progress_and_eval_events(api, small_dataset):
 
     code, _ = _abort_code(lambda: list(api.jobs.GetJobMetrics(S.GetJobMetricsRequest(id="job_x"))))
     assert code == grpc.StatusCode.NOT_FOUND
+
+    with Client(api_addr=stack.api_addr) as client:
+        sdk_rows = client.jobs.metrics(job.id)
+    assert [(r.step, r.loss, r.val_loss is None) for r in sdk_rows] == [
+        (r.step, pytest.approx(r.loss, rel=1e-6), not r.HasField("val_loss")) for r in rows
+    ]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        cli_main(["--api", stack.api_addr, "jobs", "metrics", job.id, "--csv"])
+    assert exit_.value.code == 0
+    table = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert [int(r["step"]) for r in table] == [r.step for r in rows]
+    for line, row in zip(table, rows, strict=True):
+        assert float(line["loss"]) == pytest.approx(row.loss, rel=1e-6)
+        assert float(line["grad_norm"]) == pytest.approx(row.grad_norm, rel=1e-6)
+        expected = f"{row.val_loss:.7g}" if row.HasField("val_loss") else ""
+        got = f"{float(line['val_loss']):.7g}" if line["val_loss"] else ""
+        assert got == expected
 
 
 def test_target_val_loss_ends_the_job_succeeded_at_the_first_evaluation_reaching_it(

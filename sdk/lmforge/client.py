@@ -24,6 +24,7 @@ from lmforge.types import (
     Job,
     JobEvent,
     JobState,
+    MetricRow,
     Model,
     ModelInfo,
     ModelSpec,
@@ -187,6 +188,7 @@ class Jobs(_Resource):
         training: TrainingSpec | Mapping[str, Any] | None = None,
         model_name: str = "",
         request_id: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> Job:
         """Queues a training job on a dataset. Fields left unset in `model` and `training`
@@ -201,6 +203,7 @@ class Jobs(_Resource):
             spec=_convert.job_spec_to_pb(preset, model, training),
             model_name=model_name,
             request_id=request_id or uuid.uuid4().hex,
+            metadata=metadata or {},
         )
         return _convert.job(self._client._call(self._client._jobs.CreateJob, req, timeout=timeout))
 
@@ -213,6 +216,7 @@ class Jobs(_Resource):
         self,
         *,
         state: str | JobState | None = None,
+        metadata: Mapping[str, str] | None = None,
         page_size: int = 100,
         timeout: float | None = None,
     ) -> Pager[Job]:
@@ -221,7 +225,7 @@ class Jobs(_Resource):
 
         def fetch(token: str) -> Page[Job]:
             req = training_pb2.ListJobsRequest(
-                page_size=page_size, page_token=token, state=state_pb
+                page_size=page_size, page_token=token, state=state_pb, metadata=metadata or {}
             )
             resp = self._client._call(self._client._jobs.ListJobs, req, timeout=timeout)
             return _convert.page([_convert.job(j) for j in resp.jobs], resp.next_page_token)
@@ -232,6 +236,23 @@ class Jobs(_Resource):
         """Asks the job to stop; it checkpoints and ends CANCELLED within seconds."""
         req = training_pb2.CancelJobRequest(id=_convert.ref(job_id))
         return _convert.job(self._client._call(self._client._jobs.CancelJob, req, timeout=timeout))
+
+    def pause(self, job_id: str | Job, *, timeout: float | None = None) -> Job:
+        """Checkpoints the job and releases its worker (state PAUSED); `resume` goes on."""
+        req = training_pb2.PauseJobRequest(id=_convert.ref(job_id))
+        return _convert.job(self._client._call(self._client._jobs.PauseJob, req, timeout=timeout))
+
+    def resume(self, job_id: str | Job, *, timeout: float | None = None) -> Job:
+        """Requeues a paused job; it continues from its checkpoint."""
+        req = training_pb2.ResumeJobRequest(id=_convert.ref(job_id))
+        return _convert.job(self._client._call(self._client._jobs.ResumeJob, req, timeout=timeout))
+
+    def metrics(self, job_id: str | Job, *, timeout: float | None = None) -> list[MetricRow]:
+        """Every logged step so far: loss, learning rate, grad norm, tokens/s, val loss."""
+        req = training_pb2.GetJobMetricsRequest(id=_convert.ref(job_id))
+        stub = self._client._jobs.GetJobMetrics
+        rows = self._client._call(lambda r, **kw: list(stub(r, **kw)), req, timeout=timeout)
+        return [_convert.metric_row(r) for r in rows]
 
     def watch(
         self,

@@ -167,8 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?", help="dataset id (a file path for upload)")
     p.add_argument("--name", help="dataset name (upload)")
 
-    p = add("jobs", "list, show, watch, wait for or cancel training jobs", cmd_jobs)
-    p.add_argument("action", choices=["list", "get", "watch", "wait", "cancel"])
+    p = add("jobs", "list, show, watch, wait for, pause, resume or cancel jobs; metrics", cmd_jobs)
+    p.add_argument(
+        "action", choices=["list", "get", "watch", "wait", "cancel", "pause", "resume", "metrics"]
+    )
+    p.add_argument("--csv", action="store_true", help="metrics: write CSV to stdout")
     p.add_argument("id", nargs="?", help="job id")
     p.add_argument(
         "--state",
