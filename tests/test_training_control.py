@@ -7,6 +7,7 @@ import contextlib
 import csv
 import io
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -188,3 +189,42 @@ def test_jobs_carry_labels_and_list_filters_on_them(api, small_dataset):
         assert code == grpc.StatusCode.INVALID_ARGUMENT and expected in details, details
     code, details = _abort_code(lambda: listed(**{"": "x"}))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "metadata" in details
+
+
+def test_downloaded_model_opens_in_transformers_with_the_logits_of_our_model(
+    api, small_dataset, stack, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    from lmforge_worker.model import load_pretrained
+
+    name = unique("dl")
+    job = api.create(small_dataset.id, model_name=name, max_steps=20)
+    assert api.wait_terminal(job.id).state == S.JOB_STATE_SUCCEEDED
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        cli_main(["--api", stack.api_addr, "models", "download", name, str(tmp_path / "m")])
+    assert exit_.value.code == 0
+    model = api.models.GetModel(S.GetModelRequest(id=name))
+    written = sorted(Path(p).name for p in out.getvalue().split())
+    assert written == sorted(model.files) and "model.onnx" in written
+    served = stack.settings.artifacts_dir / "models" / model.id
+    for f in written:
+        assert (tmp_path / "m" / f).read_bytes() == (served / f).read_bytes(), f
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ours, _ = load_pretrained(tmp_path / "m")
+    ids = torch.randint(0, model.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = ours.eval()(ids)
+        got = hf(ids).logits
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+    code, _ = _abort_code(lambda: list(api.models.DownloadModel(S.DownloadModelRequest(id="nope"))))
+    assert code == grpc.StatusCode.NOT_FOUND
+    running = api.create(small_dataset.id, max_steps=1_000_000)
+    code, details = _abort_code(
+        lambda: list(api.models.DownloadModel(S.DownloadModelRequest(id=running.model_id)))
+    )
+    api.jobs.CancelJob(S.CancelJobRequest(id=running.id))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "ready" in details, details

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -12,6 +14,7 @@ import grpc.aio
 
 from lmforge import _convert, errors
 from lmforge._connection import CHANNEL_OPTIONS, DEFAULT_TIMEOUT, ConnectionConfig
+from lmforge._download import ModelDirWriter
 from lmforge._paging import PageCursor
 from lmforge._progress import JobProgressBar
 from lmforge._retry import Attempts, Deadline, RetryPolicy
@@ -342,6 +345,23 @@ class AsyncModels(_Resource):
         """Deletes the model version (NotFoundError if there is none)."""
         req = training_pb2.DeleteModelRequest(id=_convert.ref(model))
         await self._client._call(self._client._models.DeleteModel, req, timeout=timeout)
+
+    async def download(
+        self, model: str | Model, directory: str | os.PathLike, *, timeout: float | None = None
+    ) -> list[Path]:
+        """Writes the READY model's files into `directory`, each checked against its sha256."""
+        req = training_pb2.DownloadModelRequest(id=_convert.ref(model))
+        writer = ModelDirWriter(directory)
+        call = self._client._models.DownloadModel(
+            req, timeout=timeout, metadata=self._client._config.metadata
+        )
+        try:
+            async for chunk in call:
+                writer.feed(chunk)
+        except grpc.RpcError as e:
+            writer.abort()
+            raise errors.from_rpc_error(e) from e
+        return writer.finish()
 
     async def info(self, model: str | Model, *, timeout: float | None = None) -> ModelInfo:
         """How the inference server serves the model (it loads it if needed)."""

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import grpc
 
 from lmforge import _convert, errors
 from lmforge._connection import CHANNEL_OPTIONS, DEFAULT_TIMEOUT, ConnectionConfig
+from lmforge._download import ModelDirWriter
 from lmforge._paging import PageCursor
 from lmforge._progress import JobProgressBar
 from lmforge._retry import Attempts, Deadline, RetryPolicy
@@ -345,6 +348,27 @@ class Models(_Resource):
         """Deletes the model version (NotFoundError if there is none)."""
         req = training_pb2.DeleteModelRequest(id=_convert.ref(model))
         self._client._call(self._client._models.DeleteModel, req, timeout=timeout)
+
+    def download(
+        self, model: str | Model, directory: str | os.PathLike, *, timeout: float | None = None
+    ) -> list[Path]:
+        """Writes the READY model's files into `directory`, each checked against its sha256.
+
+        The directory then opens in `transformers` (config.json, model.safetensors,
+        tokenizer.json) and ONNX Runtime (model.onnx). Returns the files written.
+        """
+        req = training_pb2.DownloadModelRequest(id=_convert.ref(model))
+        writer = ModelDirWriter(directory)
+        call = self._client._models.DownloadModel(
+            req, timeout=timeout, metadata=self._client._config.metadata
+        )
+        try:
+            for chunk in call:
+                writer.feed(chunk)
+        except grpc.RpcError as e:
+            writer.abort()
+            raise errors.from_rpc_error(e) from e
+        return writer.finish()
 
     def info(self, model: str | Model, *, timeout: float | None = None) -> ModelInfo:
         """How the inference server serves the model (it loads it if needed)."""

@@ -24,7 +24,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lmforge.v1 import common_pb2, training_pb2, training_pb2_grpc
-from lmforge_server import datasets, job_metrics, jobs, metrics, pausing, reaper, transport, watch
+from lmforge_server import (
+    datasets,
+    downloads,
+    job_metrics,
+    jobs,
+    metrics,
+    pausing,
+    reaper,
+    transport,
+    watch,
+)
 from lmforge_server import store as st
 from lmforge_server.artifacts import ArtifactStore
 from lmforge_server.errors import InvalidArgument
@@ -329,6 +339,13 @@ class ModelService(_Base, training_pb2_grpc.ModelServiceServicer):
         if rec.path:
             await self.call(self.artifacts.remove, Path(rec.path))
         return training_pb2.DeleteModelResponse()
+
+    async def DownloadModel(self, request, context):
+        ref = jobs.check_id("id", request.id)
+        paths = await self.call(downloads.model_files, self.store, self.owner, ref)
+        chunks = downloads.file_chunks(paths)
+        while (chunk := await self.call(next, chunks, None)) is not None:
+            yield training_pb2.ModelFileChunk(**chunk)
 
 
 # ------------------------------------------------------------------ server

@@ -692,6 +692,11 @@ class ModelServiceStub:
                 request_serializer=lmforge_dot_v1_dot_training__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=lmforge_dot_v1_dot_training__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
+        self.DownloadModel = channel.unary_stream(
+                '/lmforge.v1.ModelService/DownloadModel',
+                request_serializer=lmforge_dot_v1_dot_training__pb2.DownloadModelRequest.SerializeToString,
+                response_deserializer=lmforge_dot_v1_dot_training__pb2.ModelFileChunk.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -718,6 +723,14 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadModel(self, request, context):
+        """A READY model's files (model.onnx, model.safetensors, config.json, tokenizer.json,
+        metadata.json): the directory opens in `transformers` and ONNX Runtime as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -735,6 +748,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=lmforge_dot_v1_dot_training__pb2.DeleteModelRequest.FromString,
                     response_serializer=lmforge_dot_v1_dot_training__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'DownloadModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadModel,
+                    request_deserializer=lmforge_dot_v1_dot_training__pb2.DownloadModelRequest.FromString,
+                    response_serializer=lmforge_dot_v1_dot_training__pb2.ModelFileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -820,6 +838,33 @@ class ModelService:
             '/lmforge.v1.ModelService/DeleteModel',
             lmforge_dot_v1_dot_training__pb2.DeleteModelRequest.SerializeToString,
             lmforge_dot_v1_dot_training__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lmforge.v1.ModelService/DownloadModel',
+            lmforge_dot_v1_dot_training__pb2.DownloadModelRequest.SerializeToString,
+            lmforge_dot_v1_dot_training__pb2.ModelFileChunk.FromString,
             options,
             channel_credentials,
             insecure,
