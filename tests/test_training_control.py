@@ -228,3 +228,48 @@ def test_downloaded_model_opens_in_transformers_with_the_logits_of_our_model(
     )
     api.jobs.CancelJob(S.CancelJobRequest(id=running.id))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "ready" in details, details
+
+
+def test_checkpoints_keep_the_best_and_newest_and_start_new_jobs(api, small_dataset, stack):
+    job = api.create(small_dataset.id, max_steps=120, checkpoint_interval=20, log_interval=20)
+    assert api.wait_terminal(job.id).state == S.JOB_STATE_SUCCEEDED
+    events = api.events(job.id)
+    losses = {
+        e.progress.step: e.progress.loss for e in events if e.type == S.JOB_EVENT_TYPE_PROGRESS
+    }
+    evals = {e.progress.step: e.progress for e in events if e.type == S.JOB_EVENT_TYPE_EVAL}
+    kept = api.jobs.ListCheckpoints(S.ListCheckpointsRequest(id=job.id)).checkpoints
+    best = min(evals, key=lambda s: (evals[s].val_loss, -s))
+    # keep_checkpoints is 3 in these settings: the newest three and the best.
+    assert [c.step for c in kept] == sorted({80, 100, 120, best})
+    for c in kept:
+        assert c.ref == f"{job.id}:{c.step}" and c.val_step == c.step
+        assert c.train_loss == losses[c.step] and c.val_loss == evals[c.step].val_loss
+    on_disk = (stack.settings.artifacts_dir / "jobs" / job.id / "checkpoints").rglob("*.pt")
+    assert sorted(int(p.stem.split("-")[1]) for p in on_disk) == [c.step for c in kept]
+
+    fresh = api.create(small_dataset.id, max_steps=5, log_interval=1)
+    tuned = api.create(small_dataset.id, init_from=f"{job.id}:80", max_steps=5, log_interval=1)
+    assert tuned.spec.model == job.spec.model
+    for j in (fresh, tuned):
+        assert api.wait_terminal(j.id).state == S.JOB_STATE_SUCCEEDED, api.get(j.id).error
+    first = [
+        next(e.progress.loss for e in api.events(j.id) if e.type == S.JOB_EVENT_TYPE_PROGRESS)
+        for j in (fresh, tuned)
+    ]
+    assert first[1] < first[0] - 0.5 and abs(first[1] - losses[80]) < 0.5, (first, losses[80])
+
+    for ref in ("job_0123456789abcdef:80", f"{job.id}:7"):
+        code, details = _abort_code(lambda r=ref: api.create(small_dataset.id, init_from=r))
+        assert code == grpc.StatusCode.NOT_FOUND and "spec.training.init_from" in details
+    code, _ = _abort_code(api.jobs.ListCheckpoints, S.ListCheckpointsRequest(id="job_nope"))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_retention_keeps_the_best_checkpoint_even_when_it_is_old():
+    from lmforge_server.checkpoints import Checkpoint, to_drop
+
+    val = {10: 3.0, 20: 2.0, 30: 2.5, 40: 2.6, 50: 2.7}
+    ckpts = [Checkpoint(s, f"/c/{s}", 1.0, v, 1.0, s, 0.0) for s, v in val.items()]
+    assert [c.step for c in to_drop(ckpts, keep_last=2)] == [10, 30]
+    assert [c.step for c in to_drop(ckpts, keep_last=0)] == [10, 30, 40]

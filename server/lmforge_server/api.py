@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from lmforge.v1 import common_pb2, training_pb2, training_pb2_grpc
 from lmforge_server import (
+    checkpoints,
     datasets,
     downloads,
     job_metrics,
@@ -158,6 +159,18 @@ def model_pb(rec: st.ModelRecord) -> training_pb2.Model:
         files=rec.files,
         dataset_sha256=rec.dataset_sha256,
         created_at=_ts(rec.created_at),
+    )
+
+
+def checkpoint_pb(job_id: str, c: checkpoints.Checkpoint) -> training_pb2.Checkpoint:
+    return training_pb2.Checkpoint(
+        ref=f"{job_id}:{c.step}",
+        step=c.step,
+        train_loss=c.train_loss,
+        val_loss=c.val_loss,
+        val_bits_per_byte=c.val_bits_per_byte,
+        val_step=c.val_step,
+        created_at=_ts(c.created_at),
     )
 
 
@@ -303,6 +316,13 @@ class JobService(_Base, training_pb2_grpc.JobServiceServicer):
         rows = await self.call(job_metrics.job_metrics, self.store, self.owner, job_id)
         for row in rows:
             yield _fill(training_pb2.MetricRow(), row)
+
+    async def ListCheckpoints(self, request, context):
+        job_id = jobs.check_id("id", request.id)
+        kept = await self.call(checkpoints.list_checkpoints, self.store, self.owner, job_id)
+        return training_pb2.ListCheckpointsResponse(
+            checkpoints=[checkpoint_pb(job_id, c) for c in kept]
+        )
 
     async def WatchJob(self, request, context):
         job_id = jobs.check_id("id", request.id)

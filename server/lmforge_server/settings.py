@@ -87,6 +87,8 @@ class Settings:
     # Let torch's OpenMP threads spin-wait between kernels (OMP_WAIT_POLICY=ACTIVE): a little
     # faster on cores of its own, many times slower on cores shared with other work.
     train_spin: bool = False
+    # Checkpoints kept per job: the newest this many, and the best by validation loss.
+    keep_checkpoints: int = 3
     # Export fails (and the job with it) when fp32 ONNX logits differ from PyTorch's by more.
     parity_limit: float = 1e-4
     # Inference server.

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import redis
 
-from lmforge_server import metrics, pausing
+from lmforge_server import checkpoints, metrics, pausing
 from lmforge_server import store as st
 from lmforge_server.artifacts import ArtifactStore
 from lmforge_server.settings import Settings
@@ -113,6 +113,9 @@ class _Hooks:
         self.pending: collections.deque = collections.deque(maxlen=MAX_PENDING_EVENTS)
         # Seconds per phase outside the training loop (imports), reported with its own.
         self.timings: dict[str, float] = {}
+        self.keep_checkpoints = 3
+        self.train_loss = 0.0
+        self.last_eval = (0.0, 0.0, 0)  # val loss, val bits per byte, step
 
     def should_stop(self) -> str | None:
         if self.beat.cancel.is_set():
@@ -153,6 +156,7 @@ class _Hooks:
 
     def on_progress(self, p) -> None:
         d = asdict(p) if is_dataclass(p) else dict(p)
+        self.train_loss = d.get("loss", self.train_loss)
         if "lr" in d:
             d["learning_rate"] = d.pop("lr")
         self._write(d)
@@ -174,6 +178,7 @@ class _Hooks:
             best_step=best_step,
         )
         msg = f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte"
+        self.last_eval = (val_loss, val_bpb, step)
         self._write(progress, "EVAL", msg)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
@@ -188,10 +193,28 @@ class _Hooks:
             log.warning("job %s: checkpoint at step %s not promoted: %s", self.job.id, step, e)
             return
         # Only a promoted checkpoint is a resume point: until one is, the last promoted file
-        # must stay (a Redis outage or a lost lease leaves the job pointing at it).
-        for old in path.parent.glob("step-*.pt"):
-            if old.name < path.name:
-                old.unlink(missing_ok=True)
+        # must stay (a Redis outage or a lost lease leaves the job pointing at it). Past
+        # that, the registry keeps the best and the newest settings.keep_checkpoints.
+        try:
+            self._keep(step, path)
+        except st.LeaseLost:
+            self.beat.lost.set()
+        except redis.RedisError as e:
+            log.warning("job %s: checkpoint at step %s not registered: %s", self.job.id, step, e)
+
+    def _keep(self, step: int, path: Path) -> None:
+        """Registers the checkpoint, then deletes those past retention (best + newest N)."""
+        val_loss, val_bpb, val_step = self.last_eval
+        ckpt = checkpoints.Checkpoint(
+            step, str(path), self.train_loss, val_loss, val_bpb, val_step, time.time()
+        )
+        job, token = self.job, self.token
+        checkpoints.record(self.store, job.id, job.attempt, token, ckpt)
+        stale = checkpoints.to_drop(checkpoints.all_of(self.store, job.id), self.keep_checkpoints)
+        checkpoints.drop(self.store, job.id, job.attempt, token, [c.step for c in stale])
+        for c in stale:
+            if c.path != str(path):
+                Path(c.path).unlink(missing_ok=True)
 
     def on_log(self, message: str) -> None:
         self._write({}, "LOG", message)
@@ -216,6 +239,7 @@ def run_job(
     beat = _Heartbeat(store, job_id, job.attempt, token, settings.lease_ttl_s)
     beat.start()
     hooks = _Hooks(store, job, token, beat, settings.training_peak_flops)
+    hooks.keep_checkpoints = settings.keep_checkpoints
     try:
         t_import = time.monotonic()
         from lmforge_worker import training
@@ -257,7 +281,11 @@ def _train_export_register(
     checkpoint_dir = artifacts.job_dir(job.id) / "checkpoints" / f"attempt-{job.attempt}"
     resume_from = Path(job.checkpoint) if job.checkpoint else None
     init_dir = None
-    if spec.training.init_from and resume_from is None:
+    if checkpoints.REF_RE.match(spec.training.init_from):
+        # Also on a resume: the tokenizer comes from there if the data was never built.
+        _, ckpt = checkpoints.resolve(store, job.owner, spec.training.init_from)
+        init_dir = training.checkpoint_model_dir(Path(ckpt.path), work_dir / "init")
+    elif spec.training.init_from and resume_from is None:
         init_dir = Path(spec.training.init_from)
     result = training.train(
         spec,

@@ -530,6 +530,26 @@ def train(
     return result(status)
 
 
+def checkpoint_model_dir(ckpt_path: Path, out_dir: Path) -> Path:
+    """A Hugging Face-layout directory (weights, config, tokenizer) of a checkpoint's model,
+    for `init_from`; the tokenizer is its attempt's (`<job dir>/attempt-N/data` for a
+    checkpoint in `<job dir>/checkpoints/attempt-N/`)."""
+    ckpt = load_checkpoint(Path(ckpt_path))
+    spec = JobSpec.from_dict(ckpt["spec"])
+    model = Llama(spec.model)
+    model.load_state_dict(ckpt["model"])
+    ckpt_path = Path(ckpt_path)
+    data_dir = ckpt_path.parents[2] / ckpt_path.parent.name / "data"
+    info = json.loads((data_dir / "meta.json").read_text())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(hf_state_dict(model), out / "model.safetensors")
+    cfg = hf_config(spec.model, eos_token_id=info["eos_token_id"])
+    write_file_atomic(out / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
+    shutil.copyfile(data_dir / "tokenizer.json", out / "tokenizer.json")
+    return out
+
+
 def finalize(
     result: TrainResult,
     spec: JobSpec,

@@ -291,6 +291,36 @@ class GetJobMetricsRequest(_message.Message):
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
+class ListCheckpointsRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class Checkpoint(_message.Message):
+    __slots__ = ("ref", "step", "train_loss", "val_loss", "val_bits_per_byte", "val_step", "created_at")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VAL_BITS_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
+    VAL_STEP_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    step: int
+    train_loss: float
+    val_loss: float
+    val_bits_per_byte: float
+    val_step: int
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, ref: _Optional[str] = ..., step: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., val_bits_per_byte: _Optional[float] = ..., val_step: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListCheckpointsResponse(_message.Message):
+    __slots__ = ("checkpoints",)
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    checkpoints: _containers.RepeatedCompositeFieldContainer[Checkpoint]
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[Checkpoint, _Mapping]]] = ...) -> None: ...
+
 class MetricRow(_message.Message):
     __slots__ = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "val_loss", "val_bits_per_byte", "elapsed_seconds", "tokens_seen")
     STEP_FIELD_NUMBER: _ClassVar[int]

@@ -290,6 +290,11 @@ class JobServiceStub:
                 request_serializer=lmforge_dot_v1_dot_training__pb2.GetJobMetricsRequest.SerializeToString,
                 response_deserializer=lmforge_dot_v1_dot_training__pb2.MetricRow.FromString,
                 _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/lmforge.v1.JobService/ListCheckpoints',
+                request_serializer=lmforge_dot_v1_dot_training__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=lmforge_dot_v1_dot_training__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -361,6 +366,14 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCheckpoints(self, request, context):
+        """The job's kept checkpoints (the best by validation loss and the newest few), by step.
+        Each can start another job: training.init_from = its `ref`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -408,6 +421,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetJobMetrics,
                     request_deserializer=lmforge_dot_v1_dot_training__pb2.GetJobMetricsRequest.FromString,
                     response_serializer=lmforge_dot_v1_dot_training__pb2.MetricRow.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=lmforge_dot_v1_dot_training__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=lmforge_dot_v1_dot_training__pb2.ListCheckpointsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -655,6 +673,33 @@ class JobService:
             '/lmforge.v1.JobService/GetJobMetrics',
             lmforge_dot_v1_dot_training__pb2.GetJobMetricsRequest.SerializeToString,
             lmforge_dot_v1_dot_training__pb2.MetricRow.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmforge.v1.JobService/ListCheckpoints',
+            lmforge_dot_v1_dot_training__pb2.ListCheckpointsRequest.SerializeToString,
+            lmforge_dot_v1_dot_training__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,
