@@ -245,6 +245,8 @@ def test_checkpoints_keep_the_best_and_newest_and_start_new_jobs(api, small_data
     for c in kept:
         assert c.ref == f"{job.id}:{c.step}" and c.val_step == c.step
         assert c.train_loss == losses[c.step] and c.val_loss == evals[c.step].val_loss
+        assert c.val_bits_per_byte == evals[c.step].val_bits_per_byte
+        assert c.created_at.ToNanoseconds() > job.created_at.ToNanoseconds()
     on_disk = (stack.settings.artifacts_dir / "jobs" / job.id / "checkpoints").rglob("*.pt")
     assert sorted(int(p.stem.split("-")[1]) for p in on_disk) == [c.step for c in kept]
 

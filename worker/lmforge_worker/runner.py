@@ -334,6 +334,7 @@ def _train_export_register(
             fp16=device.startswith("cuda"),
             parity_limit=settings.parity_limit,
             eval_tokens=_val_tokens(work_dir / "data"),
+            exporter=_exporter(settings.onnx_exporter, job.parameters.get("total", 0)),
         )
         timings = {**hooks.timings, **result.timings, "export": time.monotonic() - t_export}
         _merge_metadata(tmp / "metadata.json", {"onnx": parity, "timings": timings})
@@ -391,6 +392,12 @@ def _val_tokens(data_dir: Path, limit: int = 1 << 16):
         return np.fromfile(data_dir / "val.bin", dtype=meta["dtype"], count=limit)
     except (OSError, ValueError, KeyError):
         return None
+
+
+def _exporter(setting: str, parameters: int) -> str:
+    if setting != "auto":
+        return setting
+    return "legacy" if parameters < 5_000_000 else "dynamo"
 
 
 def _merge_metadata(path: Path, extra: dict) -> None:
