@@ -54,5 +54,5 @@ def file_chunks(paths: list[Path], chunk_bytes: int = CHUNK_BYTES) -> Iterator[d
                     "data": data,
                 }
                 offset += len(data)
-                if offset >= size:
+                if offset >= size or not data:  # a file cut short ends, checked by sha256
                     break
