@@ -98,8 +98,11 @@ def mark_paused(store: st.Store, job_id: str, attempt: int, token: str, step: in
     """The lease holder, having checkpointed, records PAUSED and gives the lease back."""
 
     def write(pipe, job):
-        pipe.hset(f"{st.P}job:{job_id}", mapping={"state": PAUSED, "pause_requested": "0"})
         pipe.delete(f"{st.P}lease:{job_id}")
+        if job.cancel_requested:  # a cancel that arrived meanwhile wins
+            store._finish_cmd(pipe, job, st.CANCELLED, f"cancelled at step {step}")
+            return
+        pipe.hset(f"{st.P}job:{job_id}", mapping={"state": PAUSED, "pause_requested": "0"})
         store._event_cmd(pipe, job_id, "STATE", PAUSED, f"paused at step {step}", job.progress)
 
     store.fenced(job_id, attempt, token, write)
