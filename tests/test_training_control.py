@@ -12,11 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import unique
+from conftest import SMALL_CORPUS, unique
 
 from lmforge import Client
 from lmforge.cli import main as cli_main
-from lmforge.v1 import training_pb2
+from lmforge.v1 import common_pb2, training_pb2
 from lmforge_worker.training import load_checkpoint
 
 S = training_pb2
@@ -275,3 +275,38 @@ def test_retention_keeps_the_best_checkpoint_even_when_it_is_old():
     ckpts = [Checkpoint(s, f"/c/{s}", 1.0, v, 1.0, s, 0.0) for s, v in val.items()]
     assert [c.step for c in to_drop(ckpts, keep_last=2)] == [10, 30]
     assert [c.step for c in to_drop(ckpts, keep_last=0)] == [10, 30, 40]
+
+
+def test_validate_only_reports_the_job_without_running_it(api, small_dataset):
+    done = api.create(small_dataset.id, max_steps=20)  # a measured throughput to estimate from
+    assert api.wait_terminal(done.id).state == S.JOB_STATE_SUCCEEDED
+    before = [j.id for j in api.jobs.ListJobs(S.ListJobsRequest()).jobs]
+
+    def validate(dataset_id, **training):
+        req = S.CreateJobRequest(
+            dataset_id=dataset_id,
+            spec=S.JobSpec(preset="tiny", training=common_pb2.TrainingSpec(**training)),
+            validate_only=True,
+        )
+        return api.jobs.CreateJob(req)
+
+    good = validate(small_dataset.id, max_steps=200)
+    r = good.validation
+    assert good.id == "" and good.state == S.JOB_STATE_UNSPECIFIED
+    assert (r.corpus_tokens, r.tokens_exact) == (len(SMALL_CORPUS), True)
+    assert (r.train_tokens, r.val_tokens) == (54_000, 6_000)
+    assert r.vocab_size == small_dataset.num_distinct_chars + 1 == good.spec.model.vocab_size
+    assert r.weights_bytes == 4 * good.parameters.total
+    assert r.optimizer_bytes == 12 * good.parameters.total and r.activations_bytes > 0
+    assert r.training_flops == good.parameters.flops_per_token * 8 * 32 * 200
+    assert r.estimated_seconds["cpu"] > 0 and list(r.problems) == []
+
+    tiny = api.upload(b"To be, or not to be: that is the question.", name=unique("tiny"))
+    bad = validate(tiny.id).validation
+    assert bad.corpus_tokens == 42 and bad.train_tokens == 38 and bad.val_tokens == 4
+    problems = "\n".join(bad.problems)
+    assert "train split would hold" not in problems  # 38 tokens fit one context of 32
+    assert "one batch (8 x 32 tokens) is larger than the train split (38 tokens)" in problems
+    assert "the validation split would hold 4 tokens" in problems
+    assert "read the train split" in problems
+    assert [j.id for j in api.jobs.ListJobs(S.ListJobsRequest()).jobs] == before

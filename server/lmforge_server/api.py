@@ -33,7 +33,9 @@ from lmforge_server import (
     metrics,
     pausing,
     reaper,
+    specs,
     transport,
+    validation,
     watch,
 )
 from lmforge_server import store as st
@@ -123,6 +125,18 @@ def job_pb(job: st.JobRecord) -> training_pb2.Job:
         finished_at=_ts(job.finished_at),
         device=job.device,
         metadata=job.metadata,
+    )
+
+
+def validation_pb(
+    dataset_id: str, spec: specs.JobSpec, report: validation.Report
+) -> training_pb2.Job:
+    """CreateJob's answer with validate_only: a Job without id, carrying the report."""
+    return training_pb2.Job(
+        dataset_id=dataset_id,
+        spec=_spec_pb(spec.to_dict()),
+        parameters=_params_pb(specs.count_parameters(spec.model).__dict__),
+        validation=training_pb2.ValidationReport(**report.__dict__),
     )
 
 
@@ -271,6 +285,11 @@ class JobService(_Base, training_pb2_grpc.JobServiceServicer):
             request_id=request.request_id,
             metadata=dict(request.metadata),
         )
+        if request.validate_only:
+            spec, report = await self.call(
+                jobs.validate, self.settings, self.store, self.owner, req
+            )
+            return validation_pb(req.dataset_id, spec, report)
         job = await self.call(jobs.create, self.settings, self.store, self.celery, self.owner, req)
         return job_pb(job)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge_server import basemodels, errors, specs
+from lmforge_server import basemodels, errors, specs, validation
 from lmforge_server import store as st
 from lmforge_server.labels import check_labels
 from lmforge_server.settings import Settings
@@ -58,9 +58,8 @@ def enqueue(celery, settings: Settings, store: st.Store, job_id: str) -> None:
     store.mark_enqueued(job_id)
 
 
-def create(
-    settings: Settings, store: st.Store, celery, owner: str, req: CreateRequest
-) -> st.JobRecord:
+def _checked(settings: Settings, store: st.Store, owner: str, req: CreateRequest):
+    """The request's dataset, resolved spec and labels, after every check CreateJob makes."""
     if len(req.request_id) > MAX_REQUEST_ID:
         raise errors.InvalidArgument(f"request_id: at most {MAX_REQUEST_ID} characters")
     check_name("model_name", req.model_name)
@@ -73,6 +72,21 @@ def create(
         ) from None
     spec = _resolve_spec(settings, store, owner, req, dataset)
     labels = check_labels(req.metadata, "metadata")
+    return dataset, spec, labels
+
+
+def validate(
+    settings: Settings, store: st.Store, owner: str, req: CreateRequest
+) -> tuple[specs.JobSpec, validation.Report]:
+    """CreateJob with validate_only: the same checks, then a report; nothing is stored."""
+    dataset, spec, _ = _checked(settings, store, owner, req)
+    return spec, validation.report(spec, dataset, validation.throughputs(store))
+
+
+def create(
+    settings: Settings, store: st.Store, celery, owner: str, req: CreateRequest
+) -> st.JobRecord:
+    dataset, spec, labels = _checked(settings, store, owner, req)
     job = st.JobRecord(
         id=st.new_id("job"),
         owner=owner,

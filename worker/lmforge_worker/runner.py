@@ -21,7 +21,7 @@ from pathlib import Path
 
 import redis
 
-from lmforge_server import checkpoints, metrics, pausing
+from lmforge_server import checkpoints, metrics, pausing, validation
 from lmforge_server import store as st
 from lmforge_server.artifacts import ArtifactStore
 from lmforge_server.settings import Settings
@@ -46,6 +46,15 @@ def device_name(device: str) -> str:
 
     if device.startswith("cuda"):
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return "cpu"
+
+
+def device_class(device: str) -> str:
+    """ "cpu", or the GPU's name: what throughput is measured and estimated per."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
     return "cpu"
 
 
@@ -317,6 +326,9 @@ def _train_export_register(
         enqueue(make_celery(settings), settings, store, job.id)
         return st.QUEUED
 
+    flops = result.tokens_per_second * job.parameters.get("flops_per_token", 0)
+    with contextlib.suppress(redis.RedisError):  # an estimate for validate_only; best effort
+        validation.record_throughput(store, device_class(device), flops)
     store.set_state(job.id, job.attempt, token, st.EXPORTING, "exporting to ONNX")
     model_dir = artifacts.model_dir(job.model_id)
     metadata = {

@@ -169,7 +169,7 @@ class Progress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., tokens_seen: _Optional[int] = ..., val_loss: _Optional[float] = ..., val_bits_per_byte: _Optional[float] = ..., best_val_loss: _Optional[float] = ..., best_step: _Optional[int] = ..., grad_norm: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "owner", "dataset_id", "model_name", "state", "spec", "parameters", "progress", "error", "model_id", "attempt", "request_id", "created_at", "started_at", "finished_at", "device", "metadata")
+    __slots__ = ("id", "owner", "dataset_id", "model_name", "state", "spec", "parameters", "progress", "error", "model_id", "attempt", "request_id", "created_at", "started_at", "finished_at", "device", "metadata", "validation")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class Job(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FIELD_NUMBER: _ClassVar[int]
     id: str
     owner: str
     dataset_id: str
@@ -211,10 +212,11 @@ class Job(_message.Message):
     finished_at: _timestamp_pb2.Timestamp
     device: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., owner: _Optional[str] = ..., dataset_id: _Optional[str] = ..., model_name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., parameters: _Optional[_Union[_common_pb2.ParameterCount, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[str] = ..., model_id: _Optional[str] = ..., attempt: _Optional[int] = ..., request_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., device: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    validation: ValidationReport
+    def __init__(self, id: _Optional[str] = ..., owner: _Optional[str] = ..., dataset_id: _Optional[str] = ..., model_name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., parameters: _Optional[_Union[_common_pb2.ParameterCount, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[str] = ..., model_id: _Optional[str] = ..., attempt: _Optional[int] = ..., request_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., device: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., validation: _Optional[_Union[ValidationReport, _Mapping]] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("dataset_id", "spec", "model_name", "request_id", "metadata")
+    __slots__ = ("dataset_id", "spec", "model_name", "request_id", "metadata", "validate_only")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -227,12 +229,47 @@ class CreateJobRequest(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     dataset_id: str
     spec: JobSpec
     model_name: str
     request_id: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, dataset_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_name: _Optional[str] = ..., request_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, dataset_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_name: _Optional[str] = ..., request_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., validate_only: _Optional[bool] = ...) -> None: ...
+
+class ValidationReport(_message.Message):
+    __slots__ = ("corpus_tokens", "tokens_exact", "vocab_size", "train_tokens", "val_tokens", "training_flops", "weights_bytes", "optimizer_bytes", "activations_bytes", "estimated_seconds", "problems")
+    class EstimatedSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CORPUS_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_EXACT_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    corpus_tokens: int
+    tokens_exact: bool
+    vocab_size: int
+    train_tokens: int
+    val_tokens: int
+    training_flops: int
+    weights_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    estimated_seconds: _containers.ScalarMap[str, float]
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, corpus_tokens: _Optional[int] = ..., tokens_exact: _Optional[bool] = ..., vocab_size: _Optional[int] = ..., train_tokens: _Optional[int] = ..., val_tokens: _Optional[int] = ..., training_flops: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., activations_bytes: _Optional[int] = ..., estimated_seconds: _Optional[_Mapping[str, float]] = ..., problems: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)
