@@ -37,6 +37,7 @@ def _abort_code(fn, *args):
     return e.value.code(), e.value.details()
 
 
+@pytest.mark.slow
 def test_pause_then_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
     api, small_dataset, stack
 ):
