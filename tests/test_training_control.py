@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import SMALL_CORPUS, unique
+from conftest import CORPUS, SMALL_CORPUS, unique
 
 from lmforge import Client
 from lmforge.cli import main as cli_main
@@ -311,3 +311,24 @@ def test_validate_only_reports_the_job_without_running_it(api, small_dataset):
     assert "the validation split would hold 4 tokens" in problems
     assert "read the train split" in problems
     assert [j.id for j in api.jobs.ListJobs(S.ListJobsRequest()).jobs] == before
+
+
+def test_a_validation_dataset_of_the_users_own_replaces_the_split(api, small_dataset):
+    known = set(SMALL_CORPUS)
+    val_text = "".join(c for c in CORPUS[200_000:205_000] if c in known)
+    val_set = api.upload(val_text.encode(), name=unique("val"))
+    req = S.CreateJobRequest(
+        dataset_id=small_dataset.id,
+        spec=S.JobSpec(preset="tiny", training=common_pb2.TrainingSpec(max_steps=20)),
+        validation_dataset_id=val_set.id,
+    )
+    job = api.jobs.CreateJob(req)
+    assert job.validation_dataset_id == val_set.id
+    assert api.wait_terminal(job.id).state == S.JOB_STATE_SUCCEEDED
+    started = next(e.message for e in api.events(job.id) if e.message.startswith("training "))
+    # All of the training corpus trains and all of the validation corpus evaluates.
+    assert f"{len(SMALL_CORPUS):,} train / {len(val_text):,} val tokens" in started, started
+
+    req.validation_dataset_id = "0" * 64
+    code, details = _abort_code(api.jobs.CreateJob, req)
+    assert code == grpc.StatusCode.NOT_FOUND and "validation_dataset_id" in details

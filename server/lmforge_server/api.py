@@ -125,6 +125,7 @@ def job_pb(job: st.JobRecord) -> training_pb2.Job:
         finished_at=_ts(job.finished_at),
         device=job.device,
         metadata=job.metadata,
+        validation_dataset_id=job.validation_dataset_id,
     )
 
 
@@ -284,6 +285,7 @@ class JobService(_Base, training_pb2_grpc.JobServiceServicer):
             model_name=request.model_name,
             request_id=request.request_id,
             metadata=dict(request.metadata),
+            validation_dataset_id=request.validation_dataset_id,
         )
         if request.validate_only:
             spec, report = await self.call(

@@ -93,6 +93,8 @@ class JobRecord:
     picked_at: float = 0.0
     # The client's labels (lmforge_server.labels).
     metadata: dict[str, str] = field(default_factory=dict)
+    validation_dataset_id: str = ""
+    validation_dataset_path: str = ""
 
 
 @dataclass

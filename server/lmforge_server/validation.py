@@ -42,11 +42,21 @@ def corpus_tokens(tokenizer: str, num_chars: int, size_bytes: int) -> tuple[int,
     return int(size_bytes / BYTES_PER_BPE_TOKEN), False
 
 
-def report(spec: specs.JobSpec, dataset: st.DatasetRecord, throughput: dict[str, float]) -> Report:
+def report(
+    spec: specs.JobSpec,
+    dataset: st.DatasetRecord,
+    throughput: dict[str, float],
+    val_set: st.DatasetRecord | None = None,
+) -> Report:
     m, t = spec.model, spec.training
     tokens, exact = corpus_tokens(m.tokenizer, dataset.num_chars, dataset.size_bytes)
-    n_val = int(round(tokens * t.val_fraction))
-    n_train = tokens - n_val
+    if val_set is None:
+        n_val = int(round(tokens * t.val_fraction))
+        n_train = tokens - n_val
+    else:  # all of the dataset trains; the validation set is encoded by the same tokenizer
+        n_val, val_exact = corpus_tokens(m.tokenizer, val_set.num_chars, val_set.size_bytes)
+        n_train, exact = tokens, exact and val_exact
+        tokens += n_val
     params = specs.count_parameters(m)
     tokens_per_step = t.batch_size * t.grad_accum_steps * m.context_length
     flops = params.flops_per_token * tokens_per_step * t.max_steps

@@ -306,6 +306,7 @@ def _train_export_register(
         resume_from=resume_from,
         init_weights_dir=init_dir,
         torch_threads=settings.torch_threads,
+        val_corpus_path=Path(job.validation_dataset_path) if job.validation_dataset_path else None,
     )
     # Progress kept during a Redis outage comes before the end; a short outage is waited
     # out here rather than giving the job back.

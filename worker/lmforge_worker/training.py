@@ -226,6 +226,7 @@ def train(
     resume_from: Path | None = None,
     init_weights_dir: Path | None = None,
     torch_threads: int = 0,
+    val_corpus_path: Path | None = None,
 ) -> TrainResult:
     """Trains the model of `spec` on the corpus; returns how it ended.
 
@@ -274,6 +275,7 @@ def train(
         vocab_size=m.vocab_size,
         val_fraction=t.val_fraction,
         pretrained_tokenizer=pretrained_tok,
+        val_corpus_path=val_corpus_path,
     )
     if info.vocab_size > m.vocab_size:
         raise ValueError(

@@ -169,7 +169,7 @@ class Progress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., tokens_seen: _Optional[int] = ..., val_loss: _Optional[float] = ..., val_bits_per_byte: _Optional[float] = ..., best_val_loss: _Optional[float] = ..., best_step: _Optional[int] = ..., grad_norm: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "owner", "dataset_id", "model_name", "state", "spec", "parameters", "progress", "error", "model_id", "attempt", "request_id", "created_at", "started_at", "finished_at", "device", "metadata", "validation")
+    __slots__ = ("id", "owner", "dataset_id", "model_name", "state", "spec", "parameters", "progress", "error", "model_id", "attempt", "request_id", "created_at", "started_at", "finished_at", "device", "metadata", "validation", "validation_dataset_id")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,7 @@ class Job(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     owner: str
     dataset_id: str
@@ -213,10 +214,11 @@ class Job(_message.Message):
     device: str
     metadata: _containers.ScalarMap[str, str]
     validation: ValidationReport
-    def __init__(self, id: _Optional[str] = ..., owner: _Optional[str] = ..., dataset_id: _Optional[str] = ..., model_name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., parameters: _Optional[_Union[_common_pb2.ParameterCount, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[str] = ..., model_id: _Optional[str] = ..., attempt: _Optional[int] = ..., request_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., device: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., validation: _Optional[_Union[ValidationReport, _Mapping]] = ...) -> None: ...
+    validation_dataset_id: str
+    def __init__(self, id: _Optional[str] = ..., owner: _Optional[str] = ..., dataset_id: _Optional[str] = ..., model_name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., parameters: _Optional[_Union[_common_pb2.ParameterCount, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[str] = ..., model_id: _Optional[str] = ..., attempt: _Optional[int] = ..., request_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., device: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., validation: _Optional[_Union[ValidationReport, _Mapping]] = ..., validation_dataset_id: _Optional[str] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("dataset_id", "spec", "model_name", "request_id", "metadata", "validate_only")
+    __slots__ = ("dataset_id", "spec", "model_name", "request_id", "metadata", "validate_only", "validation_dataset_id")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -230,13 +232,15 @@ class CreateJobRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     dataset_id: str
     spec: JobSpec
     model_name: str
     request_id: str
     metadata: _containers.ScalarMap[str, str]
     validate_only: bool
-    def __init__(self, dataset_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_name: _Optional[str] = ..., request_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., validate_only: _Optional[bool] = ...) -> None: ...
+    validation_dataset_id: str
+    def __init__(self, dataset_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_name: _Optional[str] = ..., request_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., validate_only: _Optional[bool] = ..., validation_dataset_id: _Optional[str] = ...) -> None: ...
 
 class ValidationReport(_message.Message):
     __slots__ = ("corpus_tokens", "tokens_exact", "vocab_size", "train_tokens", "val_tokens", "training_flops", "weights_bytes", "optimizer_bytes", "activations_bytes", "estimated_seconds", "problems")
