@@ -175,6 +175,8 @@ def test_jobs_carry_labels_and_list_filters_on_them(api, small_dataset):
     assert listed(run=run) == [b.id, a.id]
     assert listed(run=run, team="nlp") == [a.id]
     assert listed(run=run, team="audio") == []
+    for job in (a, b):  # a worker may have taken one before its cancel: it ends at a step
+        api.wait_terminal(job.id)
     cancelled = api.jobs.ListJobs(
         S.ListJobsRequest(metadata={"run": run}, state=S.JOB_STATE_CANCELLED)
     )

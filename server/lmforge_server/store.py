@@ -217,6 +217,7 @@ class Store:
             ttl = max(1, int(self.retention_s))
             pipe.expire(f"{P}job:{job_id}", ttl)
             pipe.expire(f"{P}job:{job_id}:events", ttl)
+            pipe.expire(f"{P}job:{job_id}:checkpoints", ttl)
 
     # ------------------------------------------------------------ datasets
 
@@ -701,7 +702,7 @@ class Store:
         if job.state not in TERMINAL:
             raise Conflict(f"job {job_id} is {job.state.lower()}; cancel it and wait until it ends")
         pipe = self.r.pipeline()
-        pipe.delete(f"{P}job:{job_id}", f"{P}job:{job_id}:events")
+        pipe.delete(f"{P}job:{job_id}", f"{P}job:{job_id}:events", f"{P}job:{job_id}:checkpoints")
         pipe.zrem(f"{P}jobs:{owner}", job_id)
         if job.request_id:
             pipe.delete(f"{P}idem:{owner}:{job.request_id}")
