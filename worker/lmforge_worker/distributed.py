@@ -85,6 +85,7 @@ def write_args(
     resume_from: Path | None,
     init_weights_dir: Path | None,
     torch_threads: int,
+    val_corpus_path: Path | None = None,
 ) -> None:
     """Writes what every rank needs to call `training.train` into the control directory."""
     control_dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +100,7 @@ def write_args(
         "resume_from": str(resume_from) if resume_from else None,
         "init_weights_dir": str(init_weights_dir) if init_weights_dir else None,
         "torch_threads": torch_threads,
+        "val_corpus_path": str(val_corpus_path) if val_corpus_path else None,
     }
     (control_dir / ARGS).write_text(json.dumps(args))
 
@@ -114,6 +116,7 @@ def launch(
     resume_from: Path | None = None,
     init_weights_dir: Path | None = None,
     torch_threads: int = 0,
+    val_corpus_path: Path | None = None,
     poll_s: float = 0.1,
 ):
     """`training.train` on `spec.training.devices` ranks of this node under torchrun.
@@ -132,6 +135,7 @@ def launch(
         resume_from=resume_from,
         init_weights_dir=init_weights_dir,
         torch_threads=torch_threads,
+        val_corpus_path=val_corpus_path,
     )
     cmd = torchrun_command(control_dir, spec.training.devices)
     with open(control_dir / LOG, "ab") as log:
@@ -277,6 +281,7 @@ def rank_main(control_dir: Path) -> None:
             resume_from=Path(args["resume_from"]) if args["resume_from"] else None,
             init_weights_dir=Path(args["init_weights_dir"]) if args["init_weights_dir"] else None,
             torch_threads=args["torch_threads"],
+            val_corpus_path=Path(args["val_corpus_path"]) if args["val_corpus_path"] else None,
             ranks=ranks,
         )
         if hooks is not None:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 # Stop decisions as the integers rank 0 broadcasts.
-_STOPS = (None, "cancel", "shutdown")
+_STOPS = (None, "cancel", "shutdown", "pause")  # training.STOP_STATUS's keys
 
 
 @dataclass(frozen=True)
