@@ -118,6 +118,19 @@ def test_with_dropout_each_rank_keeps_its_own_random_stream_across_a_resume(tmp_
         assert a.loss == b.loss, (a.step, a.loss, b.loss)
 
 
+def test_a_rank_error_fails_the_run_with_that_error(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT[:40], encoding="utf-8")
+    with pytest.raises(RuntimeError, match="ValueError: the (train|val) split has"):
+        launch(
+            tiny_spec(TEXT[:40], devices=2, **SHORT),
+            short,
+            tmp_path / "w",
+            tmp_path / "c",
+            Recorder(),
+        )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

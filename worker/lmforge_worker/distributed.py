@@ -91,6 +91,8 @@ def write_args(
     control_dir.mkdir(parents=True, exist_ok=True)
     for name in (EVENTS, STOP):
         (control_dir / name).unlink(missing_ok=True)
+    for old in control_dir.glob("error-*.txt"):
+        old.unlink()
     args = {
         "spec": spec.to_dict(),
         "corpus_path": str(corpus_path),
@@ -174,7 +176,11 @@ def _relay(proc: subprocess.Popen, control_dir: Path, hooks, poll_s: float):
             stop_sent = stop
         time.sleep(poll_s)
     if proc.returncode != 0 or result is None:
-        tail = (control_dir / LOG).read_text(errors="replace")[-2000:]
+        # The first rank's own error says more than torchrun's summary of it.
+        errors = sorted(control_dir.glob("error-*.txt"))
+        if errors:
+            raise RuntimeError(errors[0].read_text()[:1000])
+        tail = (control_dir / LOG).read_text(errors="replace")[-1000:]
         raise RuntimeError(f"torchrun exited with {proc.returncode}: {tail}")
     return result
 
@@ -286,6 +292,9 @@ def rank_main(control_dir: Path) -> None:
         )
         if hooks is not None:
             hooks.on_result(result)
+    except Exception as e:
+        _write_atomic(control_dir / f"error-{ranks.rank}.txt", f"{type(e).__name__}: {e}")
+        raise
     finally:
         ranks.close()
 
