@@ -253,7 +253,9 @@ def run_up(settings: Settings, *, tls: bool = False) -> None:
         print(f"  api        {s.api_addr}")
         print(f"  inference  {s.inference_addr}")
         print(f"  console    http://{s.http_addr}/  (OpenAI-compatible API at /v1)")
-        print(f"  worker     queue {s.train_queue!r}, logs in {s.data_dir / 'logs'}")
+        from lmforge_server.taskqueue import worker_queue
+
+        print(f"  worker     queue {worker_queue(s)!r}, logs in {s.data_dir / 'logs'}")
         print("Ctrl-C stops everything.", flush=True)
         while not stop["now"]:
             for child in stack.children:
