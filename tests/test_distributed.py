@@ -97,6 +97,7 @@ def test_a_cancel_or_pause_stops_every_rank_at_one_step_with_a_checkpoint(
     assert hooks.checkpoints == [(result.steps, tmp_path / "c" / f"step-{result.steps:08d}.pt")]
 
 
+@pytest.mark.slow  # two torchrun runs
 def test_with_dropout_each_rank_keeps_its_own_random_stream_across_a_resume(tmp_path, corpus):
     # Dropout masks differ from one process's (each rank draws its own), so the reference
     # here is the uninterrupted 2-rank run: a resume must restore every rank's RNG state.
