@@ -140,6 +140,8 @@ def launch(
         val_corpus_path=val_corpus_path,
     )
     cmd = torchrun_command(control_dir, spec.training.devices)
+    # PDEATHSIG follows the thread that forks: call this from the thread that lives as long
+    # as the job (the Celery solo pool's main thread).
     with open(control_dir / LOG, "ab") as log:
         proc = subprocess.Popen(
             cmd,
