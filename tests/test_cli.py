@@ -173,6 +173,16 @@ def test_set_values_are_typed_by_the_proto_field():
             parse_overrides([bad])
 
 
+def test_worker_devices_and_device_class_flags_name_the_queue_it_reads():
+    from lmforge.cli.context import _server_settings
+    from lmforge.cli.parser import build_parser
+    from lmforge_server.taskqueue import worker_queue
+
+    args = build_parser().parse_args(["worker", "--devices", "4", "--device-class", "h100"])
+    assert worker_queue(_server_settings(args)) == "h100-x4"
+    assert worker_queue(_server_settings(build_parser().parse_args(["worker"]))) == "gpu"
+
+
 def test_an_unreachable_server_is_a_one_line_error_not_a_traceback():
     with socket.socket() as s:
         # Bound and never listening while the test runs: connections are refused, and no

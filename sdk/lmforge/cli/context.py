@@ -62,6 +62,7 @@ def _server_settings(args: argparse.Namespace, **forced: Any) -> Any:
         for name in (
             "data_dir", "redis_url", "artifacts", "api_addr", "inference_addr", "http_addr", "device",
             "api_keys_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file",
+            "worker_devices", "train_queue",
         )
     }  # fmt: skip
     if getattr(args, "allow_unauthenticated", False):

@@ -141,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     _server_flags(p)
     p = add("worker", "run a training worker (Celery, queue 'gpu')", cmd_worker)
     _server_flags(p, bind=False)
+    p.add_argument(
+        "--devices",
+        type=int,
+        dest="worker_devices",
+        metavar="N",
+        help="devices each job gets; takes only N-device jobs, queue CLASS-xN "
+        "(env LMFORGE_WORKER_DEVICES; default 1)",
+    )
+    p.add_argument(
+        "--device-class",
+        dest="train_queue",
+        metavar="CLASS",
+        help="the queue name prefix: gpu, cpu, h100... (env LMFORGE_TRAIN_QUEUE; default gpu)",
+    )
 
     p = add("train", "upload a text file and start a training job on it", cmd_train)
     p.add_argument("file", help="a UTF-8 text file (or the id of a dataset already uploaded)")
