@@ -390,6 +390,7 @@ def test_tenant_b_never_reaches_tenant_a_objects_by_any_rpc(trust):
             S.DownloadModelRequest(id=model_id),
         ),
         (bob.jobs.CreateJob, S.CreateJobRequest(dataset_id=ds_id, validate_only=True)),
+        (bob.jobs.ExportCheckpoint, S.ExportCheckpointRequest(job_id=job.id, step=5)),
     ]
     for call, request in calls:
         code, details = code_of(call, request, metadata=bob.metadata, timeout=10)

@@ -117,6 +117,9 @@ class Settings:
     worker_metrics_addr: str = "127.0.0.1:50093"
     # Peak FLOP/s of the training device, for the MFU metric (0: unknown, no MFU).
     training_peak_flops: float = 0.0
+    # Training FLOP/s that validate_only's time estimate assumes for "cpu" until a worker
+    # has measured its own (2e10: about what the 2-core CI machine sustains on tiny models).
+    fallback_training_flops: float = 2e10
 
     @property
     def artifacts_dir(self) -> Path:

@@ -95,6 +95,8 @@ class JobRecord:
     metadata: dict[str, str] = field(default_factory=dict)
     validation_dataset_id: str = ""
     validation_dataset_path: str = ""
+    # "<job id>:<step>": this job exports that checkpoint instead of training.
+    export_of: str = ""
 
 
 @dataclass

@@ -283,6 +283,10 @@ def run_job(
 def _train_export_register(
     settings, store, artifacts, job, token, device, hooks, training, export_onnx
 ) -> str | None:
+    if job.export_of:
+        return _export_checkpoint(
+            settings, store, artifacts, job, token, device, hooks, training, export_onnx
+        )
     spec = JobSpec.from_dict(job.spec)
     # Each attempt has its own work directory (data, best weights): a zombie attempt that
     # lost its lease never writes into the files of the attempt that holds it.
@@ -330,8 +334,6 @@ def _train_export_register(
     flops = result.tokens_per_second * job.parameters.get("flops_per_token", 0)
     with contextlib.suppress(redis.RedisError):  # an estimate for validate_only; best effort
         validation.record_throughput(store, device_class(device), flops)
-    store.set_state(job.id, job.attempt, token, st.EXPORTING, "exporting to ONNX")
-    model_dir = artifacts.model_dir(job.model_id)
     metadata = {
         "job_id": job.id,
         "model_id": job.model_id,
@@ -339,17 +341,71 @@ def _train_export_register(
         "dataset_sha256": job.dataset_id,
         "stopped": result.status,
     }
+    return _export_register(
+        settings, store, artifacts, job, token, device, hooks, export_onnx,
+        write_files=lambda tmp: training.finalize(result, spec, work_dir, tmp, metadata),
+        data_dir=work_dir / "data",
+        val_metrics=(result.best_val_loss, result.best_val_bpb),
+        timings=result.timings,
+    )  # fmt: skip
+
+
+def _export_checkpoint(
+    settings, store, artifacts, job, token, device, hooks, training, export_onnx
+) -> str:
+    """An ExportCheckpoint job: the kept checkpoint `job.export_of` exported and registered
+    like a training job's best weights."""
+    try:
+        _, ckpt = checkpoints.resolve(store, job.owner, job.export_of)
+    except st.NotFound as e:
+        raise ValueError(f"checkpoint {job.export_of}: {e.message}") from None
+    path = Path(ckpt.path)  # <job>/checkpoints/attempt-N/step-*.pt
+    if not path.is_file():
+        raise ValueError(f"checkpoint {job.export_of} was deleted before it could be exported")
+    metadata = {
+        "job_id": job.id,
+        "model_id": job.model_id,
+        "owner": job.owner,
+        "dataset_sha256": job.dataset_id,
+        "exported_checkpoint": job.export_of,
+        "checkpoint": {
+            "step": ckpt.step,
+            "train_loss": ckpt.train_loss,
+            "val_loss": ckpt.val_loss,
+            "val_step": ckpt.val_step,
+        },
+    }
+    # A checkpoint's val loss is its own only when it was evaluated at that very step.
+    evaluated = ckpt.val_step == ckpt.step
+    return _export_register(
+        settings, store, artifacts, job, token, device, hooks, export_onnx,
+        write_files=lambda tmp: training.checkpoint_model_dir(path, tmp, metadata),
+        data_dir=path.parents[2] / path.parent.name / "data",
+        val_metrics=(ckpt.val_loss, ckpt.val_bits_per_byte) if evaluated else (0.0, 0.0),
+        timings={},
+    )  # fmt: skip
+
+
+def _export_register(
+    settings, store, artifacts, job, token, device, hooks, export_onnx, *,
+    write_files, data_dir: Path, val_metrics: tuple[float, float], timings: dict,
+) -> str:  # fmt: skip
+    """Export (fenced by the lease), parity gate, registration: for trained weights and
+    for an exported checkpoint alike. `write_files(tmp)` writes the Hugging Face files."""
+    store.set_state(job.id, job.attempt, token, st.EXPORTING, "exporting to ONNX")
+    model_dir = artifacts.model_dir(job.model_id)
+    best_val_loss, best_val_bpb = val_metrics
     t_export = time.monotonic()
     with artifacts.staging_dir(model_dir, job.attempt) as tmp:
-        training.finalize(result, spec, work_dir, tmp, metadata)
+        write_files(tmp)
         parity = export_onnx(
             tmp,
             fp16=device.startswith("cuda"),
             parity_limit=settings.parity_limit,
-            eval_tokens=_val_tokens(work_dir / "data"),
+            eval_tokens=_val_tokens(data_dir),
             exporter=_exporter(settings.onnx_exporter, job.parameters.get("total", 0)),
         )
-        timings = {**hooks.timings, **result.timings, "export": time.monotonic() - t_export}
+        timings = {**hooks.timings, **timings, "export": time.monotonic() - t_export}
         _merge_metadata(tmp / "metadata.json", {"onnx": parity, "timings": timings})
         files = sorted(p.name for p in tmp.iterdir())
         published = artifacts.publish(tmp, model_dir, job.attempt)
@@ -371,8 +427,8 @@ def _train_export_register(
         path=str(published),
         created_at=prev.created_at,
         metrics={
-            "val_loss": result.best_val_loss,
-            "val_bits_per_byte": result.best_val_bpb,
+            "val_loss": best_val_loss,
+            "val_bits_per_byte": best_val_bpb,
             "onnx_parity_max_abs_diff": float(parity.get("max_abs_diff", 0.0)),
             # Per graph variant: validation loss and whether it passed the quality gate.
             **{
@@ -385,7 +441,9 @@ def _train_export_register(
         files=files,
         dataset_sha256=job.dataset_id,
     )
-    msg = f"model {model.name}@{model.version} ({model.id}) ready, best val loss {result.best_val_loss:.4f}"
+    msg = (
+        f"model {model.name}@{model.version} ({model.id}) ready, best val loss {best_val_loss:.4f}"
+    )
     try:
         # Fenced: only the lease holder registers its export.
         store.finish(job.id, job.attempt, token, st.SUCCEEDED, msg, model=model)

@@ -64,6 +64,9 @@ class Progress:
     tokens_seen: int
     # Total gradient norm before clipping (of the logged step).
     grad_norm: float = 0.0
+    # Unix time the last step should end, at this run's wall time per step so far
+    # (evaluations and checkpoints included, unlike eta_seconds).
+    estimated_finish: float = 0.0
 
 
 class TrainHooks(Protocol):
@@ -423,6 +426,7 @@ def train(
     )
     train_time, steps_this_run = 0.0, 0
     window_time, window_steps = 0.0, 0
+    loop_start = time.monotonic()
     last_ckpt_step = step if resume_from is not None else -1
     status: Status = "completed"
     while step < t.max_steps:
@@ -478,6 +482,8 @@ def train(
                     elapsed_seconds=elapsed_before + time.monotonic() - t0,
                     tokens_seen=tokens_seen,
                     grad_norm=grad_norm.item(),
+                    estimated_finish=time.time()
+                    + (time.monotonic() - loop_start) / steps_this_run * (t.max_steps - step),
                 )
             )
             window_time, window_steps = 0.0, 0
@@ -532,7 +538,9 @@ def train(
     return result(status)
 
 
-def checkpoint_model_dir(ckpt_path: Path, out_dir: Path) -> Path:
+def checkpoint_model_dir(
+    ckpt_path: Path, out_dir: Path, metadata: dict[str, Any] | None = None
+) -> Path:
     """A Hugging Face-layout directory (weights, config, tokenizer) of a checkpoint's model,
     for `init_from`; the tokenizer is its attempt's (`<job dir>/attempt-N/data` for a
     checkpoint in `<job dir>/checkpoints/attempt-N/`)."""
@@ -549,6 +557,20 @@ def checkpoint_model_dir(ckpt_path: Path, out_dir: Path) -> Path:
     cfg = hf_config(spec.model, eos_token_id=info["eos_token_id"])
     write_file_atomic(out / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
     shutil.copyfile(data_dir / "tokenizer.json", out / "tokenizer.json")
+    if metadata is not None:  # an exported checkpoint: metadata.json as finalize writes it
+        data = {
+            "preset": spec.preset,
+            "spec": spec.to_dict(),
+            "seed": spec.training.seed,
+            "parameters": dataclasses.asdict(count_parameters(spec.model)),
+            "tokenizer": {
+                "kind": spec.model.tokenizer,
+                "vocab_size": info["vocab_size"],
+                "eos_token_id": info["eos_token_id"],
+            },
+            **metadata,
+        }
+        write_file_atomic(out / "metadata.json", (json.dumps(data, indent=2) + "\n").encode())
     return out
 
 
