@@ -450,3 +450,104 @@ def test_throughput_is_a_moving_average_per_device_class_with_a_fallback_rate(re
         "cpu": pytest.approx(flops / 130.0),
         "NVIDIA H200": pytest.approx(flops / 5e6),
     }
+
+
+def test_lora_trains_only_the_adapters_and_exports_the_merged_model(
+    api, stack, tiny_shakespeare, tmp_path
+):
+    import numpy as np
+    import onnxruntime as ort
+    from safetensors.torch import load_file
+    from test_export import run
+
+    from lmforge_server.specs import JobSpec
+    from lmforge_worker.model import Llama, add_lora, hf_state_dict, load_pretrained
+
+    base_job = api.wait_terminal(tiny_shakespeare[0].id)
+    assert base_job.state == S.JOB_STATE_SUCCEEDED
+    job = api.create(
+        base_job.dataset_id,
+        init_from=base_job.model_id,
+        lora_rank=4,
+        lora_alpha=8.0,
+        lora_targets="q_proj,v_proj,down_proj",
+        learning_rate=1e-2,
+        max_steps=30,
+        eval_interval=30,  # one evaluation, at the end: the best weights are the last
+        checkpoint_interval=30,
+    )
+    # tiny: 2 layers, d_model 32, MLP 86 wide: r (in + out) per adapted projection.
+    d, ff = 32, job.spec.model.intermediate_size
+    assert job.parameters.trainable == 2 * 4 * ((d + d) + (d + d) + (ff + d))
+    assert job.parameters.trainable < job.parameters.total
+    done = api.wait_terminal(job.id)
+    assert done.state == S.JOB_STATE_SUCCEEDED, done.error
+    started = next(e.message for e in api.events(job.id) if e.message.startswith("training "))
+    assert f"{job.parameters.trainable:,} of {job.parameters.total:,} parameters" in started
+
+    with Client(api_addr=stack.api_addr) as client:
+        client.models.download(base_job.model_id, tmp_path / "base")
+        client.models.download(done.model_id, tmp_path / "lora")
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    ckpt_path = next(
+        (stack.settings.artifacts_dir / "jobs" / job.id / "checkpoints").rglob("step-00000030.pt")
+    )
+    ckpt = load_checkpoint(ckpt_path)
+    state = ckpt["model"]
+    adapters = {k for k in state if ".lora_" in k}
+    assert len(adapters) == 2 * 3 * 2
+    assert all(state[k].abs().max() > 0 for k in adapters if k.endswith("lora_B"))
+    # Every base weight is untouched: only the adapters trained.
+    frozen = {k: v for k, v in state.items() if k not in adapters and k != "lm_head.weight"}
+    assert frozen.keys() == base.keys()
+    assert all(torch.equal(frozen[k], base[k]) for k in base)
+
+    # The registered model is the merged one: W + (alpha / r) B A, a plain Llama.
+    net = Llama(JobSpec.from_dict(ckpt["spec"]).model)
+    add_lora(net, 4, 8.0, 0.0, ["q_proj", "v_proj", "down_proj"])
+    net.load_state_dict(state)
+    merged = hf_state_dict(net)
+    registered = load_file(tmp_path / "lora" / "model.safetensors")
+    assert registered.keys() == base.keys()
+    assert all(torch.equal(registered[k], merged[k]) for k in merged)
+    for k in merged:
+        adapted = k.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight"))
+        assert torch.equal(registered[k], base[k]) != adapted, k
+
+    # Its ONNX graph gives the merged PyTorch model's logits.
+    model, cfg = load_pretrained(tmp_path / "lora")
+    ids = np.array([[5, 9, 2, 14, 3, 7, 11, 1]], dtype=np.int64)
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(ids))[0].numpy()
+    sess = ort.InferenceSession(
+        str(tmp_path / "lora" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    empty = np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), dtype=np.float32)
+    logits, _ = run(sess, cfg, ids, np.ones_like(ids), [empty] * (2 * cfg.n_layers))
+    # The graph emits the last position's logits (what decoding needs).
+    assert np.abs(logits[:, -1] - expected[:, -1]).max() < 1e-4
+
+
+def test_lora_settings_are_checked_and_counted_before_training(api, tiny_shakespeare):
+    dataset_id, base = tiny_shakespeare[0].dataset_id, tiny_shakespeare[0].model_id
+    for fields, expected in (
+        ({"lora_rank": 4}, "spec.training.lora_rank: LoRA adapts an existing model"),
+        ({"lora_rank": 4, "init_from": base, "lora_targets": "q_proj,wq"}, "training.lora_targets"),
+        ({"lora_rank": 2000, "init_from": base}, "training.lora_rank: must be between 0 and 1024"),
+        ({"lora_rank": 4, "init_from": base, "lora_dropout": 1.0}, "training.lora_dropout"),
+    ):
+        code, details = _abort_code(lambda f=fields: api.create(dataset_id, **f))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and expected in details, details
+    api.wait_terminal(tiny_shakespeare[0].id)
+    req = S.CreateJobRequest(
+        dataset_id=dataset_id,
+        spec=S.JobSpec(
+            training=common_pb2.TrainingSpec(init_from=base, lora_rank=8, lora_targets="o_proj")
+        ),
+        validate_only=True,
+    )
+    answer = api.jobs.CreateJob(req)
+    r = answer.validation
+    assert r.trainable_parameters == 2 * 8 * (32 + 32) == answer.parameters.trainable
+    assert r.optimizer_bytes == 12 * r.trainable_parameters
+    assert answer.spec.training.lora_alpha == 16.0  # the default

@@ -144,7 +144,7 @@ def validation_pb(
     return training_pb2.Job(
         dataset_id=dataset_id,
         spec=_spec_pb(spec.to_dict()),
-        parameters=_params_pb(specs.count_parameters(spec.model).__dict__),
+        parameters=_params_pb(jobs.parameter_count(spec).__dict__),
         validation=training_pb2.ValidationReport(**report.__dict__),
     )
 

@@ -9,6 +9,7 @@ task died with its worker before the lease was taken. The lease absorbs duplicat
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -124,7 +125,7 @@ def create(
         model_id=st.new_id("mdl"),
         state=st.QUEUED,
         spec=spec.to_dict(),
-        parameters=specs.count_parameters(spec.model).__dict__,
+        parameters=parameter_count(spec).__dict__,
         request_id=req.request_id,
         created_at=time.time(),
         dataset_path=dataset.path,
@@ -209,6 +210,13 @@ def _resolve_spec(settings, store, owner, req: CreateRequest, dataset) -> specs.
         raise errors.InvalidArgument(f"spec.{e}") from None
     except (TypeError, ValueError, ArithmeticError) as e:
         raise errors.InvalidArgument(f"spec: {str(e)[:200]}") from None
+
+
+def parameter_count(spec: specs.JobSpec) -> specs.ParameterCount:
+    """The model's parameter count, with what the job trains of it."""
+    return dataclasses.replace(
+        specs.count_parameters(spec.model), trainable=specs.trainable_parameters(spec)
+    )
 
 
 def default_model_name(dataset_name: str) -> str:

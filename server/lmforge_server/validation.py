@@ -72,6 +72,8 @@ def report(
         n_train, exact = tokens, exact and val_exact
         tokens += n_val
     params = specs.count_parameters(m)
+    # Gradients and AdamW's two moments exist only for what trains (LoRA: the adapters).
+    trainable = specs.trainable_parameters(spec)
     tokens_per_step = t.batch_size * t.grad_accum_steps * m.context_length
     flops = params.flops_per_token * tokens_per_step * t.max_steps
     # fp32 weights, AdamW's two moments plus the gradients; activations: about 34 values
@@ -108,12 +110,12 @@ def report(
         val_tokens=n_val,
         training_flops=flops,
         weights_bytes=4 * params.total,
-        optimizer_bytes=12 * params.total,
+        optimizer_bytes=12 * trainable,
         activations_bytes=activations,
         estimated_seconds={k: flops / v for k, v in throughput.items() if v > 0},
         problems=problems,
         estimate_measured=measured,
-        trainable_parameters=params.total,
+        trainable_parameters=trainable,
     )
 
 
