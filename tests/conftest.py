@@ -55,7 +55,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     """One whole stack (Redis, API, inference, one worker) shared by the session's tests."""
     # init_from may name directories under base-models/ (the operator's allow-list).
     root = tmp_path_factory.mktemp("stack")
-    settings = make_settings(root, base_model_dirs=[str(root / "base-models")])
+    # tensorboard: workers also write event files (test_training_control reads them back).
+    settings = make_settings(root, base_model_dirs=[str(root / "base-models")], tensorboard=True)
     (root / "base-models").mkdir()
     with Stack(settings) as s:
         yield s

@@ -113,6 +113,24 @@ def test_metrics_rows_equal_the_progress_and_eval_events(api, small_dataset, sta
             assert not row.HasField("val_loss")
     assert sorted(evals) == [20, 40]
 
+    # The worker's TensorBoard event files (Settings.tensorboard) hold the same numbers.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = stack.settings.artifacts_dir / "jobs" / job.id / "tensorboard"
+    acc = EventAccumulator(str(runs / "attempt-1"))
+    acc.Reload()
+
+    def scalars(tag):
+        return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+    assert scalars("train/loss") == [(r.step, pytest.approx(r.loss, rel=1e-6)) for r in rows]
+    assert scalars("train/grad_norm") == [
+        (r.step, pytest.approx(r.grad_norm, rel=1e-6)) for r in rows
+    ]
+    assert scalars("val/loss") == [
+        (s, pytest.approx(evals[s].val_loss, rel=1e-6)) for s in sorted(evals)
+    ]
+
     code, _ = _abort_code(lambda: list(api.jobs.GetJobMetrics(S.GetJobMetricsRequest(id="job_x"))))
     assert code == grpc.StatusCode.NOT_FOUND
 

@@ -120,6 +120,9 @@ class Settings:
     # Training FLOP/s that validate_only's time estimate assumes for "cpu" until a worker
     # has measured its own (2e10: about what the 2-core CI machine sustains on tiny models).
     fallback_training_flops: float = 2e10
+    # Workers also write TensorBoard event files under <artifacts>/jobs/<id>/tensorboard/
+    # (needs the `tensorboard` package: lmforge[tensorboard]).
+    tensorboard: bool = False
 
     @property
     def artifacts_dir(self) -> Path:

@@ -123,6 +123,7 @@ class _Hooks:
         # Seconds per phase outside the training loop (imports), reported with its own.
         self.timings: dict[str, float] = {}
         self.keep_checkpoints = 3
+        self.events = None  # TensorBoard event files, when the operator turned them on
         self.train_loss = 0.0
         self.last_eval = (0.0, 0.0, 0)  # val loss, val bits per byte, step
 
@@ -169,6 +170,8 @@ class _Hooks:
         if "lr" in d:
             d["learning_rate"] = d.pop("lr")
         self._write(d)
+        if self.events is not None:
+            self.events.progress(d)
         metrics.observe_training(
             self.job.id,
             step=d.get("step", 0),
@@ -178,7 +181,15 @@ class _Hooks:
             peak_flops=self._peak_flops,
         )
 
+    def open_event_log(self, log_dir: Path) -> None:
+        """TensorBoard event files from now on (Settings.tensorboard)."""
+        from lmforge_worker.tensorboard_events import EventLog
+
+        self.events = EventLog(log_dir)
+
     def on_eval(self, step, val_loss, val_bpb, best_val_loss, best_step) -> None:
+        if self.events is not None:
+            self.events.evaluation(step, val_loss, val_bpb)
         progress = dict(
             step=step,
             val_loss=val_loss,
@@ -275,6 +286,8 @@ def run_job(
         return st.FAILED
     finally:
         beat.stop()
+        if hooks.events is not None:
+            hooks.events.close()
         metrics.forget_job(job_id)
         with contextlib.suppress(redis.RedisError):
             store.release(job_id, job.attempt, token)
@@ -294,6 +307,8 @@ def _train_export_register(
     checkpoint_dir = artifacts.job_dir(job.id) / "checkpoints" / f"attempt-{job.attempt}"
     resume_from = Path(job.checkpoint) if job.checkpoint else None
     init_dir = None
+    if settings.tensorboard:
+        hooks.open_event_log(artifacts.job_dir(job.id) / "tensorboard" / f"attempt-{job.attempt}")
     if checkpoints.REF_RE.match(spec.training.init_from):
         # Also on a resume: the tokenizer comes from there if the data was never built.
         _, ckpt = checkpoints.resolve(store, job.owner, spec.training.init_from)
