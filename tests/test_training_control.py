@@ -356,6 +356,8 @@ def test_a_kept_checkpoint_exports_as_a_model_version_and_progress_estimates_the
     first, again = api.jobs.ExportCheckpoint(req), api.jobs.ExportCheckpoint(req)
     assert first.id == again.id and first.export_of == f"{job.id}:20"
     assert first.model_name == job.model_name  # model_name empty: the training job's
+    code, details = _abort_code(api.jobs.PauseJob, S.PauseJobRequest(id=first.id))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "exports a checkpoint" in details
     api.jobs.CancelJob(S.CancelJobRequest(id=first.id))
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
