@@ -160,7 +160,8 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.dropout(x, self.lora_dropout, self.training)
+        # p=0 dropout in training mode would still draw a mask: skip it.
+        h = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
         return F.linear(x, self.weight) + F.linear(F.linear(h, self.lora_A), self.lora_B) * (
             self.scaling
         )
