@@ -298,6 +298,7 @@ def _estimates(events) -> list[tuple[int, int, float, float]]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_kept_checkpoint_exports_as_a_model_version_and_progress_estimates_the_finish(
     api, small_dataset, stack, tmp_path
 ):
@@ -472,6 +473,7 @@ def test_throughput_is_a_moving_average_per_device_class_with_a_fallback_rate(re
     }
 
 
+@pytest.mark.slow
 def test_lora_trains_only_the_adapters_and_exports_the_merged_model(
     api, stack, tiny_shakespeare, tmp_path
 ):
