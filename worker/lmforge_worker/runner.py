@@ -230,11 +230,18 @@ class _Hooks:
         )
         job, token = self.job, self.token
         checkpoints.record(self.store, job.id, job.attempt, token, ckpt)
-        stale = checkpoints.to_drop(checkpoints.all_of(self.store, job.id), self.keep_checkpoints)
+        kept = checkpoints.all_of(self.store, job.id)
+        stale = checkpoints.to_drop(kept, self.keep_checkpoints)
         checkpoints.drop(self.store, job.id, job.attempt, token, [c.step for c in stale])
         for c in stale:
             if c.path != str(path):
                 Path(c.path).unlink(missing_ok=True)
+        # Files behind this one that never made the registry (their promotion failed)
+        # are no resume point any more.
+        registered = {c.path for c in kept}
+        for old in path.parent.glob("step-*.pt"):
+            if old.name < path.name and str(old) not in registered:
+                old.unlink(missing_ok=True)
 
     def on_log(self, message: str) -> None:
         self._write({}, "LOG", message)
