@@ -4,11 +4,15 @@ and `lmforge up --tls`."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -90,6 +94,47 @@ def test_mtls_requires_a_client_certificate_from_the_client_ca(tmp_path, pki):
                 with pytest.raises(errors.APIError) as e:
                     _models(client)
                 assert e.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_http_gateway_serves_mtls_with_the_servers_certificate_and_reaches_them_over_tls(
+    tmp_path, pki
+):
+    settings = make_settings(
+        tmp_path,
+        tls_cert_file=pki["server_cert"],
+        tls_key_file=pki["server_key"],
+        tls_client_ca_file=pki["client_ca"],
+        # The gateway is the servers' client: it trusts their CA and shows its certificate.
+        tls_ca_file=pki["ca"],
+        tls_client_cert_file=pki["client_cert"],
+        tls_client_key_file=pki["client_key"],
+    )
+    stack = Stack(settings, inference=False, worker=False, http=True, probe_credentials=_probe(pki))
+    with stack as s:
+        url = f"https://{s.settings.http_addr}/v1/models"
+        me = (pki["client_cert"], pki["client_key"])
+        # A 200 with the (empty) list: the handshake held and the gateway reached the API
+        # server over mTLS.
+        with urllib.request.urlopen(url, context=ssl_context(pki["ca"], me), timeout=10) as r:
+            assert r.status == 200 and json.load(r)["data"] == []
+        foreign = (pki["foreign_cert"], pki["foreign_key"])
+        wrong = [
+            ssl_context(pki["ca"]),  # no client certificate
+            ssl_context(pki["ca"], foreign),  # one from another CA
+            ssl_context(pki["other_ca"], me),  # the server's certificate is not trusted
+        ]
+        for context in wrong:
+            with pytest.raises((OSError, http.client.HTTPException)):  # ssl.SSLError, reset
+                urllib.request.urlopen(url, context=context, timeout=10).read()
+        with pytest.raises((OSError, http.client.HTTPException)):  # plaintext to the TLS port
+            urllib.request.urlopen(f"http://{s.settings.http_addr}/v1/models", timeout=10).read()
+
+
+def ssl_context(ca: str, cert: tuple[str, str] | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca)
+    if cert:
+        context.load_cert_chain(*cert)
+    return context
 
 
 def test_lmforge_up_tls_generates_a_ca_prints_it_and_serves_tls(tmp_path):
