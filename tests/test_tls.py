@@ -143,6 +143,7 @@ def test_lmforge_up_tls_generates_a_ca_prints_it_and_serves_tls(tmp_path):
     env.pop("LMFORGE_API_KEYS", None)
     cmd = [sys.executable, "-m", "lmforge.cli", "up", "--tls", "--data-dir", str(data)]
     cmd += ["--api-addr", "127.0.0.1:0", "--inference-addr", "127.0.0.1:0"]
+    cmd += ["--http-addr", "127.0.0.1:0"]
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -166,6 +167,12 @@ def test_lmforge_up_tls_generates_a_ca_prints_it_and_serves_tls(tmp_path):
         with Client(api_addr=api_addr, timeout=5) as client:  # plaintext is refused
             with pytest.raises(errors.APIError):
                 _models(client)
+        # The console and the OpenAI API: https with the same CA, and it reaches the servers.
+        console = next(ln.split()[1] for ln in lines if ln.strip().startswith("console "))
+        assert console.startswith("https://127.0.0.1:"), console
+        context = ssl.create_default_context(cafile=str(ca_file))
+        with urllib.request.urlopen(console + "v1/models", context=context, timeout=10) as r:
+            assert r.status == 200 and json.load(r)["data"] == []
     finally:
         proc.send_signal(signal.SIGINT)
         try:
