@@ -137,6 +137,7 @@ def ssl_context(ca: str, cert: tuple[str, str] | None = None) -> ssl.SSLContext:
     return context
 
 
+@pytest.mark.slow  # the whole stack with a worker, through the CLI
 def test_lmforge_up_tls_generates_a_ca_prints_it_and_serves_tls(tmp_path):
     data = tmp_path / "data"
     env = {**os.environ, "LMFORGE_TORCH_THREADS": "1", "LMFORGE_DEVICE": "cpu"}

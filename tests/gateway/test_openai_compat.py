@@ -21,6 +21,7 @@ def client(base_url) -> openai.OpenAI:
         yield c
 
 
+@pytest.mark.slow
 def test_fine_tuning_through_the_openai_sdk_trains_a_model_that_completes(client, tmp_path):
     corpus = tmp_path / "shakespeare.txt"
     corpus.write_text(SMALL_CORPUS[:40_000])
