@@ -18,9 +18,12 @@ import grpc
 import pytest
 from conftest import make_settings
 
-from lmforge import Client, errors
+from lmforge import Client, RetryPolicy, errors
 from lmforge_server.certs import issue, make_ca
 from lmforge_server.stack import Stack
+
+# A failed handshake is UNAVAILABLE, which the SDK retries with backoff: once is enough here.
+ONE_TRY = RetryPolicy(max_attempts=1)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,7 @@ def test_tls_on_both_servers_trusts_only_the_right_ca(tmp_path, pki):
             with pytest.raises(errors.NotFoundError):  # the inference server, over TLS too
                 client.generate("nope", "x", max_tokens=1)
         for wrong in (dict(tls_ca_file=pki["other_ca"]), {}):  # a wrong CA; plaintext
-            with Client(**addrs, **wrong) as client:
+            with Client(**addrs, **wrong, retry=ONE_TRY) as client:
                 with pytest.raises(errors.APIError) as e:
                     _models(client)
                 assert e.value.code == grpc.StatusCode.UNAVAILABLE
@@ -90,7 +93,7 @@ def test_mtls_requires_a_client_certificate_from_the_client_ca(tmp_path, pki):
             tls_client_cert_file=pki["foreign_cert"], tls_client_key_file=pki["foreign_key"]
         )
         for bad in ({}, foreign):  # no client certificate; one from another CA
-            with Client(**addrs, **bad) as client:
+            with Client(**addrs, **bad, retry=ONE_TRY) as client:
                 with pytest.raises(errors.APIError) as e:
                     _models(client)
                 assert e.value.code == grpc.StatusCode.UNAVAILABLE
@@ -165,7 +168,7 @@ def test_lmforge_up_tls_generates_a_ca_prints_it_and_serves_tls(tmp_path):
         api_addr = next(ln.split()[1] for ln in lines if ln.strip().startswith("api "))
         with Client(api_addr=api_addr, tls_ca_file=str(ca_file), timeout=10) as client:
             assert _models(client) == []
-        with Client(api_addr=api_addr, timeout=5) as client:  # plaintext is refused
+        with Client(api_addr=api_addr, timeout=5, retry=ONE_TRY) as client:  # plaintext: refused
             with pytest.raises(errors.APIError):
                 _models(client)
         # The console and the OpenAI API: https with the same CA, and it reaches the servers.
