@@ -14,11 +14,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from lmforge.v1 import common_pb2, training_pb2, training_pb2_grpc
 from lmforge_server.redis_server import RedisServer
 from lmforge_server.settings import Settings
 from lmforge_server.stack import BUNDLED_CORPUS, Stack
+
+# One torch thread in the test process, like the stack's workers (torch_threads=1): on this
+# shared 2-core machine, two OpenMP threads contending with other processes made the
+# in-process training tests about twice as slow (48 s against 101 s under load 6).
+torch.set_num_threads(1)
 
 CORPUS = BUNDLED_CORPUS.read_text()
 # About 60 KB of Shakespeare: enough for a tiny model's loss to fall.
