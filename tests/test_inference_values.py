@@ -21,6 +21,7 @@ from test_inference_server import (
     request,
     settings,
     wait_idle,
+    wait_until,
 )
 from tokenizers import Tokenizer
 
@@ -141,8 +142,11 @@ def test_max_new_tokens_defaults_to_64(stub):
     assert resp.usage.completion_tokens == 64 and len(resp.token_ids) == 64
     assert resp.finish_reason == F.FINISH_REASON_LENGTH
     assert resp.text == (CYCLE[1:] + CYCLE[:1]).decode() * 8
+    # No sampling message at all: the same default, though sampling at temperature 1 from
+    # this model may draw its end-of-text token first (it ended the run early, seen here).
     no_sampling = stub.Generate(F.GenerateRequest(model="cyc", prompt="a"), timeout=60)
-    assert no_sampling.usage.completion_tokens == 64
+    n = no_sampling.usage.completion_tokens
+    assert n == 64 or (n < 64 and no_sampling.finish_reason == F.FINISH_REASON_EOS), no_sampling
 
 
 def test_a_full_queue_is_resource_exhausted_naming_the_limit(models):
@@ -189,6 +193,8 @@ def test_a_stream_finishes_on_a_model_evicted_from_the_cache(models):
                 )
                 first = next(stream)
                 evicted = gate.scheduler
+                # Its first token may arrive before its row joins the batch: wait for the gate.
+                wait_until(gate.holding.is_set, "the next decode step reached the gate")
                 assert s.stats()["cyc"]["active"] == 1
                 # Loading two other models evicts `cyc` while its stream is in flight.
                 for other in ("char", "char-copy"):
