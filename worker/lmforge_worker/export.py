@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge_worker.graph import MAX_IR_VERSION, OPSET, build_graph, input_names, output_names
+from lmforge_worker.graph import (
+    MAX_IR_VERSION,
+    OPSET,
+    build_graph,
+    cache_head_dim,
+    input_names,
+    output_names,
+)
 from lmforge_worker.model import Llama, load_pretrained
 
 __all__ = ["OPSET", "ParityError", "export_onnx", "input_names", "output_names"]
@@ -126,7 +133,9 @@ def check_parity(
     n = max(1, min(prompt_tokens, cfg.context_length - decode_steps - 1))
     steps = max(0, min(decode_steps, cfg.context_length - n))
     ids = torch.randint(0, cfg.vocab_size, (1, n), generator=g)
-    past = [np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), dtype)] * (2 * cfg.n_layers)
+    past = [np.zeros((1, cfg.n_kv_heads, 0, cache_head_dim(cfg.head_dim)), dtype)] * (
+        2 * cfg.n_layers
+    )
 
     t_logits, t_past = model(ids, last_only=True)
     out = sess.run(None, _feeds(cfg, ids.numpy(), past))
@@ -264,7 +273,9 @@ def graph_val_loss(path: Path, cfg, windows: np.ndarray) -> float:
     through its own KV cache (the graph emits last-position logits only)."""
     sess = _session(path)
     B, L = windows.shape[0], windows.shape[1] - 1
-    past = [np.zeros((B, cfg.n_kv_heads, 0, cfg.head_dim), np.float32)] * (2 * cfg.n_layers)
+    past = [np.zeros((B, cfg.n_kv_heads, 0, cache_head_dim(cfg.head_dim)), np.float32)] * (
+        2 * cfg.n_layers
+    )
     total = 0.0
     for t in range(L):
         out = sess.run(None, _feeds(cfg, windows[:, t : t + 1], past))
@@ -285,7 +296,9 @@ def decode_ms_per_token(path: Path, cfg, *, steps: int = 32, repeats: int = 3) -
     ids = np.arange(n, dtype=np.int64)[None] % cfg.vocab_size
     best = float("inf")
     for _ in range(repeats):
-        past = [np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), np.float32)] * (2 * cfg.n_layers)
+        past = [np.zeros((1, cfg.n_kv_heads, 0, cache_head_dim(cfg.head_dim)), np.float32)] * (
+            2 * cfg.n_layers
+        )
         out = sess.run(None, _feeds(cfg, ids, past))
         t = time.perf_counter()
         for _ in range(steps):

@@ -100,6 +100,29 @@ class _Builder:
         return self.op("MatMul", [x, w])
 
 
+def cache_head_dim(head_dim: int) -> int:
+    """The head_dim of the graph's cache: the model's, padded to a multiple of 16."""
+    return -(-head_dim // 16) * 16
+
+
+def _head_layout(D: int, Dp: int) -> np.ndarray:
+    """Where each of a head's D dims goes in a head padded to Dp (GroupQueryAttention wants
+    a multiple of 16): the two rotary halves stay Dp / 2 apart, so GQA's rotate-half pairs
+    dim i with dim i + D / 2 as the model does; the padding is zeros, which add nothing to
+    q.k and come out of attention as zeros that o_proj ignores."""
+    half = D // 2
+    return np.concatenate([np.arange(half), Dp // 2 + np.arange(D - half)])
+
+
+def _pad_out(w: torch.Tensor, heads: int, D: int, Dp: int) -> torch.Tensor:
+    """[heads * D, in] -> [heads * Dp, in], each head's rows laid out by `_head_layout`."""
+    if D == Dp:
+        return w
+    out = torch.zeros(heads, Dp, w.shape[1], dtype=w.dtype)
+    out[:, torch.from_numpy(_head_layout(D, Dp))] = w.reshape(heads, D, -1)
+    return out.reshape(heads * Dp, -1)
+
+
 def build_graph(model: Llama, path: Path, *, dtype: np.dtype = np.float32) -> None:
     """Writes the GroupQueryAttention graph of `model` to `path` (weights inside the file)."""
     import onnx
@@ -109,6 +132,7 @@ def build_graph(model: Llama, path: Path, *, dtype: np.dtype = np.float32) -> No
     sd = {k: v for k, v in model.state_dict().items()}
     b = _Builder(dtype)
     L, H, KV, D = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    Dp = cache_head_dim(D)
     eps = float(cfg.rms_norm_eps)
 
     inputs = [
@@ -121,7 +145,7 @@ def build_graph(model: Llama, path: Path, *, dtype: np.dtype = np.float32) -> No
         for kind in ("key", "value"):
             inputs.append(
                 helper.make_tensor_value_info(
-                    f"past_key_values.{i}.{kind}", b.elem, ["batch", KV, "past", D]
+                    f"past_key_values.{i}.{kind}", b.elem, ["batch", KV, "past", Dp]
                 )
             )
             outputs.append(
@@ -130,9 +154,12 @@ def build_graph(model: Llama, path: Path, *, dtype: np.dtype = np.float32) -> No
                 )
             )
 
-    # Rotary tables [context, head_dim / 2], computed as the PyTorch model does (fp32).
+    # Rotary tables [context, Dp / 2], computed as the PyTorch model does (fp32); a padded
+    # head's extra pairs get angle 0.
     pos = torch.arange(cfg.context_length, dtype=torch.float32)
-    freqs = pos[:, None] * model.inv_freq.float()[None, :]
+    inv_freq = torch.zeros(Dp // 2)
+    inv_freq[: D // 2] = model.inv_freq.float()
+    freqs = pos[:, None] * inv_freq[None, :]
     cos = b.init("cos_cache", freqs.cos().numpy().astype(b.dtype))
     sin = b.init("sin_cache", freqs.sin().numpy().astype(b.dtype))
 
@@ -141,9 +168,13 @@ def build_graph(model: Llama, path: Path, *, dtype: np.dtype = np.float32) -> No
     for i in range(L):
         p = f"model.layers.{i}."
         h = b.rms(x, b.weight(f"ln1_{i}", sd[p + "input_layernorm.weight"]), eps)
-        q = b.linear(h, b.weight(f"q_{i}", sd[p + "self_attn.q_proj.weight"].T))
-        k = b.linear(h, b.weight(f"k_{i}", sd[p + "self_attn.k_proj.weight"].T))
-        v = b.linear(h, b.weight(f"v_{i}", sd[p + "self_attn.v_proj.weight"].T))
+        q = b.linear(h, b.weight(f"q_{i}", _pad_out(sd[p + "self_attn.q_proj.weight"], H, D, Dp).T))
+        k = b.linear(
+            h, b.weight(f"k_{i}", _pad_out(sd[p + "self_attn.k_proj.weight"], KV, D, Dp).T)
+        )
+        v = b.linear(
+            h, b.weight(f"v_{i}", _pad_out(sd[p + "self_attn.v_proj.weight"], KV, D, Dp).T)
+        )
         attn_out = f"attn_{i}"
         b.nodes.append(
             helper.make_node(
@@ -169,7 +200,9 @@ def build_graph(model: Llama, path: Path, *, dtype: np.dtype = np.float32) -> No
                 scale=float(D**-0.5),
             )
         )
-        a = b.linear(attn_out, b.weight(f"o_{i}", sd[p + "self_attn.o_proj.weight"].T))
+        a = b.linear(
+            attn_out, b.weight(f"o_{i}", _pad_out(sd[p + "self_attn.o_proj.weight"].T, H, D, Dp))
+        )
         x = b.op("Add", [x, a])
         h = b.rms(x, b.weight(f"ln2_{i}", sd[p + "post_attention_layernorm.weight"]), eps)
         g = b.linear(h, b.weight(f"gate_{i}", sd[p + "mlp.gate_proj.weight"].T))
