@@ -202,16 +202,12 @@ def test_cuda_provider_keeps_the_cache_on_the_gpu_with_io_binding(tmp_path):
     path = build_cycle_model_dir(tmp_path / "models" / "cyc", CYCLE, context_length=512)
     m = OrtModel(path, providers=choose_providers("cuda"))
     assert m.provider == CUDA_EP and m.device == "cuda"
-    ids = np.array([[CYCLE[0]]], np.int64)
-    logits, past = m.run(
-        ids, np.ones((1, 1), np.int64), np.zeros((1, 1), np.int64), m.empty_past(1)
-    )
+    cache = m.new_cache(2)
+    assert all(b.is_cuda for b in cache.buffers)
+    logits = m.run(cache, np.array([[CYCLE[0]]], np.int64), [0], 1)
     tokens = [int(logits[0].argmax())]
     for step in range(1, 12):
-        assert all(v.device_name().lower() == "cuda" for v in past)
-        ids = np.array([[tokens[-1]]], np.int64)
-        mask, pos = np.ones((1, step + 1), np.int64), np.array([[step]], np.int64)
-        logits, past = m.run(ids, mask, pos, past)
+        logits = m.run(cache, np.array([[tokens[-1]]], np.int64), [step], 1)
         tokens.append(int(logits[0].argmax()))
     assert bytes(tokens) == (CYCLE * 4)[1:13]
 
