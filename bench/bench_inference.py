@@ -364,9 +364,12 @@ def itl_figures(root: Path, text: str) -> dict[str, tuple[float, float, float]]:
     long_dir = root / "models" / "baby-long"
     if not long_dir.exists():
         shutil.copytree(root / "models" / "baby", long_dir)
+        for name in ("variants.json", "model_int8.onnx", "model_int4.onnx"):
+            (long_dir / name).unlink(missing_ok=True)
         cfg = json.loads((long_dir / "config.json").read_text())
         cfg["max_position_embeddings"] = 2048  # rotary positions: any length runs
         (long_dir / "config.json").write_text(json.dumps(cfg))
+        export_onnx(long_dir, variants=())  # the graph's rotary tables cover 2,048 positions
     long_prompt = text[200_000:201_000]
 
     async def one(chunked: bool) -> tuple[float, float, float]:
