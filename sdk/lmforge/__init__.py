@@ -31,6 +31,7 @@ from lmforge.errors import (
     WaitTimeoutError,
 )
 from lmforge.types import (
+    Choice,
     Completion,
     CompletionChunk,
     Dataset,
@@ -59,6 +60,7 @@ __all__ = [
     "AsyncClient",
     "RetryPolicy",
     # results
+    "Choice",
     "Completion",
     "CompletionChunk",
     "Dataset",
