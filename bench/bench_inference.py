@@ -44,6 +44,7 @@ from lmforge.v1 import inference_pb2, inference_pb2_grpc
 from lmforge_server import specs
 from lmforge_server.inference.engine import Engine
 from lmforge_server.inference.resolver import DirectoryResolver
+from lmforge_server.inference.scheduler import PREFILL_CHUNK
 from lmforge_server.inference.sampling import SamplingParams
 from lmforge_server.settings import Settings
 from lmforge_worker.export import decode_ms_per_token, export_onnx
@@ -348,7 +349,11 @@ def run(root: Path, repeats: int) -> None:
     itl = itl_figures(root, CORPUS.read_text())
     print("\n5. inter-token latency of 8 running streams while a 1,000-token prompt arrives")
     for name, (p50, p99, worst) in itl.items():
-        label = "chunked prefill (128 per turn)" if name == "chunked" else "whole prompt at once"
+        label = (
+            f"chunked prefill ({PREFILL_CHUNK} per turn)"
+            if name == "chunked"
+            else "whole prompt at once"
+        )
         print(
             f"{label:32} p50 {p50 * 1e3:7.2f} ms   p99 {p99 * 1e3:7.2f} ms   "
             f"max {worst * 1e3:7.2f} ms"

@@ -9,9 +9,9 @@ Off the asyncio event loop, each turn of the loop:
 - prefills every waiting request that fits in the batch: requests in adjacent slots in one
   ONNX Runtime call, right-padded (`n` samples of one request share that prefill, copied
   into their slots). A prompt that starts with a prefix recently prefilled for this model
-  reuses that prefix's KV cache (`PrefixCache`) and prefills only the rest. A long prompt
-  is prefilled PREFILL_CHUNK tokens per turn, so the running streams get a token between
-  its chunks instead of waiting for all of it;
+  reuses that prefix's KV cache (`PrefixCache`) and prefills only the rest. While other
+  rows decode, a long prompt is prefilled PREFILL_CHUNK tokens per turn, so the running
+  streams get a token between its chunks instead of waiting for all of it;
 - runs one decode step of all active rows as one batch: slots 0 .. the highest active one
   (a free slot in between runs a throwaway row that writes past its own end).
 A row that reaches the context with `context_shift` set leaves the batch and is prefilled
@@ -49,8 +49,12 @@ QUEUE_PER_SLOT = 16
 # Prefix reuse: prompts at least this long are remembered, and a hit must share this many.
 MIN_PREFIX_TOKENS = 16
 PREFIX_CACHE_BYTES = 64 << 20
-# Prompt tokens prefilled per scheduler turn for a long prompt (chunked prefill).
-PREFILL_CHUNK = 128
+# Prompt tokens prefilled per scheduler turn for a long prompt while other rows decode
+# (chunked prefill; with nothing else running a prompt goes in whole). Measured (10.7M model,
+# 8 streams decoding while a 1,000-token prompt arrives, 2 loaded cores, interleaved runs):
+# inter-token p99 80-134 ms with 64 against 124-301 ms with 128 (16 and 32: 114-133 ms, and
+# a p50 twice as high, since most turns then carry a chunk).
+PREFILL_CHUNK = 64
 
 
 @dataclass
@@ -425,7 +429,9 @@ class Scheduler:
                     g.done = self._lens[g.slot] = k
                     for req in g.rows:
                         req.cached_prompt_tokens = k
-            if len(g.ids) - g.done > self.prefill_chunk:
+            # Chunks only when other rows wait for their tokens; else the whole prompt at once.
+            busy = bool(self._rows) or len(live) > 1
+            if busy and len(g.ids) - g.done > self.prefill_chunk:
                 self._run_chunk(g)
                 self._carried.append(g)
             elif g.done:
