@@ -44,8 +44,8 @@ from lmforge.v1 import inference_pb2, inference_pb2_grpc
 from lmforge_server import specs
 from lmforge_server.inference.engine import Engine
 from lmforge_server.inference.resolver import DirectoryResolver
-from lmforge_server.inference.scheduler import PREFILL_CHUNK
 from lmforge_server.inference.sampling import SamplingParams
+from lmforge_server.inference.scheduler import PREFILL_CHUNK
 from lmforge_server.settings import Settings
 from lmforge_worker.export import decode_ms_per_token, export_onnx
 from lmforge_worker.model import Llama, load_pretrained, save_pretrained
