@@ -216,7 +216,7 @@ def test_cuda_provider_keeps_the_cache_on_the_gpu_with_io_binding(tmp_path):
             Settings(inference_device="cuda", max_batch_size=16), DirectoryResolver(path.parent)
         )
         params = SamplingParams(max_new_tokens=40, temperature=0)
-        # Prompts of different lengths join one batch, left-padded, mid-flight.
+        # Prompts of different lengths join one batch mid-flight, each in its own cache slot.
         prompts = [CYCLE_TEXT[: 1 + i % 4] for i in range(16)]
         done = await asyncio.gather(
             *[engine.complete("default", "cyc", p, params) for p in prompts]
