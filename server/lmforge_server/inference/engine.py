@@ -335,13 +335,9 @@ class Engine:
         sched.submit(rows)
         self._inflight[key] = (sched, rows)
         try:
-            left, pending = params.n, collections.deque()
+            left = params.n
             while left:
-                if not pending:
-                    pending.append(await queue.get())
-                while not queue.empty():
-                    pending.append(queue.get_nowait())
-                delta = _coalesce(pending)
+                delta = await queue.get()
                 if delta.final and delta.finish_reason == "error":
                     raise InferenceError(f"generation failed: {delta.text}")
                 yield delta
@@ -419,26 +415,3 @@ class Engine:
             item.scheduler.close()
         for item in loaded:
             await asyncio.to_thread(item.scheduler.join)
-
-
-def _coalesce(pending: collections.deque) -> Delta:
-    """The first pending delta joined with the deltas of the same sample right behind it.
-
-    A consumer that keeps up gets one delta per step; one that falls behind (a slow client,
-    or the cores busy with the next steps) gets what piled up as one message instead of a
-    backlog of small ones, each of which would cost the server a message.
-    """
-    delta = pending.popleft()
-    while not delta.final and pending:
-        nxt = pending[0]
-        if nxt.index != delta.index or nxt.finish_reason == "error":
-            break
-        pending.popleft()
-        delta = replace(
-            nxt,
-            text=delta.text + nxt.text,
-            token_ids=delta.token_ids + nxt.token_ids,
-            logprobs=delta.logprobs + nxt.logprobs,
-            top_logprobs=delta.top_logprobs + nxt.top_logprobs,
-        )
-    return delta
