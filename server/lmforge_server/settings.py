@@ -84,6 +84,17 @@ class Settings:
     device: str = "auto"
     # Torch threads for training on CPU (0: torch's default).
     torch_threads: int = 0
+    # Let torch's OpenMP threads spin-wait between kernels (OMP_WAIT_POLICY=ACTIVE): a little
+    # faster on cores of its own, many times slower on cores shared with other work.
+    train_spin: bool = False
+    # Checkpoints kept per job: the newest this many, and the best by validation loss.
+    keep_checkpoints: int = 3
+    # ONNX exporter: "auto" or "gqa", the graph builder (worker/lmforge_worker/graph.py):
+    # GroupQueryAttention over a KV cache the server writes in place, built from the
+    # weights in about a second for 10.7M parameters. torch.onnx's exporters ("dynamo",
+    # 40 s for 0.86M parameters here, and "legacy") wrote the concatenating-cache graph
+    # the server no longer serves, so they are no longer offered.
+    onnx_exporter: str = "auto"
     # Export fails (and the job with it) when fp32 ONNX logits differ from PyTorch's by more.
     parity_limit: float = 1e-4
     # Inference server. Rows decoded together; also the KV-cache slots each loaded model
