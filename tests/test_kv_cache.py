@@ -127,3 +127,26 @@ def test_a_prompt_between_chunks_below_a_running_row_keeps_its_cache(outlier_mod
         sched.close(wait=True)
     assert sched.prefill_calls >= 5  # the long prompt went in chunks
     assert got == want
+
+
+def test_a_graph_from_before_the_static_cache_is_refused_naming_the_fix(outlier_model, tmp_path):  # noqa: F811
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from lmforge_server.inference.errors import ModelNotReady
+
+    old = tmp_path / "old"
+    shutil.copytree(outlier_model, old)
+    (old / "variants.json").unlink()
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "t"])
+    out = helper.make_tensor_value_info("logits", TensorProto.INT64, ["b", "s"])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input_ids"], ["logits"])], "old", [ids, mask], [out]
+    )
+    opset = [helper.make_opsetid("", 18)]
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=opset), str(old / "model.onnx"))
+    with pytest.raises(ModelNotReady, match="export it again"):
+        OrtModel(old, providers=[CPU_EP])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge_server.inference.errors import ModelNotReady
 from lmforge_server.specs import EOS_TOKEN
 
 CPU_EP, CUDA_EP = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -216,6 +217,11 @@ class OrtModel:
         self.eos_token_id = int(config.get("eos_token_id", eos) if eos is None else eos)
 
         inputs = {i.name: i for i in self.session.get_inputs()}
+        if "seqlens_k" not in inputs:
+            raise ModelNotReady(
+                f"model {path.name!r} was exported before the static KV cache (its graph takes "
+                f"{sorted(inputs)[:3]}); export it again to serve it"
+            )
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs()][1:]
         first = inputs[self.past_names[0]]
