@@ -259,11 +259,15 @@ class OrtModel:
         writes the new rows in place and reads the rest where it lies.
         """
         B = input_ids.shape[0]
-        seqlens_k = np.asarray(seqlens_k, np.int32)
+        # Bound inputs are read in place at run time: each array must outlive the run (held
+        # by these locals; a temporary freed after binding gave garbage tokens).
+        ids = np.ascontiguousarray(input_ids, np.int64)
+        seqlens_k = np.ascontiguousarray(seqlens_k, np.int32)
+        total = np.array(int(seqlens_k.max()) + 1, np.int32)
         io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
+        io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("seqlens_k", seqlens_k)
-        io.bind_cpu_input("total_sequence_length", np.array(int(seqlens_k.max()) + 1, np.int32))
+        io.bind_cpu_input("total_sequence_length", total)
         io.bind_output("logits", "cpu")
         shape = (B, *cache.slot_shape)
         for i, (past, present) in enumerate(zip(self.past_names, self.present_names, strict=True)):
