@@ -31,6 +31,7 @@ from lmforge.errors import (
     WaitTimeoutError,
 )
 from lmforge.types import (
+    Checkpoint,
     Choice,
     Completion,
     CompletionChunk,
@@ -52,6 +53,7 @@ from lmforge.types import (
     Timings,
     TrainingSpec,
     Usage,
+    ValidationReport,
 )
 
 __version__ = "0.1.0"
@@ -71,7 +73,9 @@ __all__ = [
     "JobEventType",
     "JobSpec",
     "JobState",
+    "Checkpoint",
     "MetricRow",
+    "ValidationReport",
     "Model",
     "ModelInfo",
     "ModelSpec",

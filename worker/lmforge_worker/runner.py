@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import secrets
@@ -120,9 +121,11 @@ class _Hooks:
         )
         self._peak_flops = peak_flops
         self.pending: collections.deque = collections.deque(maxlen=MAX_PENDING_EVENTS)
+        self._seq = itertools.count()  # numbers the events: a resent one is written once
         # Seconds per phase outside the training loop (imports), reported with its own.
         self.timings: dict[str, float] = {}
         self.keep_checkpoints = 3
+        self.events = None  # TensorBoard event files, when the operator turned them on
         self.train_loss = 0.0
         self.last_eval = (0.0, 0.0, 0)  # val loss, val bits per byte, step
 
@@ -136,16 +139,16 @@ class _Hooks:
         return None
 
     def _write(self, progress: dict, type_: str = "PROGRESS", msg: str = "") -> None:
-        self.pending.append((progress, type_, msg, time.time()))
+        self.pending.append((progress, type_, msg, time.time(), next(self._seq)))
         self.flush()
 
     def flush(self) -> bool:
         """Writes the kept events in order; False while Redis is still unreachable."""
         try:
             while self.pending:
-                progress, type_, msg, at = self.pending[0]
+                progress, type_, msg, at, seq = self.pending[0]
                 self.store.record_progress(
-                    self.job.id, self.job.attempt, self.token, progress, type_, msg, at=at
+                    self.job.id, self.job.attempt, self.token, progress, type_, msg, at, seq
                 )
                 self.pending.popleft()
         except st.LeaseLost:
@@ -169,6 +172,8 @@ class _Hooks:
         if "lr" in d:
             d["learning_rate"] = d.pop("lr")
         self._write(d)
+        if self.events is not None:
+            self.events.progress(d)
         metrics.observe_training(
             self.job.id,
             step=d.get("step", 0),
@@ -178,7 +183,15 @@ class _Hooks:
             peak_flops=self._peak_flops,
         )
 
+    def open_event_log(self, log_dir: Path) -> None:
+        """TensorBoard event files from now on (Settings.tensorboard)."""
+        from lmforge_worker.tensorboard_events import EventLog
+
+        self.events = EventLog(log_dir)
+
     def on_eval(self, step, val_loss, val_bpb, best_val_loss, best_step) -> None:
+        if self.events is not None:
+            self.events.evaluation(step, val_loss, val_bpb)
         progress = dict(
             step=step,
             val_loss=val_loss,
@@ -219,11 +232,18 @@ class _Hooks:
         )
         job, token = self.job, self.token
         checkpoints.record(self.store, job.id, job.attempt, token, ckpt)
-        stale = checkpoints.to_drop(checkpoints.all_of(self.store, job.id), self.keep_checkpoints)
+        kept = checkpoints.all_of(self.store, job.id)
+        stale = checkpoints.to_drop(kept, self.keep_checkpoints)
         checkpoints.drop(self.store, job.id, job.attempt, token, [c.step for c in stale])
         for c in stale:
             if c.path != str(path):
                 Path(c.path).unlink(missing_ok=True)
+        # Files behind this one that never made the registry (their promotion failed)
+        # are no resume point any more.
+        registered = {c.path for c in kept}
+        for old in path.parent.glob("step-*.pt"):
+            if old.name < path.name and str(old) not in registered:
+                old.unlink(missing_ok=True)
 
     def on_log(self, message: str) -> None:
         self._write({}, "LOG", message)
@@ -275,6 +295,8 @@ def run_job(
         return st.FAILED
     finally:
         beat.stop()
+        if hooks.events is not None:
+            hooks.events.close()
         metrics.forget_job(job_id)
         with contextlib.suppress(redis.RedisError):
             store.release(job_id, job.attempt, token)
@@ -283,6 +305,10 @@ def run_job(
 def _train_export_register(
     settings, store, artifacts, job, token, device, hooks, training, export_onnx
 ) -> str | None:
+    if job.export_of:
+        return _export_checkpoint(
+            settings, store, artifacts, job, token, device, hooks, training, export_onnx
+        )
     spec = JobSpec.from_dict(job.spec)
     # Each attempt has its own work directory (data, best weights): a zombie attempt that
     # lost its lease never writes into the files of the attempt that holds it.
@@ -290,6 +316,8 @@ def _train_export_register(
     checkpoint_dir = artifacts.job_dir(job.id) / "checkpoints" / f"attempt-{job.attempt}"
     resume_from = Path(job.checkpoint) if job.checkpoint else None
     init_dir = None
+    if settings.tensorboard:
+        hooks.open_event_log(artifacts.job_dir(job.id) / "tensorboard" / f"attempt-{job.attempt}")
     if checkpoints.REF_RE.match(spec.training.init_from):
         # Also on a resume: the tokenizer comes from there if the data was never built.
         _, ckpt = checkpoints.resolve(store, job.owner, spec.training.init_from)
@@ -330,8 +358,6 @@ def _train_export_register(
     flops = result.tokens_per_second * job.parameters.get("flops_per_token", 0)
     with contextlib.suppress(redis.RedisError):  # an estimate for validate_only; best effort
         validation.record_throughput(store, device_class(device), flops)
-    store.set_state(job.id, job.attempt, token, st.EXPORTING, "exporting to ONNX")
-    model_dir = artifacts.model_dir(job.model_id)
     metadata = {
         "job_id": job.id,
         "model_id": job.model_id,
@@ -339,17 +365,71 @@ def _train_export_register(
         "dataset_sha256": job.dataset_id,
         "stopped": result.status,
     }
+    return _export_register(
+        settings, store, artifacts, job, token, device, hooks, export_onnx,
+        write_files=lambda tmp: training.finalize(result, spec, work_dir, tmp, metadata),
+        data_dir=work_dir / "data",
+        val_metrics=(result.best_val_loss, result.best_val_bpb),
+        timings=result.timings,
+    )  # fmt: skip
+
+
+def _export_checkpoint(
+    settings, store, artifacts, job, token, device, hooks, training, export_onnx
+) -> str:
+    """An ExportCheckpoint job: the kept checkpoint `job.export_of` exported and registered
+    like a training job's best weights."""
+    try:
+        _, ckpt = checkpoints.resolve(store, job.owner, job.export_of)
+    except st.NotFound as e:
+        raise ValueError(f"checkpoint {job.export_of}: {e.message}") from None
+    path = Path(ckpt.path)  # <job>/checkpoints/attempt-N/step-*.pt
+    if not path.is_file():
+        raise ValueError(f"checkpoint {job.export_of} was deleted before it could be exported")
+    metadata = {
+        "job_id": job.id,
+        "model_id": job.model_id,
+        "owner": job.owner,
+        "dataset_sha256": job.dataset_id,
+        "exported_checkpoint": job.export_of,
+        "checkpoint": {
+            "step": ckpt.step,
+            "train_loss": ckpt.train_loss,
+            "val_loss": ckpt.val_loss,
+            "val_step": ckpt.val_step,
+        },
+    }
+    # A checkpoint's val loss is its own only when it was evaluated at that very step.
+    evaluated = ckpt.val_step == ckpt.step
+    return _export_register(
+        settings, store, artifacts, job, token, device, hooks, export_onnx,
+        write_files=lambda tmp: training.checkpoint_model_dir(path, tmp, metadata),
+        data_dir=path.parents[2] / path.parent.name / "data",
+        val_metrics=(ckpt.val_loss, ckpt.val_bits_per_byte) if evaluated else (0.0, 0.0),
+        timings={},
+    )  # fmt: skip
+
+
+def _export_register(
+    settings, store, artifacts, job, token, device, hooks, export_onnx, *,
+    write_files, data_dir: Path, val_metrics: tuple[float, float], timings: dict,
+) -> str:  # fmt: skip
+    """Export (fenced by the lease), parity gate, registration: for trained weights and
+    for an exported checkpoint alike. `write_files(tmp)` writes the Hugging Face files."""
+    store.set_state(job.id, job.attempt, token, st.EXPORTING, "exporting to ONNX")
+    model_dir = artifacts.model_dir(job.model_id)
+    best_val_loss, best_val_bpb = val_metrics
     t_export = time.monotonic()
     with artifacts.staging_dir(model_dir, job.attempt) as tmp:
-        training.finalize(result, spec, work_dir, tmp, metadata)
+        write_files(tmp)
         parity = export_onnx(
             tmp,
             fp16=device.startswith("cuda"),
             parity_limit=settings.parity_limit,
-            eval_tokens=_val_tokens(work_dir / "data"),
+            eval_tokens=_val_tokens(data_dir),
             exporter=_exporter(settings.onnx_exporter),
         )
-        timings = {**hooks.timings, **result.timings, "export": time.monotonic() - t_export}
+        timings = {**hooks.timings, **timings, "export": time.monotonic() - t_export}
         _merge_metadata(tmp / "metadata.json", {"onnx": parity, "timings": timings})
         files = sorted(p.name for p in tmp.iterdir())
         published = artifacts.publish(tmp, model_dir, job.attempt)
@@ -371,8 +451,8 @@ def _train_export_register(
         path=str(published),
         created_at=prev.created_at,
         metrics={
-            "val_loss": result.best_val_loss,
-            "val_bits_per_byte": result.best_val_bpb,
+            "val_loss": best_val_loss,
+            "val_bits_per_byte": best_val_bpb,
             "onnx_parity_max_abs_diff": float(parity.get("max_abs_diff", 0.0)),
             # Per graph variant: validation loss and whether it passed the quality gate.
             **{
@@ -385,7 +465,9 @@ def _train_export_register(
         files=files,
         dataset_sha256=job.dataset_id,
     )
-    msg = f"model {model.name}@{model.version} ({model.id}) ready, best val loss {result.best_val_loss:.4f}"
+    msg = (
+        f"model {model.name}@{model.version} ({model.id}) ready, best val loss {best_val_loss:.4f}"
+    )
     try:
         # Fenced: only the lease holder registers its export.
         store.finish(job.id, job.attempt, token, st.SUCCEEDED, msg, model=model)
