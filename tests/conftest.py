@@ -166,6 +166,21 @@ def tiny_shakespeare(api, small_dataset):
     return job, events, api.get(job.id)
 
 
+def model_dir(stack: Stack, model_id: str) -> Path:
+    """The local directory of a registered model's published files (read through the
+    stack's artifact store, as the inference server reads it)."""
+    from lmforge_server.artifacts import ArtifactStore
+    from lmforge_server.store import Store
+
+    rec = Store.from_url(stack.settings.redis_url).model(model_id)
+    return ArtifactStore.from_settings(stack.settings).local_dir(rec.path)
+
+
+def job_scratch(stack: Stack, job_id: str) -> Path:
+    """The worker's local work space of a job (per-attempt data, best weights, checkpoints)."""
+    return stack.settings.data_dir / "scratch" / "jobs" / job_id
+
+
 def unique(prefix: str = "r") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 

@@ -72,8 +72,9 @@ def test_upload_streaming_past_the_limit_is_stopped(tmp_path):
                 Api(channel).upload(b"x" * 5000, chunk=100)
     assert _code(e) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "1000 bytes" in e.value.details()
-    # Nothing half-written stays in the artifact store.
-    assert not [p for p in (tmp_path / "artifacts" / "datasets").rglob("*") if p.is_file()]
+    # Nothing half-written stays in the artifact store, nor in the server's upload space.
+    for where in (tmp_path / "artifacts", tmp_path / "scratch"):
+        assert not [p for p in where.rglob("*") if p.is_file()], where
 
 
 def test_upload_must_start_with_a_header(api):

@@ -99,7 +99,11 @@ def _resolve_spec(settings, store, owner, req: CreateRequest, dataset) -> specs.
     base_model = None
     if training.get("init_from"):
         base_model, training["init_from"] = basemodels.resolve(
-            store, owner, training["init_from"], settings.base_model_dirs, settings.artifacts_dir
+            store,
+            owner,
+            training["init_from"],
+            settings.base_model_dirs,
+            _local_store_dir(settings),
         )
     try:
         return specs.resolve(
@@ -113,6 +117,11 @@ def _resolve_spec(settings, store, owner, req: CreateRequest, dataset) -> specs.
         raise errors.InvalidArgument(f"spec.{e}") from None
     except (TypeError, ValueError, ArithmeticError) as e:
         raise errors.InvalidArgument(f"spec: {str(e)[:200]}") from None
+
+
+def _local_store_dir(settings):
+    """Where this host keeps artifacts: init_from may not name a directory under it."""
+    return settings.artifact_cache_dir if "://" in settings.artifacts else settings.artifacts_dir
 
 
 def default_model_name(dataset_name: str) -> str:

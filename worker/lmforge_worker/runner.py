@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -97,9 +98,16 @@ class _Hooks:
     """
 
     def __init__(
-        self, store: st.Store, job: st.JobRecord, token: str, beat: _Heartbeat, peak_flops=0.0
+        self,
+        store: st.Store,
+        job: st.JobRecord,
+        token: str,
+        beat: _Heartbeat,
+        artifacts: ArtifactStore,
+        peak_flops=0.0,
     ):
         self.store, self.job, self.token, self.beat = store, job, token, beat
+        self.artifacts = artifacts
         model, training = job.spec.get("model", {}), job.spec.get("training", {})
         self._tokens_per_step = (
             training.get("batch_size", 0)
@@ -170,21 +178,29 @@ class _Hooks:
         self._write(progress, "EVAL", msg)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
+        # Into the artifact store first: a resumed attempt may run on another machine.
         try:
-            self.store.promote_checkpoint(
-                self.job.id, self.job.attempt, self.token, str(path), step
-            )
+            key = self.artifacts.put_checkpoint(self.job.id, self.job.attempt, step, path)
+        except Exception as e:  # the store is unreachable: the previous checkpoint stays
+            log.warning("job %s: checkpoint at step %s not uploaded: %s", self.job.id, step, e)
+            return
+        try:
+            self.store.promote_checkpoint(self.job.id, self.job.attempt, self.token, key, step)
         except st.LeaseLost:
             self.beat.lost.set()
             return
         except redis.RedisError as e:  # the previous checkpoint stays the resume point
             log.warning("job %s: checkpoint at step %s not promoted: %s", self.job.id, step, e)
             return
-        # Only a promoted checkpoint is a resume point: until one is, the last promoted file
+        # Only a promoted checkpoint is a resume point: until one is, the last promoted one
         # must stay (a Redis outage or a lost lease leaves the job pointing at it).
         for old in path.parent.glob("step-*.pt"):
             if old.name < path.name:
                 old.unlink(missing_ok=True)
+        try:
+            self.artifacts.remove_checkpoints_before(key)
+        except Exception as e:  # left for the next checkpoint to remove
+            log.warning("job %s: older checkpoints not removed: %s", self.job.id, e)
 
     def on_log(self, message: str) -> None:
         self._write({}, "LOG", message)
@@ -208,7 +224,7 @@ def run_job(
         return None
     beat = _Heartbeat(store, job_id, job.attempt, token, settings.lease_ttl_s)
     beat.start()
-    hooks = _Hooks(store, job, token, beat, settings.training_peak_flops)
+    hooks = _Hooks(store, job, token, beat, artifacts, settings.training_peak_flops)
     try:
         from lmforge_worker import training
         from lmforge_worker.export import export_onnx
@@ -242,17 +258,19 @@ def _train_export_register(
     settings, store, artifacts, job, token, device, hooks, training, export_onnx
 ) -> str | None:
     spec = JobSpec.from_dict(job.spec)
-    # Each attempt has its own work directory (data, best weights): a zombie attempt that
-    # lost its lease never writes into the files of the attempt that holds it.
-    work_dir = artifacts.job_dir(job.id) / f"attempt-{job.attempt}"
-    checkpoint_dir = artifacts.job_dir(job.id) / "checkpoints" / f"attempt-{job.attempt}"
-    resume_from = Path(job.checkpoint) if job.checkpoint else None
-    init_dir = None
-    if spec.training.init_from and resume_from is None:
-        init_dir = Path(spec.training.init_from)
+    # Each attempt has its own local work directory (data, best weights, checkpoints before
+    # they are uploaded): a zombie attempt that lost its lease never writes into the files
+    # of the attempt that holds it. What outlives the attempt goes to the artifact store.
+    job_scratch = artifacts.scratch_dir / "jobs" / job.id
+    work_dir = job_scratch / f"attempt-{job.attempt}"
+    checkpoint_dir = job_scratch / "checkpoints" / f"attempt-{job.attempt}"
+    resume_from = artifacts.checkpoint_file(job.checkpoint) if job.checkpoint else None
+    # A resumed fine-tune needs its base model's tokenizer too; its weights come from the
+    # checkpoint (train loads init weights only when it does not resume).
+    init_dir = artifacts.local_dir(spec.training.init_from) if spec.training.init_from else None
     result = training.train(
         spec,
-        Path(job.dataset_path),
+        artifacts.dataset_file(job.dataset_path),
         work_dir,
         checkpoint_dir,
         hooks,
@@ -278,7 +296,6 @@ def _train_export_register(
         return st.QUEUED
 
     store.set_state(job.id, job.attempt, token, st.EXPORTING, "exporting to ONNX")
-    model_dir = artifacts.model_dir(job.model_id)
     metadata = {
         "job_id": job.id,
         "model_id": job.model_id,
@@ -286,7 +303,10 @@ def _train_export_register(
         "dataset_sha256": job.dataset_id,
         "stopped": result.status,
     }
-    with artifacts.staging_dir(model_dir, job.attempt) as tmp:
+    tmp = work_dir / "export"
+    shutil.rmtree(tmp, ignore_errors=True)  # an export of this attempt cut short earlier
+    tmp.mkdir()
+    try:
         training.finalize(result, spec, work_dir, tmp, metadata)
         parity = export_onnx(
             tmp,
@@ -296,7 +316,11 @@ def _train_export_register(
         )
         _merge_metadata(tmp / "metadata.json", {"onnx": parity})
         files = sorted(p.name for p in tmp.iterdir())
-        published = artifacts.publish(tmp, model_dir, job.attempt)
+        # Every attempt publishes under a key of its own: a zombie never replaces the files
+        # of the attempt that registers them.
+        published = artifacts.put_model(job.model_id, job.attempt, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if hooks.should_stop() == "cancel":
         artifacts.remove(published)
         store.finish(job.id, job.attempt, token, st.CANCELLED, "cancelled during export")
@@ -311,7 +335,7 @@ def _train_export_register(
         state=st.MODEL_READY,
         spec=job.spec,
         parameters=job.parameters,
-        path=str(published),
+        path=published,
         created_at=prev.created_at,
         metrics={
             "val_loss": result.best_val_loss,
@@ -335,7 +359,7 @@ def _train_export_register(
     except st.LeaseLost:
         artifacts.remove(published)
         raise
-    artifacts.remove_other_exports(model_dir, keep=published)
+    artifacts.remove_other_exports(job.model_id, keep=published)
     return st.SUCCEEDED
 
 

@@ -11,7 +11,7 @@ import grpc.aio
 from google.protobuf import json_format
 from starlette.requests import Request
 
-from lmforge._connection import CHANNEL_OPTIONS
+from lmforge._connection import channel_target
 from lmforge.v1 import inference_pb2_grpc, training_pb2_grpc
 
 # Unary calls that take longer than this are a server in trouble, not a slow answer.
@@ -22,8 +22,9 @@ class Upstream:
     """Stubs of the four services on two channels, opened on the server's event loop."""
 
     def __init__(self, api_addr: str, inference_addr: str):
-        self._api = grpc.aio.insecure_channel(api_addr, options=CHANNEL_OPTIONS)
-        self._inference = grpc.aio.insecure_channel(inference_addr, options=CHANNEL_OPTIONS)
+        # Either may name several replicas ("a:1,b:2"), balanced round robin.
+        self._api = grpc.aio.insecure_channel(*channel_target(api_addr))
+        self._inference = grpc.aio.insecure_channel(*channel_target(inference_addr))
         self.datasets = training_pb2_grpc.DatasetServiceStub(self._api)
         self.jobs = training_pb2_grpc.JobServiceStub(self._api)
         self.models = training_pb2_grpc.ModelServiceStub(self._api)
