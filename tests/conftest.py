@@ -44,6 +44,55 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
     return Settings(**base)
 
 
+BUCKET = "lmforge-test"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free loopback port, with one bucket (the way s3fs's own tests
+    run against a real S3 protocol endpoint)."""
+    pytest.importorskip("boto3")
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    # s3fs.mkdir sends a LocationConstraint that moto rejects in us-east-1: use boto3.
+    s3_client(url).create_bucket(Bucket=BUCKET)
+    yield url
+    server.stop()
+
+
+def s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+def store_settings(request, backend: str) -> dict:
+    """Settings overrides for an artifact store on `backend`: "local" (the data directory's
+    default) or "s3" (a fresh prefix in the moto server's bucket)."""
+    if backend == "local":
+        return {}
+    return dict(
+        artifacts=f"s3://{BUCKET}/{uuid.uuid4().hex}",
+        s3_endpoint_url=request.getfixturevalue("s3_endpoint"),
+        s3_region="us-east-1",
+        s3_access_key_id="testing",
+        s3_secret_access_key="testing",
+    )
+
+
 @pytest.fixture
 def redis_server(tmp_path) -> Iterator[RedisServer]:
     with RedisServer(tmp_path / "redis") as server:
