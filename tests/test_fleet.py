@@ -8,6 +8,7 @@ loopback), never from a disk another process wrote.
 from __future__ import annotations
 
 import re
+import shutil
 import threading
 import time
 import urllib.request
@@ -115,6 +116,8 @@ def _run(fleet: Fleet) -> None:
         raw = Api(channel)
         _wait(lambda: max(_checkpoint_steps(raw.events_so_far(job.id, wait=0.5)), default=0) >= 25)
     fleet.children["worker1"].kill()
+    # Its host is gone with it: nothing it wrote locally can be read by anyone.
+    shutil.rmtree(fleet.children["worker1"].settings.data_dir)
     # Both API servers run the reaper: the job is requeued once, for one new trainer.
     fleet.start("worker2", "worker")
     _wait(lambda: client.jobs.get(job.id).attempt == 2 and client.jobs.get(job.id).progress.step)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import SMALL_CORPUS, Api, make_settings
+from conftest import SMALL_CORPUS, Api, make_settings, store_settings
 from conftest import model_dir as stored_model_dir
 
 from lmforge.v1 import training_pb2
@@ -105,8 +105,11 @@ def _checkpoint_steps(events) -> list[int]:
 
 
 @pytest.mark.fault
-def test_killed_worker_job_resumes_from_its_last_checkpoint_on_a_new_worker(tmp_path):
-    settings = make_settings(tmp_path)
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_killed_worker_job_resumes_from_its_last_checkpoint_on_a_new_worker(
+    request, tmp_path, backend
+):
+    settings = make_settings(tmp_path, **store_settings(request, backend))
     with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
         api = Api(ch)
         ds = api.upload(SMALL_CORPUS.encode())
