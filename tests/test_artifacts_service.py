@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import SMALL_CORPUS, make_settings, store_settings
 
 import lmforge
-from conftest import SMALL_CORPUS, make_settings, store_settings
 from lmforge_server.artifacts import ArtifactStore
 from lmforge_server.stack import Stack
 

@@ -103,7 +103,7 @@ def _resolve_spec(settings, store, owner, req: CreateRequest, dataset) -> specs.
             owner,
             training["init_from"],
             settings.base_model_dirs,
-            _local_store_dir(settings),
+            _private_dirs(settings),
         )
     try:
         return specs.resolve(
@@ -119,9 +119,10 @@ def _resolve_spec(settings, store, owner, req: CreateRequest, dataset) -> specs.
         raise errors.InvalidArgument(f"spec: {str(e)[:200]}") from None
 
 
-def _local_store_dir(settings):
-    """Where this host keeps artifacts: init_from may not name a directory under it."""
-    return settings.artifact_cache_dir if "://" in settings.artifacts else settings.artifacts_dir
+def _private_dirs(settings) -> list[Path]:
+    """Where this host keeps the service's files: init_from may not name a directory there."""
+    dirs = [settings.artifact_cache_dir, settings.data_dir / "scratch"]
+    return dirs if "://" in settings.artifacts else [settings.artifacts_dir, *dirs]
 
 
 def default_model_name(dataset_name: str) -> str:
