@@ -127,7 +127,9 @@ def main() -> None:
                 s3_access_key_id="bench",
                 s3_secret_access_key="bench",
             )
-            local = cold_loads(root / "local", {}, args.preset, args.repeats)
+            # The local store is one directory every process on this host reads.
+            store_dir = {"artifacts": str(root / "local" / "store")}
+            local = cold_loads(root / "local", store_dir, args.preset, args.repeats)
             remote = cold_loads(root / "s3", s3, args.preset, args.repeats)
             base = statistics.median(local)
             print(f"cold model load on a fresh inference replica ({args.preset}), "

@@ -50,21 +50,37 @@ BUCKET = "lmforge-test"
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """moto's S3 server on a free loopback port, with one bucket (the way s3fs's own tests
-    run against a real S3 protocol endpoint)."""
+    run against a real S3 protocol endpoint). In a process of its own: in this one it would
+    compete for the GIL with the test driving the servers."""
     pytest.importorskip("boto3")
-    import logging
+    import subprocess
+    import sys
+    import urllib.request
 
-    from moto.server import ThreadedMotoServer
+    from lmforge_server.redis_server import free_port
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    # s3fs.mkdir sends a LocationConstraint that moto rejects in us-east-1: use boto3.
-    s3_client(url).create_bucket(Bucket=BUCKET)
-    yield url
-    server.stop()
+    port = free_port("127.0.0.1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "moto did not start"
+                time.sleep(0.1)
+        # s3fs.mkdir sends a LocationConstraint that moto rejects in us-east-1: use boto3.
+        s3_client(url).create_bucket(Bucket=BUCKET)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def s3_client(endpoint: str):
