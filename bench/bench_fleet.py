@@ -62,7 +62,8 @@ def cold_loads(root: Path, store: dict, preset: str, repeats: int) -> list[float
     with Stack(settings_for(root / "stack", store), inference=False) as stack:
         with lmforge.Client(api_addr=stack.api_addr) as client:
             ds = client.datasets.upload(CORPUS, name="bench")
-            job = client.jobs.create(dataset=ds, preset=preset, training={"max_steps": 5})
+            training = {"max_steps": 5, "warmup_steps": 0, "eval_batches": 2}
+            job = client.jobs.create(dataset=ds, preset=preset, training=training)
             done = client.jobs.wait(job.id, timeout=900)
             assert done.state == "SUCCEEDED", done.error
         seconds = []
