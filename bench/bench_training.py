@@ -64,7 +64,9 @@ def run(api_addr: str, steps: int) -> None:
         t0 = time.monotonic()
         job = jobs.CreateJob(training_pb2.CreateJobRequest(dataset_id=ds.id, spec=spec))
         print(f"job {job.id}: {job.parameters.total:,} parameters, {steps} steps")
+        events = []
         for ev in jobs.WatchJob(training_pb2.WatchJobRequest(id=job.id)):
+            events.append(ev)
             if ev.type == training_pb2.JOB_EVENT_TYPE_EVAL:
                 print(f"  {ev.message}", flush=True)
             if ev.terminal:
@@ -80,6 +82,48 @@ def run(api_addr: str, steps: int) -> None:
     print(f"val bits per byte    {p.val_bits_per_byte:.4f}")
     print(f"tokens/s (training)  {p.tokens_per_second:,.0f}")
     print(f"wall time            {wall:.1f} s (job creation to SUCCEEDED, export included)")
+    created = job.created_at.ToNanoseconds() / 1e9
+    reached = next(
+        (
+            e
+            for e in events
+            if e.type == training_pb2.JOB_EVENT_TYPE_EVAL
+            and e.progress.val_loss <= PUBLISHED_VAL_LOSS
+        ),
+        None,
+    )
+    if reached is not None:
+        at = reached.time.ToNanoseconds() / 1e9 - created
+        print(
+            f"val loss <= {PUBLISHED_VAL_LOSS}      {at:.1f} s after creation (step {reached.progress.step})"
+        )
+    print_phases(events, created, wall)
+
+
+def print_phases(events, created: float, wall: float) -> None:
+    """Where the time went, from the job's events and the worker's `timings:` note."""
+    t = {}
+    for e in events:
+        if e.type == training_pb2.JOB_EVENT_TYPE_LOG and e.message.startswith("timings: "):
+            t = {k: float(v) for k, v in (kv.split("=") for kv in e.message[9:].split())}
+            noted = e.time.ToNanoseconds() / 1e9
+    running = next(e for e in events if e.state == training_pb2.JOB_STATE_RUNNING)
+    if not t:
+        return
+    phases = {
+        "queue + worker start": running.time.ToNanoseconds() / 1e9 - created,
+        "imports (torch, onnx)": t.get("imports", 0.0),
+        "tokenisation": t.get("data", 0.0),
+        "training steps": t.get("steps", 0.0),
+        "evaluation": t.get("eval", 0.0),
+        "checkpoints": t.get("checkpoints", 0.0),
+        "export + parity": t.get("export", 0.0),
+        "registration": events[-1].time.ToNanoseconds() / 1e9 - noted,
+    }
+    phases["other (model build, events)"] = wall - sum(phases.values())
+    print("where the time went")
+    for name, seconds in phases.items():
+        print(f"  {name:28s} {seconds:6.1f} s  {100 * seconds / wall:4.0f}%")
 
 
 def main() -> None:

@@ -241,6 +241,19 @@ def model_dir(stack: Stack, model_id: str) -> Path:
     return ArtifactStore.from_settings(stack.settings).local_dir(rec.path)
 
 
+def stored_checkpoints(stack: Stack, job_id: str) -> dict[int, str]:
+    """{step: store key} of the job's checkpoints in the stack's artifact store."""
+    from lmforge_server.artifacts import ArtifactStore
+
+    store = ArtifactStore.from_settings(stack.settings).objects
+    found = {}
+    for obj in store.list(f"jobs/{job_id}/checkpoints"):
+        parts = obj.key.split("/")
+        if parts[-1] == "manifest.json" and parts[-2].startswith("step-"):
+            found[int(parts[-2].removeprefix("step-"))] = "/".join(parts[:-1])
+    return dict(sorted(found.items()))
+
+
 def job_scratch(stack: Stack, job_id: str) -> Path:
     """The worker's local work space of a job (per-attempt data, best weights, checkpoints)."""
     return stack.settings.data_dir / "scratch" / "jobs" / job_id

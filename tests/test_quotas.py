@@ -69,9 +69,12 @@ def test_finished_jobs_expire_after_the_retention_and_leave_lists_clean(redis_se
         )
         jobs.append(store.create_job(job, max_active=10)[0])
     store.retention_s = 1.0
+    # A kept checkpoint's registry entry (written by the worker) goes with its job.
+    store.r.hset(f"{st.P}job:{jobs[0].id}:checkpoints", "5", "{}")
     store.request_cancel("o", jobs[0].id)  # ends it: CANCELLED
     assert store.r.ttl(f"{st.P}job:{jobs[0].id}") > 0
     assert store.r.ttl(f"{st.P}job:{jobs[0].id}:events") > 0
+    assert store.r.ttl(f"{st.P}job:{jobs[0].id}:checkpoints") > 0
     assert store.r.ttl(f"{st.P}job:{jobs[1].id}") == -1  # active jobs never expire
     time.sleep(1.5)
     listed, _ = store.list_jobs("o", 0, 10)
@@ -141,3 +144,30 @@ def test_concurrent_generations_are_capped_per_tenant(tmp_path):
                 time.sleep(0.1)
             else:
                 pytest.fail("a cancelled generation never gave its slot back")
+
+
+def test_a_paused_job_keeps_its_queue_slot_and_only_its_owner_resumes_it(tmp_path):
+    keys = {"k-a": "alice", "k-b": "bob"}
+    settings = make_settings(tmp_path, api_keys=keys, max_queued_jobs_per_owner=1)
+    with (
+        Stack(settings, inference=False, worker=False) as s,
+        grpc.insecure_channel(s.api_addr) as ch,
+    ):
+        alice = Api(ch, [("authorization", "Bearer k-a")])
+        bob = Api(ch, [("authorization", "Bearer k-b")])
+        ds = alice.upload(b"some text to train on " * 50)
+        job = alice.create(ds.id, max_steps=5)
+        paused = alice.jobs.PauseJob(S.PauseJobRequest(id=job.id), metadata=alice.metadata)
+        assert paused.state == S.JOB_STATE_PAUSED
+        # Resuming must never exceed the quota: the paused job still holds its slot.
+        code, details = _code(alice.create, ds.id, max_steps=5)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queued_jobs_per_owner" in details
+        for call, request in (
+            (bob.jobs.ResumeJob, S.ResumeJobRequest(id=job.id)),
+            (bob.jobs.PauseJob, S.PauseJobRequest(id=job.id)),
+            (bob.jobs.ListCheckpoints, S.ListCheckpointsRequest(id=job.id)),
+        ):
+            assert _code(call, request, metadata=bob.metadata)[0] == grpc.StatusCode.NOT_FOUND
+        assert alice.get(job.id).state == S.JOB_STATE_PAUSED
+        resumed = alice.jobs.ResumeJob(S.ResumeJobRequest(id=job.id), metadata=alice.metadata)
+        assert resumed.state == S.JOB_STATE_QUEUED

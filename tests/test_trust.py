@@ -381,6 +381,15 @@ def test_tenant_b_never_reaches_tenant_a_objects_by_any_rpc(trust):
         (bob.models.DeleteModel, S.DeleteModelRequest(id=model_id)),
         (bob.models.DeleteModel, S.DeleteModelRequest(id="alice-model@1")),
         (bob.datasets.GetDataset, S.GetDatasetRequest(id=f"alice:{ds_id}")),
+        (bob.jobs.PauseJob, S.PauseJobRequest(id=job.id)),
+        (bob.jobs.ResumeJob, S.ResumeJobRequest(id=job.id)),
+        (bob.jobs.ListCheckpoints, S.ListCheckpointsRequest(id=job.id)),
+        (lambda r, **kw: list(bob.jobs.GetJobMetrics(r, **kw)), S.GetJobMetricsRequest(id=job.id)),
+        (
+            lambda r, **kw: list(bob.models.DownloadModel(r, **kw)),
+            S.DownloadModelRequest(id=model_id),
+        ),
+        (bob.jobs.CreateJob, S.CreateJobRequest(dataset_id=ds_id, validate_only=True)),
     ]
     for call, request in calls:
         code, details = code_of(call, request, metadata=bob.metadata, timeout=10)
@@ -393,8 +402,16 @@ def test_tenant_b_never_reaches_tenant_a_objects_by_any_rpc(trust):
     assert code == grpc.StatusCode.NOT_FOUND
     code, _ = code_of(bob.create, ds_id)
     assert code == grpc.StatusCode.NOT_FOUND
-    code, _ = code_of(bob.create, bob.upload(b"b" * 500).id, init_from="alice-model")
+    bob_ds = bob.upload(b"b" * 500).id
+    code, _ = code_of(bob.create, bob_ds, init_from="alice-model")
     assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = code_of(bob.create, bob_ds, init_from=f"{job.id}:5")  # alice's checkpoint
+    assert code == grpc.StatusCode.NOT_FOUND
+    request = S.CreateJobRequest(dataset_id=bob_ds, validation_dataset_id=ds_id)
+    for validate_only in (True, False):
+        request.validate_only = validate_only
+        code, details = code_of(bob.jobs.CreateJob, request, metadata=bob.metadata, timeout=10)
+        assert code == grpc.StatusCode.NOT_FOUND and "validation_dataset_id" in details
     for listing in (
         bob.jobs.ListJobs(S.ListJobsRequest(), metadata=bob.metadata).jobs,
         bob.models.ListModels(

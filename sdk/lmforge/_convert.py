@@ -162,6 +162,18 @@ def job(msg: training_pb2.Job) -> t.Job:
         started_at=_time(msg, "started_at"),
         finished_at=_time(msg, "finished_at"),
         device=msg.device,
+        metadata=dict(msg.metadata),
+    )
+
+
+def metric_row(msg: training_pb2.MetricRow) -> t.MetricRow:
+    return t.MetricRow(
+        **{
+            f.name: _f32(getattr(msg, f.name))
+            if not f.name.startswith("val_") or msg.HasField(f.name)
+            else None
+            for f in dataclasses.fields(t.MetricRow)
+        }
     )
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -12,6 +14,7 @@ import grpc.aio
 
 from lmforge import _convert, errors
 from lmforge._connection import DEFAULT_TIMEOUT, Addresses, ConnectionConfig, channel_target
+from lmforge._download import ModelDirWriter
 from lmforge._paging import PageCursor
 from lmforge._progress import JobProgressBar
 from lmforge._retry import Attempts, Deadline, RetryPolicy
@@ -25,6 +28,7 @@ from lmforge.types import (
     Job,
     JobEvent,
     JobState,
+    MetricRow,
     Model,
     ModelInfo,
     ModelSpec,
@@ -186,6 +190,7 @@ class AsyncJobs(_Resource):
         training: TrainingSpec | Mapping[str, Any] | None = None,
         model_name: str = "",
         request_id: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> Job:
         """Queues a training job; retried safely through `request_id` (generated if not given)."""
@@ -194,6 +199,7 @@ class AsyncJobs(_Resource):
             spec=_convert.job_spec_to_pb(preset, model, training),
             model_name=model_name,
             request_id=request_id or uuid.uuid4().hex,
+            metadata=metadata or {},
         )
         return _convert.job(
             await self._client._call(self._client._jobs.CreateJob, req, timeout=timeout)
@@ -210,6 +216,7 @@ class AsyncJobs(_Resource):
         self,
         *,
         state: str | JobState | None = None,
+        metadata: Mapping[str, str] | None = None,
         page_size: int = 100,
         timeout: float | None = None,
     ) -> AsyncPager[Job]:
@@ -218,7 +225,7 @@ class AsyncJobs(_Resource):
 
         async def fetch(token: str) -> Page[Job]:
             req = training_pb2.ListJobsRequest(
-                page_size=page_size, page_token=token, state=state_pb
+                page_size=page_size, page_token=token, state=state_pb, metadata=metadata or {}
             )
             resp = await self._client._call(self._client._jobs.ListJobs, req, timeout=timeout)
             return _convert.page([_convert.job(j) for j in resp.jobs], resp.next_page_token)
@@ -231,6 +238,31 @@ class AsyncJobs(_Resource):
         return _convert.job(
             await self._client._call(self._client._jobs.CancelJob, req, timeout=timeout)
         )
+
+    async def pause(self, job_id: str | Job, *, timeout: float | None = None) -> Job:
+        """Checkpoints the job and releases its worker (state PAUSED); `resume` goes on."""
+        req = training_pb2.PauseJobRequest(id=_convert.ref(job_id))
+        return _convert.job(
+            await self._client._call(self._client._jobs.PauseJob, req, timeout=timeout)
+        )
+
+    async def resume(self, job_id: str | Job, *, timeout: float | None = None) -> Job:
+        """Requeues a paused job; it continues from its checkpoint."""
+        req = training_pb2.ResumeJobRequest(id=_convert.ref(job_id))
+        return _convert.job(
+            await self._client._call(self._client._jobs.ResumeJob, req, timeout=timeout)
+        )
+
+    async def metrics(self, job_id: str | Job, *, timeout: float | None = None) -> list[MetricRow]:
+        """Every logged step so far: loss, learning rate, grad norm, tokens/s, val loss."""
+        req = training_pb2.GetJobMetricsRequest(id=_convert.ref(job_id))
+        stub = self._client._jobs.GetJobMetrics
+
+        async def fetch(r, **kw):
+            return [m async for m in stub(r, **kw)]
+
+        rows = await self._client._call(fetch, req, timeout=timeout)
+        return [_convert.metric_row(r) for r in rows]
 
     async def watch(
         self,
@@ -314,6 +346,23 @@ class AsyncModels(_Resource):
         """Deletes the model version (NotFoundError if there is none)."""
         req = training_pb2.DeleteModelRequest(id=_convert.ref(model))
         await self._client._call(self._client._models.DeleteModel, req, timeout=timeout)
+
+    async def download(
+        self, model: str | Model, directory: str | os.PathLike, *, timeout: float | None = None
+    ) -> list[Path]:
+        """Writes the READY model's files into `directory`, each checked against its sha256."""
+        req = training_pb2.DownloadModelRequest(id=_convert.ref(model))
+        writer = ModelDirWriter(directory)
+        call = self._client._models.DownloadModel(
+            req, timeout=timeout, metadata=self._client._config.metadata
+        )
+        try:
+            async for chunk in call:
+                writer.feed(chunk)
+        except grpc.RpcError as e:
+            writer.abort()
+            raise errors.from_rpc_error(e) from e
+        return writer.finish()
 
     async def info(self, model: str | Model, *, timeout: float | None = None) -> ModelInfo:
         """How the inference server serves the model (it loads it if needed)."""

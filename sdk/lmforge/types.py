@@ -50,6 +50,8 @@ class JobState(_StrEnum):
     FAILED = "FAILED"
     CANCELLING = "CANCELLING"
     CANCELLED = "CANCELLED"
+    #: Checkpointed and holding no worker until `client.jobs.resume`.
+    PAUSED = "PAUSED"
 
     @property
     def terminal(self) -> bool:
@@ -136,6 +138,8 @@ class TrainingSpec:
     init_from: str | None = None
     #: A progress event every this many steps.
     log_interval: int | None = None
+    #: End the job SUCCEEDED at the first evaluation at or below this validation loss.
+    target_val_loss: float | None = None
 
 
 @dataclass
@@ -176,6 +180,8 @@ class Progress:
     val_bits_per_byte: float = 0.0
     best_val_loss: float = 0.0
     best_step: int = 0
+    #: Total gradient norm of the logged step, before clipping.
+    grad_norm: float = 0.0
 
     @property
     def fraction(self) -> float:
@@ -223,11 +229,28 @@ class Job:
     finished_at: datetime | None = None
     #: Where it ran: CPU or the CUDA device's name.
     device: str = ""
+    #: The labels given at creation (`jobs.create(metadata=...)`).
+    metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
         """True once the job is SUCCEEDED, FAILED or CANCELLED."""
         return self.state.terminal
+
+
+@dataclass
+class MetricRow:
+    """One logged training step (`client.jobs.metrics`); val_* are None where not evaluated."""
+
+    step: int
+    loss: float = 0.0
+    learning_rate: float = 0.0
+    grad_norm: float = 0.0
+    tokens_per_second: float = 0.0
+    val_loss: float | None = None
+    val_bits_per_byte: float | None = None
+    elapsed_seconds: float = 0.0
+    tokens_seen: int = 0
 
 
 @dataclass

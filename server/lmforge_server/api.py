@@ -23,11 +23,25 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lmforge.v1 import common_pb2, training_pb2, training_pb2_grpc
-from lmforge_server import datasets, jobs, metrics, reaper, transport, watch
+from lmforge_server import (
+    checkpoints,
+    datasets,
+    downloads,
+    job_metrics,
+    jobs,
+    metrics,
+    pausing,
+    reaper,
+    specs,
+    transport,
+    validation,
+    watch,
+)
 from lmforge_server import store as st
 from lmforge_server.artifacts import ArtifactStore
 from lmforge_server.errors import InvalidArgument
 from lmforge_server.interceptor import ServiceInterceptor, caller
+from lmforge_server.labels import check_labels
 from lmforge_server.lifecycle import run_until_signalled
 from lmforge_server.settings import Settings
 from lmforge_server.taskqueue import make_celery
@@ -109,6 +123,20 @@ def job_pb(job: st.JobRecord) -> training_pb2.Job:
         started_at=_ts(job.started_at),
         finished_at=_ts(job.finished_at),
         device=job.device,
+        metadata=job.metadata,
+        validation_dataset_id=job.validation_dataset_id,
+    )
+
+
+def validation_pb(
+    dataset_id: str, spec: specs.JobSpec, report: validation.Report
+) -> training_pb2.Job:
+    """CreateJob's answer with validate_only: a Job without id, carrying the report."""
+    return training_pb2.Job(
+        dataset_id=dataset_id,
+        spec=_spec_pb(spec.to_dict()),
+        parameters=_params_pb(specs.count_parameters(spec.model).__dict__),
+        validation=training_pb2.ValidationReport(**report.__dict__),
     )
 
 
@@ -145,6 +173,18 @@ def model_pb(rec: st.ModelRecord) -> training_pb2.Model:
         files=rec.files,
         dataset_sha256=rec.dataset_sha256,
         created_at=_ts(rec.created_at),
+    )
+
+
+def checkpoint_pb(job_id: str, c: checkpoints.Checkpoint) -> training_pb2.Checkpoint:
+    return training_pb2.Checkpoint(
+        ref=f"{job_id}:{c.step}",
+        step=c.step,
+        train_loss=c.train_loss,
+        val_loss=c.val_loss,
+        val_bits_per_byte=c.val_bits_per_byte,
+        val_step=c.val_step,
+        created_at=_ts(c.created_at),
     )
 
 
@@ -243,7 +283,14 @@ class JobService(_Base, training_pb2_grpc.JobServiceServicer):
             training=_set_fields(request.spec.training),
             model_name=request.model_name,
             request_id=request.request_id,
+            metadata=dict(request.metadata),
+            validation_dataset_id=request.validation_dataset_id,
         )
+        if request.validate_only:
+            spec, report = await self.call(
+                jobs.validate, self.settings, self.store, self.owner, req
+            )
+            return validation_pb(req.dataset_id, spec, report)
         job = await self.call(jobs.create, self.settings, self.store, self.celery, self.owner, req)
         return job_pb(job)
 
@@ -258,7 +305,8 @@ class JobService(_Base, training_pb2_grpc.JobServiceServicer):
             if request.state not in _STATE.values():
                 raise InvalidArgument(f"state: {request.state} is not a JobState")
             state = _STATE.Name(request.state).removeprefix("JOB_STATE_")
-        found, nxt = await self.call(self.store.list_jobs, self.owner, offset, size, state)
+        labels = check_labels(dict(request.metadata), "metadata")
+        found, nxt = await self.call(self.store.list_jobs, self.owner, offset, size, state, labels)
         return training_pb2.ListJobsResponse(
             jobs=[job_pb(j) for j in found], next_page_token=_next_token(nxt)
         )
@@ -271,6 +319,30 @@ class JobService(_Base, training_pb2_grpc.JobServiceServicer):
         job_id = jobs.check_id("id", request.id)
         await self.call(self.store.delete_job, self.owner, job_id)
         return training_pb2.DeleteJobResponse()
+
+    async def PauseJob(self, request, context):
+        job_id = jobs.check_id("id", request.id)
+        return job_pb(await self.call(pausing.request_pause, self.store, self.owner, job_id))
+
+    async def ResumeJob(self, request, context):
+        job_id = jobs.check_id("id", request.id)
+        job = await self.call(
+            pausing.resume_and_enqueue, self.settings, self.store, self.celery, self.owner, job_id
+        )
+        return job_pb(job)
+
+    async def GetJobMetrics(self, request, context):
+        job_id = jobs.check_id("id", request.id)
+        rows = await self.call(job_metrics.job_metrics, self.store, self.owner, job_id)
+        for row in rows:
+            yield _fill(training_pb2.MetricRow(), row)
+
+    async def ListCheckpoints(self, request, context):
+        job_id = jobs.check_id("id", request.id)
+        kept = await self.call(checkpoints.list_checkpoints, self.store, self.owner, job_id)
+        return training_pb2.ListCheckpointsResponse(
+            checkpoints=[checkpoint_pb(job_id, c) for c in kept]
+        )
 
     async def WatchJob(self, request, context):
         job_id = jobs.check_id("id", request.id)
@@ -307,6 +379,13 @@ class ModelService(_Base, training_pb2_grpc.ModelServiceServicer):
         if rec.path:
             await self.call(self.artifacts.remove, rec.path)
         return training_pb2.DeleteModelResponse()
+
+    async def DownloadModel(self, request, context):
+        ref = jobs.check_id("id", request.id)
+        paths = await self.call(downloads.model_files, self.store, self.artifacts, self.owner, ref)
+        chunks = downloads.file_chunks(paths)
+        while (chunk := await self.call(next, chunks, None)) is not None:
+            yield training_pb2.ModelFileChunk(**chunk)
 
 
 # ------------------------------------------------------------------ server

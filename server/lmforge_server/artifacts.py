@@ -4,7 +4,8 @@ Each artifact is published under its own key, all at once (its files, then a man
 lmforge_server.objectstore), and records in Redis hold that key:
 
     datasets/<owner>/<sha256>                            data.txt
-    jobs/<job-id>/checkpoints/attempt-<n>/step-<step>    checkpoint.pt
+    jobs/<job-id>/checkpoints/attempt-<n>/step-<step>    checkpoint.pt, data/tokenizer.json,
+                                                         data/meta.json
     models/<model-id>/attempt-<n>                        model.onnx, variants, safetensors,
                                                          config, tokenizer, metadata, ...
 
@@ -45,6 +46,8 @@ __all__ = ["TMP_PREFIX", "ArtifactStore", "write_file_atomic"]
 
 DATASET_FILE = "data.txt"
 CHECKPOINT_FILE = "checkpoint.pt"
+# What starting a model from a checkpoint needs of its attempt's data directory.
+CHECKPOINT_DATA_FILES = ("tokenizer.json", "meta.json")
 _ATTEMPT_RE = re.compile(r"^attempt-\d+$")
 
 
@@ -116,9 +119,17 @@ class ArtifactStore:
             self.objects.publish(key, {DATASET_FILE: path})
         return key
 
-    def put_checkpoint(self, job_id: str, attempt: int, step: int, path: Path) -> str:
+    def put_checkpoint(
+        self, job_id: str, attempt: int, step: int, path: Path, data_dir: Path | None = None
+    ) -> str:
+        """Publishes a checkpoint with its attempt's tokenizer (`data/`), so that another
+        machine can resume it or start a model from it."""
+        files: dict[str, Path] = {CHECKPOINT_FILE: path}
+        for name in CHECKPOINT_DATA_FILES:
+            if data_dir is not None and (data_dir / name).is_file():
+                files[f"data/{name}"] = data_dir / name
         key = self.checkpoint_key(job_id, attempt, step)
-        self.objects.publish(key, {CHECKPOINT_FILE: path})
+        self.objects.publish(key, files)
         return key
 
     def put_model(self, model_id: str, attempt: int, directory: Path) -> str:

@@ -1,5 +1,6 @@
-"""What `training.init_from` may name: a registered model of the caller, or a directory
-under one of the operator's base-model roots (Settings.base_model_dirs).
+"""What `training.init_from` may name: a registered model of the caller, a kept checkpoint
+of one of the caller's jobs ("<job id>:<step>"), or a directory under one of the operator's
+base-model roots (Settings.base_model_dirs).
 
 Paths never come from clients unchecked: a path is resolved (symlinks, `..`) and must lie
 inside an allowed root and outside the artifact store (other tenants' models live there).
@@ -12,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from lmforge_server import errors, specs
+from lmforge_server import checkpoints, errors, specs
 from lmforge_server import store as st
 
 FIELD = "spec.training.init_from"
@@ -120,6 +121,12 @@ def resolve(
     if _is_path(ref):
         path = allowed_dir(ref, roots, private_dirs)
         return config_of(path), str(path)
+    if checkpoints.REF_RE.match(ref):
+        try:
+            job, _ = checkpoints.resolve(store, owner, ref)
+        except st.NotFound as e:
+            raise errors.NotFound(f"{FIELD}: {e.message}") from None
+        return specs.ModelConfig(**job.spec["model"]), ref
     try:
         rec = store.get_model(owner, ref)
     except st.NotFound:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge_server import basemodels, errors, specs
+from lmforge_server import basemodels, errors, specs, validation
 from lmforge_server import store as st
+from lmforge_server.labels import check_labels
 from lmforge_server.settings import Settings
 from lmforge_server.taskqueue import enqueue_training
 
@@ -33,6 +34,8 @@ class CreateRequest:
     training: dict[str, Any] = field(default_factory=dict)
     model_name: str = ""
     request_id: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    validation_dataset_id: str = ""
 
 
 def check_id(field_name: str, value: str) -> str:
@@ -56,20 +59,42 @@ def enqueue(celery, settings: Settings, store: st.Store, job_id: str) -> None:
     store.mark_enqueued(job_id)
 
 
-def create(
-    settings: Settings, store: st.Store, celery, owner: str, req: CreateRequest
-) -> st.JobRecord:
+def _checked(settings: Settings, store: st.Store, owner: str, req: CreateRequest):
+    """The request's dataset, resolved spec and labels, after every check CreateJob makes."""
     if len(req.request_id) > MAX_REQUEST_ID:
         raise errors.InvalidArgument(f"request_id: at most {MAX_REQUEST_ID} characters")
     check_name("model_name", req.model_name)
-    check_id("dataset_id", req.dataset_id)
+    dataset = _dataset(store, owner, "dataset_id", req.dataset_id)
+    val_set = None
+    if req.validation_dataset_id:
+        val_set = _dataset(store, owner, "validation_dataset_id", req.validation_dataset_id)
+    spec = _resolve_spec(settings, store, owner, req, dataset)
+    labels = check_labels(req.metadata, "metadata")
+    return dataset, val_set, spec, labels
+
+
+def _dataset(store: st.Store, owner: str, field_name: str, dataset_id: str) -> st.DatasetRecord:
+    check_id(field_name, dataset_id)
     try:
-        dataset = store.get_dataset(owner, req.dataset_id)
+        return store.get_dataset(owner, dataset_id)
     except st.NotFound:
         raise errors.NotFound(
-            f"dataset_id: dataset {errors.shown(req.dataset_id)} not found"
+            f"{field_name}: dataset {errors.shown(dataset_id)} not found"
         ) from None
-    spec = _resolve_spec(settings, store, owner, req, dataset)
+
+
+def validate(
+    settings: Settings, store: st.Store, owner: str, req: CreateRequest
+) -> tuple[specs.JobSpec, validation.Report]:
+    """CreateJob with validate_only: the same checks, then a report; nothing is stored."""
+    dataset, val_set, spec, _ = _checked(settings, store, owner, req)
+    return spec, validation.report(spec, dataset, validation.throughputs(store), val_set)
+
+
+def create(
+    settings: Settings, store: st.Store, celery, owner: str, req: CreateRequest
+) -> st.JobRecord:
+    dataset, val_set, spec, labels = _checked(settings, store, owner, req)
     job = st.JobRecord(
         id=st.new_id("job"),
         owner=owner,
@@ -82,6 +107,9 @@ def create(
         request_id=req.request_id,
         created_at=time.time(),
         dataset_path=dataset.path,
+        metadata=labels,
+        validation_dataset_id=val_set.id if val_set else "",
+        validation_dataset_path=val_set.path if val_set else "",
     )
     try:
         job, created = store.create_job(job, max_active=settings.max_queued_jobs_per_owner)

@@ -69,6 +69,8 @@ class TrainConfig:
     early_stopping_patience: int = 0
     init_from: str = ""
     log_interval: int = 10
+    # End the job SUCCEEDED at the first evaluation at or below this val loss (0: never).
+    target_val_loss: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -326,6 +328,7 @@ def _validate_training(t: TrainConfig) -> None:
     )
     _int_range("training.early_stopping_patience", t.early_stopping_patience, 0, 1_000_000)
     _int_range("training.log_interval", t.log_interval, 1, 1_000_000)
+    _float_range("training.target_val_loss", t.target_val_loss, 0.0, 1000.0)
 
 
 def count_parameters(m: ModelConfig) -> ParameterCount:

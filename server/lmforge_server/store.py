@@ -24,6 +24,7 @@ from typing import Any
 import redis
 
 from lmforge_server import errors
+from lmforge_server.labels import matches as labels_match
 
 P = "lmf:"
 EVENTS_MAXLEN = 100_000
@@ -31,6 +32,8 @@ EVENTS_MAXLEN = 100_000
 QUEUED, RUNNING, EXPORTING = "QUEUED", "RUNNING", "EXPORTING"
 SUCCEEDED, FAILED, CANCELLING, CANCELLED = "SUCCEEDED", "FAILED", "CANCELLING", "CANCELLED"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+# Checkpointed and holding no worker until resumed (lmforge_server.pausing).
+PAUSED = "PAUSED"
 
 MODEL_TRAINING, MODEL_READY, MODEL_ABANDONED = "TRAINING", "READY", "ABANDONED"
 
@@ -88,6 +91,10 @@ class JobRecord:
     # (0: never): a QUEUED job with neither recent is repaired by the reaper.
     enqueued_at: float = 0.0
     picked_at: float = 0.0
+    # The client's labels (lmforge_server.labels).
+    metadata: dict[str, str] = field(default_factory=dict)
+    validation_dataset_id: str = ""
+    validation_dataset_path: str = ""
 
 
 @dataclass
@@ -119,7 +126,7 @@ class JobEvent:
     terminal: bool
 
 
-_JSON_FIELDS = {"spec", "parameters", "progress", "metrics", "files"}
+_JSON_FIELDS = {"spec", "parameters", "progress", "metrics", "files", "metadata"}
 _INT_FIELDS = {"size_bytes", "num_chars", "num_distinct_chars", "attempt", "version"}
 _FLOAT_FIELDS = {"created_at", "started_at", "finished_at", "enqueued_at", "picked_at"}
 _BOOL_FIELDS = {"cancel_requested"}
@@ -210,6 +217,7 @@ class Store:
             ttl = max(1, int(self.retention_s))
             pipe.expire(f"{P}job:{job_id}", ttl)
             pipe.expire(f"{P}job:{job_id}:events", ttl)
+            pipe.expire(f"{P}job:{job_id}:checkpoints", ttl)
 
     # ------------------------------------------------------------ datasets
 
@@ -347,10 +355,17 @@ class Store:
             yield from (_decode(JobRecord, raw) for raw in pipe.execute() if raw)
 
     def list_jobs(
-        self, owner: str, offset: int, limit: int, state: str | None = None
+        self,
+        owner: str,
+        offset: int,
+        limit: int,
+        state: str | None = None,
+        labels: dict[str, str] | None = None,
     ) -> tuple[list[JobRecord], int | None]:
-        """Newest first; returns the page and the next offset (None at the end)."""
-        if state is None:
+        """Newest first; returns the page and the next offset (None at the end).
+
+        `state` and `labels` (every pair must be among the job's metadata) filter."""
+        if state is None and not labels:
             ids = self.r.zrevrange(f"{P}jobs:{owner}", offset, offset + limit)
             pipe = self.r.pipeline(transaction=False)
             for job_id in ids[:limit]:
@@ -361,7 +376,11 @@ class Store:
                 self.r.zrem(f"{P}jobs:{owner}", *expired)
             jobs = [_decode(JobRecord, raw) for raw in raws if raw]
             return jobs, (offset + limit if len(ids) > limit else None)
-        matching = [j for j in self._iter_jobs(owner) if j.state == state]
+        matching = [
+            j
+            for j in self._iter_jobs(owner)
+            if state in (None, j.state) and labels_match(j.metadata, labels or {})
+        ]
         page = matching[offset : offset + limit]
         return page, (offset + limit if len(matching) > offset + limit else None)
 
@@ -378,7 +397,7 @@ class Store:
                         pipe.unwatch()
                         return job
                     pipe.multi()
-                    if job.state == QUEUED:
+                    if job.state in (QUEUED, PAUSED):
                         pipe.hset(key, mapping={"state": CANCELLED, "finished_at": time.time()})
                         pipe.srem(f"{P}jobs:active", job_id)
                         pipe.srem(f"{P}jobs:active:{owner}", job_id)
@@ -467,7 +486,7 @@ class Store:
                         pipe.unwatch()
                         return None
                     job = self.job(job_id)
-                    if job.state in TERMINAL:
+                    if job.state in TERMINAL or job.state == PAUSED:
                         pipe.unwatch()
                         return None
                     attempt = job.attempt + 1
@@ -683,7 +702,7 @@ class Store:
         if job.state not in TERMINAL:
             raise Conflict(f"job {job_id} is {job.state.lower()}; cancel it and wait until it ends")
         pipe = self.r.pipeline()
-        pipe.delete(f"{P}job:{job_id}", f"{P}job:{job_id}:events")
+        pipe.delete(f"{P}job:{job_id}", f"{P}job:{job_id}:events", f"{P}job:{job_id}:checkpoints")
         pipe.zrem(f"{P}jobs:{owner}", job_id)
         if job.request_id:
             pipe.delete(f"{P}idem:{owner}:{job.request_id}")

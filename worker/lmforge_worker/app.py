@@ -7,9 +7,11 @@ job back instead of dying mid-step).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
+import threading
 
 from celery import Celery, signals
 
@@ -40,13 +42,26 @@ def _on_shutdown(**_) -> None:
     runner.SHUTDOWN.set()
 
 
+def _preload() -> None:
+    # torch, onnx and onnxscript take seconds to import: do it while Celery connects, so
+    # neither the first job's start nor its export waits for them.
+    for name in ("lmforge_worker.training", "lmforge_worker.export", "torch.onnx", "onnxruntime"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # the job that needs it reports the error
+            log.exception("preloading %s failed", name)
+
+
 def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     """Runs a Celery worker on settings.redis_url until SIGINT/SIGTERM (blocks)."""
     if not settings.redis_url:
         raise SystemExit("lmforge worker needs a Redis: --redis-url or LMFORGE_REDIS_URL")
     logging.basicConfig(level=loglevel, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Read by libgomp when torch loads, so before any import of torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE" if settings.train_spin else "PASSIVE")
     app = build_app(settings)
     metrics.serve_metrics(settings.worker_metrics_addr)
+    threading.Thread(target=_preload, name="preload", daemon=True).start()
     app.worker_main(
         [
             "worker",

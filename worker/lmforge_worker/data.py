@@ -73,12 +73,14 @@ def prepare_data(
     vocab_size: int | None,
     val_fraction: float,
     pretrained_tokenizer: Path | None = None,
+    val_corpus_path: Path | None = None,
 ) -> DataInfo:
     """Builds (or reuses) the tokenizer and train/val token bins for a corpus in `data_dir`.
 
     The tokenizer is `pretrained_tokenizer` (a tokenizer.json) when given, else one of kind
     `tokenizer` trained on the corpus (see `build_tokenizer`). The corpus is encoded in order;
-    the last `val_fraction` of its tokens are validation. Deterministic; if `data_dir`
+    the last `val_fraction` of its tokens are validation, or, with `val_corpus_path`, all
+    of that corpus (encoded by the same tokenizer) and none of this one. Deterministic; if `data_dir`
     already holds a complete build it is returned as is.
     """
     data_dir = Path(data_dir)
@@ -97,6 +99,14 @@ def prepare_data(
         dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
         n = _encode_to_file(tok, text, tmp / "all.bin", dtype)
         n_val = int(round(n * val_fraction))
+        if val_corpus_path is not None:
+            val_text = Path(val_corpus_path).read_text(encoding="utf-8", errors="replace")
+            # Appended after the training text: the split below then takes exactly it.
+            n_val = _encode_to_file(tok, val_text, tmp / "val-only.bin", dtype)
+            with open(tmp / "all.bin", "ab") as f:
+                f.write((tmp / "val-only.bin").read_bytes())
+            (tmp / "val-only.bin").unlink()
+            n += n_val
         all_ids = np.memmap(tmp / "all.bin", dtype=dtype, mode="r")
         for name, arr in (("train.bin", all_ids[: n - n_val]), ("val.bin", all_ids[n - n_val :])):
             with open(tmp / name, "wb") as f:

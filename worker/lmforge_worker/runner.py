@@ -22,7 +22,7 @@ from pathlib import Path
 
 import redis
 
-from lmforge_server import metrics
+from lmforge_server import checkpoints, metrics, pausing, validation
 from lmforge_server import store as st
 from lmforge_server.artifacts import ArtifactStore
 from lmforge_server.settings import Settings
@@ -50,14 +50,24 @@ def device_name(device: str) -> str:
     return "cpu"
 
 
+def device_class(device: str) -> str:
+    """ "cpu", or the GPU's name: what throughput is measured and estimated per."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
 class _Heartbeat(threading.Thread):
-    """Renews the lease every ttl/3 and watches the job's cancel flag."""
+    """Renews the lease every ttl/3 and watches the job's cancel and pause flags."""
 
     def __init__(self, store: st.Store, job_id: str, attempt: int, token: str, ttl_s: float):
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
         self.store, self.job_id, self.ttl_s = store, job_id, ttl_s
         self.attempt, self.token = attempt, token
         self.cancel = threading.Event()
+        self.pause = threading.Event()
         self.lost = threading.Event()
         self._stop = threading.Event()
 
@@ -70,6 +80,8 @@ class _Heartbeat(threading.Thread):
             try:
                 if self.store.cancel_requested(self.job_id):
                     self.cancel.set()
+                if pausing.pause_requested(self.store, self.job_id):
+                    self.pause.set()
                 if since_renew >= renew_every:
                     since_renew = 0.0
                     renewed = self.store.renew(self.job_id, self.attempt, self.token, self.ttl_s)
@@ -116,10 +128,19 @@ class _Hooks:
         )
         self._peak_flops = peak_flops
         self.pending: collections.deque = collections.deque(maxlen=MAX_PENDING_EVENTS)
+        # Seconds per phase outside the training loop (imports), reported with its own.
+        self.timings: dict[str, float] = {}
+        self.keep_checkpoints = 3
+        # The attempt's data directory (tokenizer), published with each checkpoint.
+        self.data_dir: Path | None = None
+        self.train_loss = 0.0
+        self.last_eval = (0.0, 0.0, 0)  # val loss, val bits per byte, step
 
     def should_stop(self) -> str | None:
         if self.beat.cancel.is_set():
             return "cancel"
+        if self.beat.pause.is_set():
+            return "pause"
         if self.beat.lost.is_set() or SHUTDOWN.is_set():
             return "shutdown"
         return None
@@ -154,6 +175,7 @@ class _Hooks:
 
     def on_progress(self, p) -> None:
         d = asdict(p) if is_dataclass(p) else dict(p)
+        self.train_loss = d.get("loss", self.train_loss)
         if "lr" in d:
             d["learning_rate"] = d.pop("lr")
         self._write(d)
@@ -175,12 +197,15 @@ class _Hooks:
             best_step=best_step,
         )
         msg = f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte"
+        self.last_eval = (val_loss, val_bpb, step)
         self._write(progress, "EVAL", msg)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         # Into the artifact store first: a resumed attempt may run on another machine.
         try:
-            key = self.artifacts.put_checkpoint(self.job.id, self.job.attempt, step, path)
+            key = self.artifacts.put_checkpoint(
+                self.job.id, self.job.attempt, step, path, self.data_dir
+            )
         except Exception as e:  # the store is unreachable: the previous checkpoint stays
             log.warning("job %s: checkpoint at step %s not uploaded: %s", self.job.id, step, e)
             return
@@ -193,14 +218,35 @@ class _Hooks:
             log.warning("job %s: checkpoint at step %s not promoted: %s", self.job.id, step, e)
             return
         # Only a promoted checkpoint is a resume point: until one is, the last promoted one
-        # must stay (a Redis outage or a lost lease leaves the job pointing at it).
+        # must stay (a Redis outage or a lost lease leaves the job pointing at it). Past
+        # that, the registry keeps the best and the newest settings.keep_checkpoints. The
+        # local copies are only staging for the upload.
         for old in path.parent.glob("step-*.pt"):
             if old.name < path.name:
                 old.unlink(missing_ok=True)
         try:
-            self.artifacts.remove_checkpoints_before(key)
-        except Exception as e:  # left for the next checkpoint to remove
-            log.warning("job %s: older checkpoints not removed: %s", self.job.id, e)
+            self._keep(step, key)
+        except st.LeaseLost:
+            self.beat.lost.set()
+        except redis.RedisError as e:
+            log.warning("job %s: checkpoint at step %s not registered: %s", self.job.id, step, e)
+
+    def _keep(self, step: int, key: str) -> None:
+        """Registers the checkpoint, then deletes those past retention (best + newest N)."""
+        val_loss, val_bpb, val_step = self.last_eval
+        ckpt = checkpoints.Checkpoint(
+            step, key, self.train_loss, val_loss, val_bpb, val_step, time.time()
+        )
+        job, token = self.job, self.token
+        checkpoints.record(self.store, job.id, job.attempt, token, ckpt)
+        stale = checkpoints.to_drop(checkpoints.all_of(self.store, job.id), self.keep_checkpoints)
+        checkpoints.drop(self.store, job.id, job.attempt, token, [c.step for c in stale])
+        for c in stale:
+            if c.path != key:
+                try:
+                    self.artifacts.remove(c.path)
+                except Exception as e:  # an orphan in the store, not a failed job
+                    log.warning("job %s: checkpoint %s not removed: %s", job.id, c.path, e)
 
     def on_log(self, message: str) -> None:
         self._write({}, "LOG", message)
@@ -225,10 +271,13 @@ def run_job(
     beat = _Heartbeat(store, job_id, job.attempt, token, settings.lease_ttl_s)
     beat.start()
     hooks = _Hooks(store, job, token, beat, artifacts, settings.training_peak_flops)
+    hooks.keep_checkpoints = settings.keep_checkpoints
     try:
+        t_import = time.monotonic()
         from lmforge_worker import training
         from lmforge_worker.export import export_onnx
 
+        hooks.timings = {"imports": time.monotonic() - t_import}
         return _train_export_register(
             settings, store, artifacts, job, token, device, hooks, training, export_onnx
         )
@@ -264,10 +313,20 @@ def _train_export_register(
     job_scratch = artifacts.scratch_dir / "jobs" / job.id
     work_dir = job_scratch / f"attempt-{job.attempt}"
     checkpoint_dir = job_scratch / "checkpoints" / f"attempt-{job.attempt}"
+    hooks.data_dir = work_dir / "data"  # its tokenizer goes with every checkpoint
     resume_from = artifacts.checkpoint_file(job.checkpoint) if job.checkpoint else None
-    # A resumed fine-tune needs its base model's tokenizer too; its weights come from the
-    # checkpoint (train loads init weights only when it does not resume).
-    init_dir = artifacts.local_dir(spec.training.init_from) if spec.training.init_from else None
+    # Also on a resume: the tokenizer comes from there if the data was never built (the
+    # weights come from the checkpoint: train loads init weights only when not resuming).
+    init_dir = None
+    if checkpoints.REF_RE.match(spec.training.init_from):
+        _, ckpt = checkpoints.resolve(store, job.owner, spec.training.init_from)
+        ckpt_file = artifacts.checkpoint_file(ckpt.path)
+        data_dir = ckpt_file.parent / "data"
+        init_dir = training.checkpoint_model_dir(
+            ckpt_file, work_dir / "init", data_dir=data_dir if data_dir.is_dir() else None
+        )
+    elif spec.training.init_from:
+        init_dir = artifacts.local_dir(spec.training.init_from)
     result = training.train(
         spec,
         artifacts.dataset_file(job.dataset_path),
@@ -278,6 +337,11 @@ def _train_export_register(
         resume_from=resume_from,
         init_weights_dir=init_dir,
         torch_threads=settings.torch_threads,
+        val_corpus_path=(
+            artifacts.dataset_file(job.validation_dataset_path)
+            if job.validation_dataset_path
+            else None
+        ),
     )
     # Progress kept during a Redis outage comes before the end; a short outage is waited
     # out here rather than giving the job back.
@@ -285,6 +349,9 @@ def _train_export_register(
     if result.status == "cancelled":
         store.finish(job.id, job.attempt, token, st.CANCELLED, f"cancelled at step {result.steps}")
         return st.CANCELLED
+    if result.status == "paused":
+        pausing.mark_paused(store, job.id, job.attempt, token, result.steps)
+        return st.PAUSED
     if result.status == "interrupted":
         if hooks.beat.lost.is_set():
             return None
@@ -295,6 +362,9 @@ def _train_export_register(
         enqueue(make_celery(settings), settings, store, job.id)
         return st.QUEUED
 
+    flops = result.tokens_per_second * job.parameters.get("flops_per_token", 0)
+    with contextlib.suppress(redis.RedisError):  # an estimate for validate_only; best effort
+        validation.record_throughput(store, device_class(device), flops)
     store.set_state(job.id, job.attempt, token, st.EXPORTING, "exporting to ONNX")
     metadata = {
         "job_id": job.id,
@@ -303,6 +373,7 @@ def _train_export_register(
         "dataset_sha256": job.dataset_id,
         "stopped": result.status,
     }
+    t_export = time.monotonic()
     tmp = work_dir / "export"
     shutil.rmtree(tmp, ignore_errors=True)  # an export of this attempt cut short earlier
     tmp.mkdir()
@@ -313,14 +384,17 @@ def _train_export_register(
             fp16=device.startswith("cuda"),
             parity_limit=settings.parity_limit,
             eval_tokens=_val_tokens(work_dir / "data"),
+            exporter=_exporter(settings.onnx_exporter, job.parameters.get("total", 0)),
         )
-        _merge_metadata(tmp / "metadata.json", {"onnx": parity})
+        timings = {**hooks.timings, **result.timings, "export": time.monotonic() - t_export}
+        _merge_metadata(tmp / "metadata.json", {"onnx": parity, "timings": timings})
         files = sorted(p.name for p in tmp.iterdir())
         # Every attempt publishes under a key of its own: a zombie never replaces the files
         # of the attempt that registers them.
         published = artifacts.put_model(job.model_id, job.attempt, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    hooks.on_log("timings: " + " ".join(f"{k}={v:.2f}" for k, v in timings.items()))
     if hooks.should_stop() == "cancel":
         artifacts.remove(published)
         store.finish(job.id, job.attempt, token, st.CANCELLED, "cancelled during export")
@@ -372,6 +446,12 @@ def _val_tokens(data_dir: Path, limit: int = 1 << 16):
         return np.fromfile(data_dir / "val.bin", dtype=meta["dtype"], count=limit)
     except (OSError, ValueError, KeyError):
         return None
+
+
+def _exporter(setting: str, parameters: int) -> str:
+    if setting != "auto":
+        return setting
+    return "legacy" if parameters < 5_000_000 else "dynamo"
 
 
 def _merge_metadata(path: Path, extra: dict) -> None:

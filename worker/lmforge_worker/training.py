@@ -38,7 +38,15 @@ CHECKPOINT_VERSION = 1
 BEST_WEIGHTS = "best.safetensors"
 # Checkpoints kept per checkpoint_dir: the newest may not be promoted yet when we crash.
 
-Status = Literal["completed", "early_stopped", "cancelled", "interrupted"]
+Status = Literal[
+    "completed", "early_stopped", "target_reached", "cancelled", "interrupted", "paused"
+]
+# What `hooks.should_stop()` may ask for, and the status each ends the run with.
+STOP_STATUS: dict[str, Status] = {
+    "cancel": "cancelled",
+    "shutdown": "interrupted",
+    "pause": "paused",
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ class Progress:
     # Training time over all attempts of this job (resumes included).
     elapsed_seconds: float
     tokens_seen: int
+    # Total gradient norm before clipping (of the logged step).
+    grad_norm: float = 0.0
 
 
 class TrainHooks(Protocol):
@@ -63,7 +73,8 @@ class TrainHooks(Protocol):
     """
 
     def should_stop(self) -> str | None:
-        """None to go on, "cancel" (the user cancelled) or "shutdown" (the worker stops)."""
+        """None to go on; "cancel" (the user cancelled), "pause" (the user paused) or
+        "shutdown" (the worker stops)."""
 
     def on_progress(self, progress: Progress) -> None: ...
 
@@ -88,6 +99,8 @@ class TrainResult:
     # <work_dir>/best.safetensors (HF names), or None when no evaluation ran yet.
     best_path: Path | None
     tokens_seen: int = 0
+    # Seconds spent per phase of this call: data, steps, eval, checkpoints.
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -142,12 +155,8 @@ def _configure_optimizer(model: Llama, t: TrainConfig, device: torch.device):
         {"params": decay, "weight_decay": t.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
-        groups,
-        lr=t.learning_rate,
-        betas=(t.beta1, t.beta2),
-        fused=device.type == "cuda",
-    )
+    # Fused on CPU too: one kernel over all parameters instead of a Python loop per tensor.
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), fused=True)
 
 
 def _lm_loss(run_model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean"):
@@ -217,6 +226,7 @@ def train(
     resume_from: Path | None = None,
     init_weights_dir: Path | None = None,
     torch_threads: int = 0,
+    val_corpus_path: Path | None = None,
 ) -> TrainResult:
     """Trains the model of `spec` on the corpus; returns how it ended.
 
@@ -229,13 +239,16 @@ def train(
       `hooks.on_checkpoint` hears of each once it is durable. `resume_from` continues from
       one exactly: on CPU a resumed run ends with the same weights as an uninterrupted one.
     - `hooks.should_stop()` is asked before every step: on "cancel" or "shutdown" it
-      checkpoints and returns status "cancelled" or "interrupted".
+      checkpoints and returns status "cancelled" or "interrupted"; on "pause", "paused".
+    - Ends "target_reached" at the first evaluation whose val loss is at or below
+      `target_val_loss` (0: never).
     - Stops early ("early_stopped") after `early_stopping_patience` evaluations in a row
       without a new best (0: never).
     Raises ValueError when the corpus is too short for the context length, the tokenizer
     does not fit the model's vocabulary, or a checkpoint belongs to another model.
     """
     t0 = time.monotonic()
+    timings = dict.fromkeys(("data", "steps", "eval", "checkpoints"), 0.0)
     m, t = spec.model, spec.training
     dev = torch.device(device)
     if torch_threads > 0:
@@ -262,6 +275,7 @@ def train(
         vocab_size=m.vocab_size,
         val_fraction=t.val_fraction,
         pretrained_tokenizer=pretrained_tok,
+        val_corpus_path=val_corpus_path,
     )
     if info.vocab_size > m.vocab_size:
         raise ValueError(
@@ -269,6 +283,7 @@ def train(
         )
     bins = TokenBins(info)
     bins.check_context(m.context_length)
+    timings["data"] = time.monotonic() - t0
 
     precision = resolve_precision(t.precision, dev)
     if dev.type == "cuda":
@@ -328,6 +343,7 @@ def train(
                 wall_seconds=time.monotonic() - t0,
                 best_path=best_path if have_best else None,
                 tokens_seen=tokens_seen,
+                timings=timings,
             )
         del ckpt
 
@@ -347,6 +363,7 @@ def train(
     tokens_per_step = t.batch_size * t.grad_accum_steps * m.context_length
 
     def checkpoint(finished: str | None = None) -> Path:
+        tc = time.monotonic()
         if best_step == step or not have_best:
             best_weights = None  # the model's own weights (or none yet)
         else:
@@ -379,6 +396,7 @@ def train(
         }
         path = _save_checkpoint(state, checkpoint_dir, step)
         hooks.on_checkpoint(step, path)
+        timings["checkpoints"] += time.monotonic() - tc
         return path
 
     def result(status: Status) -> TrainResult:
@@ -393,6 +411,7 @@ def train(
             wall_seconds=time.monotonic() - t0,
             best_path=best_path if have_best else None,
             tokens_seen=tokens_seen,
+            timings={**timings, "steps": train_time},
         )
 
     _call(
@@ -411,7 +430,7 @@ def train(
         if stop:
             if last_ckpt_step != step:
                 checkpoint()
-            return result("cancelled" if stop == "cancel" else "interrupted")
+            return result(STOP_STATUS[stop])
 
         ts = time.monotonic()
         lr = lr_at(step, t)
@@ -424,9 +443,14 @@ def train(
                 loss = _lm_loss(run_model, x, y)
             scaler.scale(loss / t.grad_accum_steps).backward()
             loss_sum += loss.detach()
-        if t.grad_clip > 0:
+        log_step = (step + 1) % t.log_interval == 0 or step + 1 == t.max_steps
+        grad_norm = None
+        if t.grad_clip > 0 or log_step:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            # inf as the limit measures the norm without clipping.
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf
+            )
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -435,7 +459,7 @@ def train(
         tokens_seen += tokens_per_step
         last = step == t.max_steps
 
-        if step % t.log_interval == 0 or last:
+        if log_step:
             # .item() syncs the GPU, so only on logging steps; time includes that sync.
             final_loss = loss_sum.item() / t.grad_accum_steps
             dt = time.monotonic() - ts
@@ -453,6 +477,7 @@ def train(
                     eta_seconds=per_step * (t.max_steps - step),
                     elapsed_seconds=elapsed_before + time.monotonic() - t0,
                     tokens_seen=tokens_seen,
+                    grad_norm=grad_norm.item(),
                 )
             )
             window_time, window_steps = 0.0, 0
@@ -463,8 +488,9 @@ def train(
             window_steps += 1
 
         if step % t.eval_interval == 0 or last:
-            if not last and step % t.log_interval != 0:
+            if not log_step:
                 final_loss = loss_sum.item() / t.grad_accum_steps
+            te = time.monotonic()
             val_loss, val_bpb = _evaluate(
                 model, run_model, eval_batches, eval_bytes, dev, precision
             )
@@ -475,6 +501,16 @@ def train(
             else:
                 evals_since_best += 1
             hooks.on_eval(step, val_loss, val_bpb, best_loss, best_step)
+            timings["eval"] += time.monotonic() - te
+            if val_loss <= t.target_val_loss:
+                _call(
+                    hooks,
+                    "on_log",
+                    f"target reached at step {step}: val loss {val_loss:.4f} "
+                    f"<= target_val_loss {t.target_val_loss:g}",
+                )
+                status = "target_reached"
+                break
             if 0 < t.early_stopping_patience <= evals_since_best:
                 _call(
                     hooks,
@@ -494,6 +530,27 @@ def train(
     # The final checkpoint lets a redelivered job skip straight to export.
     checkpoint(finished=status)
     return result(status)
+
+
+def checkpoint_model_dir(ckpt_path: Path, out_dir: Path, data_dir: Path | None = None) -> Path:
+    """A Hugging Face-layout directory (weights, config, tokenizer) of a checkpoint's model,
+    for `init_from`; the tokenizer is its attempt's: `data_dir`, or else
+    `<job dir>/attempt-N/data` for a checkpoint in `<job dir>/checkpoints/attempt-N/`."""
+    ckpt = load_checkpoint(Path(ckpt_path))
+    spec = JobSpec.from_dict(ckpt["spec"])
+    model = Llama(spec.model)
+    model.load_state_dict(ckpt["model"])
+    ckpt_path = Path(ckpt_path)
+    if data_dir is None:
+        data_dir = ckpt_path.parents[2] / ckpt_path.parent.name / "data"
+    info = json.loads((data_dir / "meta.json").read_text())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(hf_state_dict(model), out / "model.safetensors")
+    cfg = hf_config(spec.model, eos_token_id=info["eos_token_id"])
+    write_file_atomic(out / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
+    shutil.copyfile(data_dir / "tokenizer.json", out / "tokenizer.json")
+    return out
 
 
 def finalize(

@@ -1,8 +1,11 @@
-"""`lmforge jobs list|get|watch|wait|cancel`."""
+"""`lmforge jobs list|get|watch|wait|cancel|pause|resume|metrics`."""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
+import sys
 
 from lmforge import errors
 from lmforge._progress import describe
@@ -13,6 +16,7 @@ from lmforge.types import (
     Job,
     JobEvent,
     JobState,
+    MetricRow,
 )
 
 
@@ -61,12 +65,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 print_json(job)
             else:
                 print_fields(job)
-        elif args.action == "cancel":
-            job = client.jobs.cancel(args.id)
+        elif args.action in ("cancel", "pause", "resume"):
+            job = getattr(client.jobs, args.action)(args.id)
             if args.json:
                 print_json(job)
             else:
                 print(f"{job.id}  {job.state.value}")
+        elif args.action == "metrics":
+            _print_metrics(client.jobs.metrics(args.id), args)
         elif args.action == "watch":
             last: JobEvent | None = None
             for last in client.jobs.watch(args.id, after_event_id=args.after or ""):
@@ -86,3 +92,24 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 return EXIT_ERROR
             _emit_job_end(args, job)
     return EXIT_OK
+
+
+def _print_metrics(rows: list[MetricRow], args: argparse.Namespace) -> None:
+    """`jobs metrics`: CSV (--csv; empty cells where a step was not evaluated), JSON or a table."""
+    if args.csv:
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        columns = [f.name for f in dataclasses.fields(MetricRow)]
+        out.writerow(columns)
+        for row in rows:
+            out.writerow(["" if getattr(row, c) is None else getattr(row, c) for c in columns])
+    elif args.json:
+        print_json(rows)
+    else:
+        print_table(
+            ["STEP", "LOSS", "LR", "GRAD NORM", "TOKENS/S", "VAL LOSS"],
+            (
+                (r.step, f"{r.loss:.4f}", f"{r.learning_rate:.3g}", f"{r.grad_norm:.3f}",
+                 f"{r.tokens_per_second:,.0f}", "" if r.val_loss is None else f"{r.val_loss:.4f}")
+                for r in rows
+            ),
+        )  # fmt: skip

@@ -1,4 +1,4 @@
-"""`lmforge models list|get|delete`."""
+"""`lmforge models list|get|delete|download`."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ def cmd_models(args: argparse.Namespace) -> int:
                 print_json(model)
             else:
                 print_fields(model)
+        elif args.action == "download":
+            paths = client.models.download(args.id, args.dir or args.id.replace("@", "-"))
+            if args.json:
+                print_json([str(p) for p in paths])
+            else:
+                print("\n".join(str(p) for p in paths))
         elif args.action == "delete":
             client.models.delete(args.id)
             if args.json:

@@ -173,8 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?", help="dataset id (a file path for upload)")
     p.add_argument("--name", help="dataset name (upload)")
 
-    p = add("jobs", "list, show, watch, wait for or cancel training jobs", cmd_jobs)
-    p.add_argument("action", choices=["list", "get", "watch", "wait", "cancel"])
+    p = add("jobs", "list, show, watch, wait for, pause, resume or cancel jobs; metrics", cmd_jobs)
+    p.add_argument(
+        "action", choices=["list", "get", "watch", "wait", "cancel", "pause", "resume", "metrics"]
+    )
+    p.add_argument("--csv", action="store_true", help="metrics: write CSV to stdout")
     p.add_argument("id", nargs="?", help="job id")
     p.add_argument(
         "--state",
@@ -185,9 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", metavar="EVENT_ID", help="watch: only events after this one")
     p.add_argument("--wait-timeout", type=float, metavar="S", help="wait: give up after S seconds")
 
-    p = add("models", "list, show or delete models", cmd_models)
-    p.add_argument("action", choices=["list", "get", "delete"])
+    p = add("models", "list, show, delete or download models", cmd_models)
+    p.add_argument("action", choices=["list", "get", "delete", "download"])
     p.add_argument("id", nargs="?", help="model id, name@version or name")
+    p.add_argument("dir", nargs="?", help="download: the directory to write the files into")
     p.add_argument("--name", help="list: only versions of this name")
 
     p = add("generate", "generate text from a model (streams by default)", cmd_generate)
@@ -225,4 +229,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _NEEDS_ID = {("datasets", "get"), ("datasets", "delete"), ("datasets", "upload"), ("jobs", "get"), ("jobs", "watch"),
-             ("jobs", "wait"), ("jobs", "cancel"), ("models", "get"), ("models", "delete")}  # fmt: skip
+             ("jobs", "wait"), ("jobs", "cancel"), ("models", "get"), ("models", "delete"),
+             ("jobs", "pause"), ("jobs", "resume"), ("jobs", "metrics"), ("models", "download")}  # fmt: skip

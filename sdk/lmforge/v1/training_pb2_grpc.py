@@ -275,6 +275,26 @@ class JobServiceStub:
                 request_serializer=lmforge_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=lmforge_dot_v1_dot_training__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.PauseJob = channel.unary_unary(
+                '/lmforge.v1.JobService/PauseJob',
+                request_serializer=lmforge_dot_v1_dot_training__pb2.PauseJobRequest.SerializeToString,
+                response_deserializer=lmforge_dot_v1_dot_training__pb2.Job.FromString,
+                _registered_method=True)
+        self.ResumeJob = channel.unary_unary(
+                '/lmforge.v1.JobService/ResumeJob',
+                request_serializer=lmforge_dot_v1_dot_training__pb2.ResumeJobRequest.SerializeToString,
+                response_deserializer=lmforge_dot_v1_dot_training__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJobMetrics = channel.unary_stream(
+                '/lmforge.v1.JobService/GetJobMetrics',
+                request_serializer=lmforge_dot_v1_dot_training__pb2.GetJobMetricsRequest.SerializeToString,
+                response_deserializer=lmforge_dot_v1_dot_training__pb2.MetricRow.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/lmforge.v1.JobService/ListCheckpoints',
+                request_serializer=lmforge_dot_v1_dot_training__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=lmforge_dot_v1_dot_training__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -323,6 +343,37 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseJob(self, request, context):
+        """A queued job pauses at once; a running one checkpoints at its next step and releases
+        its worker (state PAUSED). Pausing a paused job returns it unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeJob(self, request, context):
+        """Requeues a paused job; it continues from its checkpoint (bit for bit on CPU).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobMetrics(self, request, context):
+        """Every logged step so far (one row per step, validation loss where evaluated); the
+        stream ends at the last row recorded when it is read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """The job's kept checkpoints (the best by validation loss and the newest few), by step.
+        Each can start another job: training.init_from = its `ref`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -355,6 +406,26 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=lmforge_dot_v1_dot_training__pb2.WatchJobRequest.FromString,
                     response_serializer=lmforge_dot_v1_dot_training__pb2.JobEvent.SerializeToString,
+            ),
+            'PauseJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseJob,
+                    request_deserializer=lmforge_dot_v1_dot_training__pb2.PauseJobRequest.FromString,
+                    response_serializer=lmforge_dot_v1_dot_training__pb2.Job.SerializeToString,
+            ),
+            'ResumeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeJob,
+                    request_deserializer=lmforge_dot_v1_dot_training__pb2.ResumeJobRequest.FromString,
+                    response_serializer=lmforge_dot_v1_dot_training__pb2.Job.SerializeToString,
+            ),
+            'GetJobMetrics': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetJobMetrics,
+                    request_deserializer=lmforge_dot_v1_dot_training__pb2.GetJobMetricsRequest.FromString,
+                    response_serializer=lmforge_dot_v1_dot_training__pb2.MetricRow.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=lmforge_dot_v1_dot_training__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=lmforge_dot_v1_dot_training__pb2.ListCheckpointsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -531,6 +602,114 @@ class JobService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def PauseJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmforge.v1.JobService/PauseJob',
+            lmforge_dot_v1_dot_training__pb2.PauseJobRequest.SerializeToString,
+            lmforge_dot_v1_dot_training__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmforge.v1.JobService/ResumeJob',
+            lmforge_dot_v1_dot_training__pb2.ResumeJobRequest.SerializeToString,
+            lmforge_dot_v1_dot_training__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lmforge.v1.JobService/GetJobMetrics',
+            lmforge_dot_v1_dot_training__pb2.GetJobMetricsRequest.SerializeToString,
+            lmforge_dot_v1_dot_training__pb2.MetricRow.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmforge.v1.JobService/ListCheckpoints',
+            lmforge_dot_v1_dot_training__pb2.ListCheckpointsRequest.SerializeToString,
+            lmforge_dot_v1_dot_training__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ModelServiceStub:
     """---------------------------------------------------------------- models
@@ -558,6 +737,11 @@ class ModelServiceStub:
                 request_serializer=lmforge_dot_v1_dot_training__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=lmforge_dot_v1_dot_training__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
+        self.DownloadModel = channel.unary_stream(
+                '/lmforge.v1.ModelService/DownloadModel',
+                request_serializer=lmforge_dot_v1_dot_training__pb2.DownloadModelRequest.SerializeToString,
+                response_deserializer=lmforge_dot_v1_dot_training__pb2.ModelFileChunk.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -584,6 +768,14 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadModel(self, request, context):
+        """A READY model's files (model.onnx, model.safetensors, config.json, tokenizer.json,
+        metadata.json): the directory opens in `transformers` and ONNX Runtime as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -601,6 +793,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=lmforge_dot_v1_dot_training__pb2.DeleteModelRequest.FromString,
                     response_serializer=lmforge_dot_v1_dot_training__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'DownloadModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadModel,
+                    request_deserializer=lmforge_dot_v1_dot_training__pb2.DownloadModelRequest.FromString,
+                    response_serializer=lmforge_dot_v1_dot_training__pb2.ModelFileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -686,6 +883,33 @@ class ModelService:
             '/lmforge.v1.ModelService/DeleteModel',
             lmforge_dot_v1_dot_training__pb2.DeleteModelRequest.SerializeToString,
             lmforge_dot_v1_dot_training__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lmforge.v1.ModelService/DownloadModel',
+            lmforge_dot_v1_dot_training__pb2.DownloadModelRequest.SerializeToString,
+            lmforge_dot_v1_dot_training__pb2.ModelFileChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,7 @@ JOB_STATUS = {
     training_pb2.JOB_STATE_SUCCEEDED: "succeeded",
     training_pb2.JOB_STATE_FAILED: "failed",
     training_pb2.JOB_STATE_CANCELLED: "cancelled",
+    training_pb2.JOB_STATE_PAUSED: "paused",
 }
 FILE_PREFIX = "file-"
 # OpenAI's own hyperparameters, accepted only as "auto" (lmforge trains for max_steps).

@@ -1,0 +1,110 @@
+"""CreateJob(validate_only): what a job would do, and what is wrong with it, before it runs.
+
+Pure arithmetic over the resolved spec and the dataset record, plus the training
+throughput workers measured per device class (FLOP/s, kept in Redis by `record_throughput`).
+Token counts are exact for the `char` and `byte` tokenizers and estimated for the others
+(about 4 bytes per token for a trained BPE on English text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmforge_server import specs
+from lmforge_server import store as st
+
+THROUGHPUT_KEY = f"{st.P}throughput"
+BYTES_PER_BPE_TOKEN = 4.0
+
+
+@dataclass
+class Report:
+    corpus_tokens: int
+    tokens_exact: bool
+    vocab_size: int
+    train_tokens: int
+    val_tokens: int
+    training_flops: int
+    weights_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    # Device class ("cpu", a CUDA device name) -> seconds, from measured throughput.
+    estimated_seconds: dict[str, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def corpus_tokens(tokenizer: str, num_chars: int, size_bytes: int) -> tuple[int, bool]:
+    """Tokens of the corpus after tokenisation and whether the count is exact."""
+    if tokenizer == "char":
+        return num_chars, True
+    if tokenizer == "byte":
+        return size_bytes, True
+    return int(size_bytes / BYTES_PER_BPE_TOKEN), False
+
+
+def report(
+    spec: specs.JobSpec,
+    dataset: st.DatasetRecord,
+    throughput: dict[str, float],
+    val_set: st.DatasetRecord | None = None,
+) -> Report:
+    m, t = spec.model, spec.training
+    tokens, exact = corpus_tokens(m.tokenizer, dataset.num_chars, dataset.size_bytes)
+    if val_set is None:
+        n_val = int(round(tokens * t.val_fraction))
+        n_train = tokens - n_val
+    else:  # all of the dataset trains; the validation set is encoded by the same tokenizer
+        n_val, val_exact = corpus_tokens(m.tokenizer, val_set.num_chars, val_set.size_bytes)
+        n_train, exact = tokens, exact and val_exact
+        tokens += n_val
+    params = specs.count_parameters(m)
+    tokens_per_step = t.batch_size * t.grad_accum_steps * m.context_length
+    flops = params.flops_per_token * tokens_per_step * t.max_steps
+    # fp32 weights, AdamW's two moments plus the gradients; activations: about 34 values
+    # per token, layer and width (attention and SwiGLU MLP saved for backward) plus logits.
+    micro_tokens = t.batch_size * m.context_length
+    activations = 4 * micro_tokens * (34 * m.n_layers * m.d_model + 2 * m.vocab_size)
+    problems = []
+    for name, n in (("train", n_train), ("validation", n_val)):
+        if n < m.context_length + 1:
+            problems.append(
+                f"the {name} split would hold {n} tokens; context length {m.context_length} "
+                f"needs at least {m.context_length + 1} (a longer corpus, a shorter context "
+                "or another val_fraction)"
+            )
+    if 0 < n_train < t.batch_size * m.context_length:
+        problems.append(
+            f"one batch ({t.batch_size} x {m.context_length} tokens) is larger than the "
+            f"train split ({n_train} tokens): every step sees the same text many times"
+        )
+    epochs = tokens_per_step * t.max_steps / max(1, n_train)
+    if epochs > 100:
+        problems.append(
+            f"{t.max_steps} steps read the train split {epochs:.0f} times over: expect "
+            "overfitting (fewer steps, or early_stopping_patience / target_val_loss)"
+        )
+    if not throughput:
+        problems.append("no worker has measured its throughput yet: no time estimate")
+    return Report(
+        corpus_tokens=tokens,
+        tokens_exact=exact,
+        vocab_size=m.vocab_size,
+        train_tokens=n_train,
+        val_tokens=n_val,
+        training_flops=flops,
+        weights_bytes=4 * params.total,
+        optimizer_bytes=12 * params.total,
+        activations_bytes=activations,
+        estimated_seconds={k: flops / v for k, v in throughput.items() if v > 0},
+        problems=problems,
+    )
+
+
+def throughputs(store: st.Store) -> dict[str, float]:
+    return {k: float(v) for k, v in store.r.hgetall(THROUGHPUT_KEY).items()}
+
+
+def record_throughput(store: st.Store, device_class: str, flops_per_second: float) -> None:
+    """A worker's measured training FLOP/s on its device class (the latest run wins)."""
+    if flops_per_second > 0:
+        store.r.hset(THROUGHPUT_KEY, device_class, f"{flops_per_second:.6g}")
