@@ -104,6 +104,7 @@ def test_checkpoints_are_pruned_only_behind_a_promoted_one(redis_server, tmp_pat
     )
     beat = _Heartbeat(store, "job_f2", 1, "worker-a", 60)
     hooks = _Hooks(store, job, "worker-a", beat, artifacts)
+    hooks.keep_checkpoints = 1  # the newest only (no evaluation ran: no best to keep)
     ckpts = tmp_path / "attempt-1"
     ckpts.mkdir()
     paths = {s: ckpts / f"step-{s:08d}.pt" for s in (10, 20, 30)}
