@@ -20,6 +20,7 @@ from conftest import SMALL_CORPUS, Api, make_settings, store_settings
 
 import lmforge
 from lmforge.v1 import training_pb2
+from lmforge_server.artifacts import CHECKPOINT_DATA_FILES
 from lmforge_server.redis_server import RedisServer, free_port
 from lmforge_server.stack import Child, wait_serving
 
@@ -149,7 +150,9 @@ def _run(fleet: Fleet) -> None:
     start2 = next(i for i, e in enumerate(everything) if e.message.startswith("attempt 2"))
     steps2 = [e.progress.step for e in everything[start2:] if e.type == "PROGRESS"]
     assert steps2[0] > step and steps2 == sorted(steps2)
-    assert fleet.metric("worker2", "lmforge_artifact_downloads_total", 'kind="jobs"') == 1
+    # Worker 2 downloaded that checkpoint's files (the state and the tokenizer) once each.
+    files = 1 + len(CHECKPOINT_DATA_FILES)
+    assert fleet.metric("worker2", "lmforge_artifact_downloads_total", 'kind="jobs"') == files
     # No event lost or given twice across the API server's death.
     assert [e.id for e in watched] == [e.id for e in everything]
     assert watched[-1].terminal
