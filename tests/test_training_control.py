@@ -12,7 +12,15 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import CORPUS, SMALL_CORPUS, model_dir, stored_checkpoints, unique
+from conftest import (
+    CORPUS,
+    SMALL_CORPUS,
+    job_scratch,
+    model_dir,
+    stored_checkpoint_file,
+    stored_checkpoints,
+    unique,
+)
 
 from lmforge import Client
 from lmforge.cli import main as cli_main
@@ -113,6 +121,24 @@ def test_metrics_rows_equal_the_progress_and_eval_events(api, small_dataset, sta
         else:
             assert not row.HasField("val_loss")
     assert sorted(evals) == [20, 40]
+
+    # The worker's TensorBoard event files (Settings.tensorboard) hold the same numbers.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = job_scratch(stack, job.id) / "tensorboard"
+    acc = EventAccumulator(str(runs / "attempt-1"))
+    acc.Reload()
+
+    def scalars(tag):
+        return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+    assert scalars("train/loss") == [(r.step, pytest.approx(r.loss, rel=1e-6)) for r in rows]
+    assert scalars("train/grad_norm") == [
+        (r.step, pytest.approx(r.grad_norm, rel=1e-6)) for r in rows
+    ]
+    assert scalars("val/loss") == [
+        (s, pytest.approx(evals[s].val_loss, rel=1e-6)) for s in sorted(evals)
+    ]
 
     code, _ = _abort_code(lambda: list(api.jobs.GetJobMetrics(S.GetJobMetricsRequest(id="job_x"))))
     assert code == grpc.StatusCode.NOT_FOUND
@@ -271,6 +297,81 @@ def test_checkpoints_keep_the_best_and_newest_and_start_new_jobs(api, small_data
     assert code == grpc.StatusCode.NOT_FOUND
 
 
+def _estimates(events) -> list[tuple[int, int, float, float]]:
+    return [
+        (e.progress.step, e.progress.total_steps, e.progress.estimated_finish.ToNanoseconds() / 1e9,
+         e.time.ToNanoseconds() / 1e9)
+        for e in events
+        if e.type == S.JOB_EVENT_TYPE_PROGRESS
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_kept_checkpoint_exports_as_a_model_version_and_progress_estimates_the_finish(
+    api, small_dataset, stack, tmp_path
+):
+    job = api.create(
+        small_dataset.id, max_steps=60, checkpoint_interval=20, eval_interval=20, log_interval=10
+    )
+    assert api.wait_terminal(job.id).state == S.JOB_STATE_SUCCEEDED
+    # Every logged step carries an estimate: ahead of its event while steps remain, and
+    # no later than the event once the last step is done.
+    estimates = _estimates(api.events(job.id))
+    assert [s for s, *_ in estimates] == [10, 20, 30, 40, 50, 60]
+    for step, total, finish, at in estimates:
+        assert (finish > at) if step < total else (0 < finish <= at), (step, finish, at)
+
+    with Client(api_addr=stack.api_addr) as client:
+        kept = client.jobs.checkpoints(job.id)
+        assert [c.step for c in kept] == [20, 40, 60]
+        finish = client.jobs.get(job.id).progress.estimated_finish.timestamp()
+        assert finish == pytest.approx(estimates[-1][2], abs=1e-5)  # datetime: microseconds
+        name = unique("from-ckpt")
+        export = client.jobs.export_checkpoint(job.id, 40, model_name=name)
+        assert (export.export_of, export.model_name) == (f"{job.id}:40", name)
+        done = client.jobs.wait(export.id, timeout=240)
+        model = client.models.get(done.model_id)
+        assert (model.name, model.version, model.job_id) == (name, 1, export.id)
+        assert model.onnx_parity_max_abs_diff <= stack.settings.parity_limit
+        assert model.val_loss == pytest.approx(kept[1].val_loss, rel=1e-6)
+        client.models.download(model.id, tmp_path / "m")
+    # The registered weights are the checkpoint's, not the run's best or last.
+    from safetensors.torch import load_file
+
+    from lmforge_server.specs import JobSpec
+    from lmforge_worker.model import Llama, hf_state_dict
+
+    ckpt_path = stored_checkpoint_file(stack, job.id, 40)
+    ckpt = load_checkpoint(ckpt_path)
+    net = Llama(JobSpec.from_dict(ckpt["spec"]).model)
+    net.load_state_dict(ckpt["model"])
+    registered = load_file(tmp_path / "m" / "model.safetensors")
+    expected = hf_state_dict(net)
+    assert registered.keys() == expected.keys()
+    assert all(torch.equal(registered[k], expected[k]) for k in expected)
+
+    for job_id, step, code_ in (
+        (job.id, 30, grpc.StatusCode.NOT_FOUND),  # not kept
+        ("job_0123456789abcdef", 40, grpc.StatusCode.NOT_FOUND),
+        (job.id, -1, grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        req = S.ExportCheckpointRequest(job_id=job_id, step=step)
+        code, details = _abort_code(api.jobs.ExportCheckpoint, req)
+        assert code == code_ and ("step" in details), details
+    # A retry with the same request_id is the same export job.
+    req = S.ExportCheckpointRequest(job_id=job.id, step=20, request_id=unique("exp"))
+    first, again = api.jobs.ExportCheckpoint(req), api.jobs.ExportCheckpoint(req)
+    assert first.id == again.id and first.export_of == f"{job.id}:20"
+    assert first.model_name == job.model_name  # model_name empty: the training job's
+    code, details = _abort_code(api.jobs.PauseJob, S.PauseJobRequest(id=first.id))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "exports a checkpoint" in details
+    api.jobs.CancelJob(S.CancelJobRequest(id=first.id))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        cli_main(["--api", stack.api_addr, "--json", "jobs", "checkpoints", job.id])
+    assert exit_.value.code == 0 and f"{job.id}:40" in out.getvalue()
+
+
 def test_retention_keeps_the_best_checkpoint_even_when_it_is_old():
     from lmforge_server.checkpoints import Checkpoint, to_drop
 
@@ -280,7 +381,8 @@ def test_retention_keeps_the_best_checkpoint_even_when_it_is_old():
     assert [c.step for c in to_drop(ckpts, keep_last=0)] == [10, 30, 40]
 
 
-def test_validate_only_reports_the_job_without_running_it(api, small_dataset):
+def test_validate_only_reports_the_job_without_running_it(api, small_dataset, stack):
+    api_addr = stack.api_addr
     done = api.create(small_dataset.id, max_steps=20)  # a measured throughput to estimate from
     assert api.wait_terminal(done.id).state == S.JOB_STATE_SUCCEEDED
     before = [j.id for j in api.jobs.ListJobs(S.ListJobsRequest()).jobs]
@@ -303,6 +405,23 @@ def test_validate_only_reports_the_job_without_running_it(api, small_dataset):
     assert r.optimizer_bytes == 12 * good.parameters.total and r.activations_bytes > 0
     assert r.training_flops == good.parameters.flops_per_token * 8 * 32 * 200
     assert r.estimated_seconds["cpu"] > 0 and list(r.problems) == []
+    assert r.estimate_measured and r.trainable_parameters == good.parameters.total
+    assert r.characters_lost == 0
+
+    # A base model's char tokenizer drops what its corpus never had: 7 'ñ' and 3 '€'.
+    assert not {"ñ", "€"} & set(SMALL_CORPUS)
+    odd = api.upload((SMALL_CORPUS[:5000] + "ñ" * 7 + "€" * 3).encode(), name=unique("odd"))
+    lossy = validate(odd.id, init_from=done.model_id).validation
+    assert lossy.characters_lost == 10
+    assert "cannot encode 2 distinct characters of the corpus (10 occurrences: 'ñ', '€')" in (
+        "\n".join(lossy.problems)
+    )
+    assert validate(odd.id).validation.characters_lost == 0  # its own tokenizer loses none
+    with Client(api_addr=api_addr) as client:
+        report = client.jobs.validate(
+            dataset=odd.id, preset="tiny", training={"init_from": done.model_id}
+        )
+    assert report.characters_lost == 10 and report.spec.training.init_from
 
     tiny = api.upload(b"To be, or not to be: that is the question.", name=unique("tiny"))
     bad = validate(tiny.id).validation
@@ -334,3 +453,127 @@ def test_a_validation_dataset_of_the_users_own_replaces_the_split(api, small_dat
     req.validation_dataset_id = "0" * 64
     code, details = _abort_code(api.jobs.CreateJob, req)
     assert code == grpc.StatusCode.NOT_FOUND and "validation_dataset_id" in details
+
+
+def test_throughput_is_a_moving_average_per_device_class_with_a_fallback_rate(redis_server):
+    from lmforge_server import specs, validation
+    from lmforge_server import store as st
+
+    store = st.Store.from_url(redis_server.url)
+    spec = specs.resolve("tiny", {}, {"max_steps": 100}, num_distinct_chars=64)
+    ds = st.DatasetRecord("d" * 64, "o", "d", "d" * 64, 50_000, 50_000, 64, 0.0, "/nowhere")
+    flops = specs.count_parameters(spec.model).flops_per_token * 8 * 32 * 100
+    guess = validation.report(spec, ds, validation.throughputs(store), fallback_flops=1e9)
+    assert not guess.estimate_measured and guess.estimated_seconds == {
+        "cpu": pytest.approx(flops / 1e9)
+    }
+    validation.record_throughput(store, "cpu", 100.0)
+    validation.record_throughput(store, "cpu", 200.0)
+    validation.record_throughput(store, "NVIDIA H200", 5e6)
+    assert validation.throughputs(store) == {"cpu": pytest.approx(130.0), "NVIDIA H200": 5e6}
+    measured = validation.report(spec, ds, validation.throughputs(store), fallback_flops=1e9)
+    assert measured.estimate_measured
+    assert measured.estimated_seconds == {
+        "cpu": pytest.approx(flops / 130.0),
+        "NVIDIA H200": pytest.approx(flops / 5e6),
+    }
+
+
+@pytest.mark.slow
+def test_lora_trains_only_the_adapters_and_exports_the_merged_model(
+    api, stack, tiny_shakespeare, tmp_path
+):
+    import numpy as np
+    import onnxruntime as ort
+    from safetensors.torch import load_file
+    from test_export import run
+
+    from lmforge_server.specs import JobSpec
+    from lmforge_worker.model import Llama, add_lora, hf_state_dict, load_pretrained
+
+    base_job = api.wait_terminal(tiny_shakespeare[0].id)
+    assert base_job.state == S.JOB_STATE_SUCCEEDED
+    job = api.create(
+        base_job.dataset_id,
+        init_from=base_job.model_id,
+        lora_rank=4,
+        lora_alpha=8.0,
+        lora_targets="q_proj,v_proj,down_proj",
+        learning_rate=1e-2,
+        max_steps=30,
+        eval_interval=30,  # one evaluation, at the end: the best weights are the last
+        checkpoint_interval=30,
+    )
+    # tiny: 2 layers, d_model 32, MLP 86 wide: r (in + out) per adapted projection.
+    d, ff = 32, job.spec.model.intermediate_size
+    assert job.parameters.trainable == 2 * 4 * ((d + d) + (d + d) + (ff + d))
+    assert job.parameters.trainable < job.parameters.total
+    done = api.wait_terminal(job.id)
+    assert done.state == S.JOB_STATE_SUCCEEDED, done.error
+    started = next(e.message for e in api.events(job.id) if e.message.startswith("training "))
+    assert f"{job.parameters.trainable:,} of {job.parameters.total:,} parameters" in started
+
+    with Client(api_addr=stack.api_addr) as client:
+        client.models.download(base_job.model_id, tmp_path / "base")
+        client.models.download(done.model_id, tmp_path / "lora")
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    ckpt_path = stored_checkpoint_file(stack, job.id, 30)
+    ckpt = load_checkpoint(ckpt_path)
+    state = ckpt["model"]
+    adapters = {k for k in state if ".lora_" in k}
+    assert len(adapters) == 2 * 3 * 2
+    assert all(state[k].abs().max() > 0 for k in adapters if k.endswith("lora_B"))
+    # Every base weight is untouched: only the adapters trained.
+    frozen = {k: v for k, v in state.items() if k not in adapters and k != "lm_head.weight"}
+    assert frozen.keys() == base.keys()
+    assert all(torch.equal(frozen[k], base[k]) for k in base)
+
+    # The registered model is the merged one: W + (alpha / r) B A, a plain Llama.
+    net = Llama(JobSpec.from_dict(ckpt["spec"]).model)
+    add_lora(net, 4, 8.0, 0.0, ["q_proj", "v_proj", "down_proj"])
+    net.load_state_dict(state)
+    merged = hf_state_dict(net)
+    registered = load_file(tmp_path / "lora" / "model.safetensors")
+    assert registered.keys() == base.keys()
+    assert all(torch.equal(registered[k], merged[k]) for k in merged)
+    for k in merged:
+        adapted = k.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight"))
+        assert torch.equal(registered[k], base[k]) != adapted, k
+
+    # Its ONNX graph gives the merged PyTorch model's logits.
+    model, cfg = load_pretrained(tmp_path / "lora")
+    ids = np.array([[5, 9, 2, 14, 3, 7, 11, 1]], dtype=np.int64)
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(ids))[0].numpy()
+    sess = ort.InferenceSession(
+        str(tmp_path / "lora" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    empty = np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), dtype=np.float32)
+    logits, _ = run(sess, cfg, ids, np.ones_like(ids), [empty] * (2 * cfg.n_layers))
+    # The graph emits the last position's logits (what decoding needs).
+    assert np.abs(logits[:, -1] - expected[:, -1]).max() < 1e-4
+
+
+def test_lora_settings_are_checked_and_counted_before_training(api, tiny_shakespeare):
+    dataset_id, base = tiny_shakespeare[0].dataset_id, tiny_shakespeare[0].model_id
+    for fields, expected in (
+        ({"lora_rank": 4}, "spec.training.lora_rank: LoRA adapts an existing model"),
+        ({"lora_rank": 4, "init_from": base, "lora_targets": "q_proj,wq"}, "training.lora_targets"),
+        ({"lora_rank": 2000, "init_from": base}, "training.lora_rank: must be between 0 and 1024"),
+        ({"lora_rank": 4, "init_from": base, "lora_dropout": 1.0}, "training.lora_dropout"),
+    ):
+        code, details = _abort_code(lambda f=fields: api.create(dataset_id, **f))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and expected in details, details
+    api.wait_terminal(tiny_shakespeare[0].id)
+    req = S.CreateJobRequest(
+        dataset_id=dataset_id,
+        spec=S.JobSpec(
+            training=common_pb2.TrainingSpec(init_from=base, lora_rank=8, lora_targets="o_proj")
+        ),
+        validate_only=True,
+    )
+    answer = api.jobs.CreateJob(req)
+    r = answer.validation
+    assert r.trainable_parameters == 2 * 8 * (32 + 32) == answer.parameters.trainable
+    assert r.optimizer_bytes == 12 * r.trainable_parameters
+    assert answer.spec.training.lora_alpha == 16.0  # the default

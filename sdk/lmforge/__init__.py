@@ -31,6 +31,7 @@ from lmforge.errors import (
     WaitTimeoutError,
 )
 from lmforge.types import (
+    Checkpoint,
     Completion,
     CompletionChunk,
     Dataset,
@@ -51,6 +52,7 @@ from lmforge.types import (
     Timings,
     TrainingSpec,
     Usage,
+    ValidationReport,
 )
 
 __version__ = "0.1.0"
@@ -69,7 +71,9 @@ __all__ = [
     "JobEventType",
     "JobSpec",
     "JobState",
+    "Checkpoint",
     "MetricRow",
+    "ValidationReport",
     "Model",
     "ModelInfo",
     "ModelSpec",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -121,7 +122,11 @@ def parameter_count(msg: common_pb2.ParameterCount) -> t.ParameterCount:
 
 
 def progress(msg: training_pb2.Progress) -> t.Progress:
-    return _plain(t.Progress, msg)
+    scalars = [f.name for f in dataclasses.fields(t.Progress) if f.name != "estimated_finish"]
+    return t.Progress(
+        **{name: _f32(getattr(msg, name)) for name in scalars},
+        estimated_finish=_time(msg, "estimated_finish"),
+    )
 
 
 # ---------------------------------------------------------------- training API
@@ -163,6 +168,51 @@ def job(msg: training_pb2.Job) -> t.Job:
         finished_at=_time(msg, "finished_at"),
         device=msg.device,
         metadata=dict(msg.metadata),
+        validation_dataset_id=msg.validation_dataset_id,
+        export_of=msg.export_of,
+    )
+
+
+def checkpoint(msg: training_pb2.Checkpoint) -> t.Checkpoint:
+    return t.Checkpoint(
+        ref=msg.ref,
+        step=msg.step,
+        train_loss=_f32(msg.train_loss),
+        val_loss=_f32(msg.val_loss),
+        val_bits_per_byte=_f32(msg.val_bits_per_byte),
+        val_step=msg.val_step,
+        created_at=_time(msg, "created_at"),
+    )
+
+
+def validation_report(msg: training_pb2.Job) -> t.ValidationReport:
+    """CreateJob's answer with validate_only."""
+    r = msg.validation
+    skip = {"estimated_seconds", "problems", "spec", "parameters"}
+    return t.ValidationReport(
+        **{
+            f.name: _f32(getattr(r, f.name))
+            for f in dataclasses.fields(t.ValidationReport)
+            if f.name not in skip
+        },
+        estimated_seconds={k: _f32(v) for k, v in r.estimated_seconds.items()},
+        problems=list(r.problems),
+        spec=job(msg).spec,
+        parameters=parameter_count(msg.parameters),
+    )
+
+
+def create_job_request(
+    dataset, preset, model, training, model_name, request_id, metadata, validation_dataset
+) -> training_pb2.CreateJobRequest:
+    """jobs.create / jobs.validate (sync and async alike)."""
+    return training_pb2.CreateJobRequest(
+        dataset_id=ref(dataset),
+        spec=job_spec_to_pb(preset, model, training),
+        model_name=model_name,
+        request_id=request_id or uuid.uuid4().hex,
+        metadata=metadata or {},
+        validation_dataset_id=ref(validation_dataset) if validation_dataset else "",
     )
 
 

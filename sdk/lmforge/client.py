@@ -21,6 +21,7 @@ from lmforge._streaming import StreamState
 from lmforge._upload import CHUNK_BYTES, PreparedUpload, ProgressCallback, UploadSource
 from lmforge._watch import RECONNECT_TIMEOUT, WatchResume
 from lmforge.types import (
+    Checkpoint,
     Completion,
     CompletionChunk,
     Dataset,
@@ -33,6 +34,7 @@ from lmforge.types import (
     ModelSpec,
     Page,
     TrainingSpec,
+    ValidationReport,
 )
 from lmforge.v1 import inference_pb2_grpc, training_pb2, training_pb2_grpc
 
@@ -193,6 +195,7 @@ class Jobs(_Resource):
         model_name: str = "",
         request_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        validation_dataset: str | Dataset | None = None,
         timeout: float | None = None,
     ) -> Job:
         """Queues a training job on a dataset. Fields left unset in `model` and `training`
@@ -202,14 +205,57 @@ class Jobs(_Resource):
         Retried safely: the server returns the same job for the same `request_id`, which is
         generated when not given.
         """
-        req = training_pb2.CreateJobRequest(
-            dataset_id=_convert.ref(dataset),
-            spec=_convert.job_spec_to_pb(preset, model, training),
-            model_name=model_name,
-            request_id=request_id or uuid.uuid4().hex,
-            metadata=metadata or {},
+        req = _convert.create_job_request(
+            dataset, preset, model, training, model_name, request_id, metadata, validation_dataset
         )
         return _convert.job(self._client._call(self._client._jobs.CreateJob, req, timeout=timeout))
+
+    def validate(
+        self,
+        *,
+        dataset: str | Dataset,
+        preset: str = "",
+        model: ModelSpec | Mapping[str, Any] | None = None,
+        training: TrainingSpec | Mapping[str, Any] | None = None,
+        validation_dataset: str | Dataset | None = None,
+        timeout: float | None = None,
+    ) -> ValidationReport:
+        """What `create` with the same arguments would do (tokens, splits, FLOPs, memory,
+        estimated time per device class) and every problem found; nothing is created."""
+        req = _convert.create_job_request(
+            dataset, preset, model, training, "", "", None, validation_dataset
+        )
+        req.validate_only = True
+        return _convert.validation_report(
+            self._client._call(self._client._jobs.CreateJob, req, timeout=timeout)
+        )
+
+    def checkpoints(self, job_id: str | Job, *, timeout: float | None = None) -> list[Checkpoint]:
+        """The job's kept checkpoints by step: the best by validation loss and the newest."""
+        req = training_pb2.ListCheckpointsRequest(id=_convert.ref(job_id))
+        resp = self._client._call(self._client._jobs.ListCheckpoints, req, timeout=timeout)
+        return [_convert.checkpoint(c) for c in resp.checkpoints]
+
+    def export_checkpoint(
+        self,
+        job_id: str | Job,
+        step: int,
+        *,
+        model_name: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Job:
+        """Exports the job's kept checkpoint at `step` and registers it as a new version of
+        `model_name` (the job's own when empty); returns the export job (wait for it)."""
+        req = training_pb2.ExportCheckpointRequest(
+            job_id=_convert.ref(job_id),
+            step=step,
+            model_name=model_name,
+            request_id=request_id or uuid.uuid4().hex,
+        )
+        return _convert.job(
+            self._client._call(self._client._jobs.ExportCheckpoint, req, timeout=timeout)
+        )
 
     def get(self, job_id: str | Job, *, timeout: float | None = None) -> Job:
         """The job's current record: state, progress, parameters, resolved spec."""

@@ -182,6 +182,8 @@ class Progress:
     best_step: int = 0
     #: Total gradient norm of the logged step, before clipping.
     grad_norm: float = 0.0
+    #: When training should end, from the steps measured so far (None before the first).
+    estimated_finish: datetime | None = None
 
     @property
     def fraction(self) -> float:
@@ -231,11 +233,58 @@ class Job:
     device: str = ""
     #: The labels given at creation (`jobs.create(metadata=...)`).
     metadata: dict[str, str] = field(default_factory=dict)
+    #: The dataset evaluated on instead of a split (`jobs.create(validation_dataset=...)`).
+    validation_dataset_id: str = ""
+    #: "<job id>:<step>" for a job made by `jobs.export_checkpoint` (it exports, not trains).
+    export_of: str = ""
 
     @property
     def done(self) -> bool:
         """True once the job is SUCCEEDED, FAILED or CANCELLED."""
         return self.state.terminal
+
+
+@dataclass
+class Checkpoint:
+    """A kept checkpoint of a job (`client.jobs.checkpoints`)."""
+
+    #: "<job id>:<step>": what `training.init_from` takes to start from it.
+    ref: str
+    step: int
+    #: The training loss last logged at or before `step`.
+    train_loss: float = 0.0
+    #: The latest evaluation at or before `step` (val_step 0: none yet).
+    val_loss: float = 0.0
+    val_bits_per_byte: float = 0.0
+    val_step: int = 0
+    created_at: datetime | None = None
+
+
+@dataclass
+class ValidationReport:
+    """What a job would do and what is wrong with it (`client.jobs.validate`)."""
+
+    corpus_tokens: int = 0
+    #: Exact for the char and byte tokenizers, estimated for BPE.
+    tokens_exact: bool = False
+    vocab_size: int = 0
+    train_tokens: int = 0
+    val_tokens: int = 0
+    training_flops: int = 0
+    weights_bytes: int = 0
+    optimizer_bytes: int = 0
+    activations_bytes: int = 0
+    #: Device class ("cpu", a GPU name) -> seconds.
+    estimated_seconds: dict[str, float] = field(default_factory=dict)
+    #: True when the estimate comes from measured throughput, False for the fallback rate.
+    estimate_measured: bool = False
+    #: Corpus characters init_from's tokenizer cannot encode.
+    characters_lost: int = 0
+    trainable_parameters: int = 0
+    problems: list[str] = field(default_factory=list)
+    #: The resolved spec and its parameter count.
+    spec: JobSpec = field(default_factory=JobSpec)
+    parameters: ParameterCount = field(default_factory=ParameterCount)
 
 
 @dataclass

@@ -9,6 +9,7 @@ calls run in a thread pool of their own; WatchJob uses redis.asyncio (no thread 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -80,6 +81,13 @@ def _fill(msg, values: dict[str, Any]):
     return msg
 
 
+def progress_pb(p: dict[str, Any]) -> training_pb2.Progress:
+    msg = _fill(training_pb2.Progress(), {k: v for k, v in p.items() if k != "estimated_finish"})
+    if p.get("estimated_finish"):
+        msg.estimated_finish.CopyFrom(_ts(p["estimated_finish"]))
+    return msg
+
+
 def _params_pb(p: dict[str, int]) -> common_pb2.ParameterCount:
     return _fill(common_pb2.ParameterCount(), p)
 
@@ -114,7 +122,7 @@ def job_pb(job: st.JobRecord) -> training_pb2.Job:
         state=_state(job.state),
         spec=_spec_pb(job.spec),
         parameters=_params_pb(job.parameters),
-        progress=_fill(training_pb2.Progress(), job.progress),
+        progress=progress_pb(job.progress),
         error=job.error,
         model_id=job.model_id,
         attempt=job.attempt,
@@ -125,6 +133,7 @@ def job_pb(job: st.JobRecord) -> training_pb2.Job:
         device=job.device,
         metadata=job.metadata,
         validation_dataset_id=job.validation_dataset_id,
+        export_of=job.export_of,
     )
 
 
@@ -135,7 +144,7 @@ def validation_pb(
     return training_pb2.Job(
         dataset_id=dataset_id,
         spec=_spec_pb(spec.to_dict()),
-        parameters=_params_pb(specs.count_parameters(spec.model).__dict__),
+        parameters=_params_pb(jobs.parameter_count(spec).__dict__),
         validation=training_pb2.ValidationReport(**report.__dict__),
     )
 
@@ -147,7 +156,7 @@ def event_pb(ev: st.JobEvent) -> training_pb2.JobEvent:
         type=_EVENT.Value(f"JOB_EVENT_TYPE_{ev.type}"),
         time=_ts(ev.time),
         state=_state(ev.state),
-        progress=_fill(training_pb2.Progress(), ev.progress),
+        progress=progress_pb(ev.progress),
         message=ev.message,
         terminal=ev.terminal,
     )
@@ -344,12 +353,21 @@ class JobService(_Base, training_pb2_grpc.JobServiceServicer):
             checkpoints=[checkpoint_pb(job_id, c) for c in kept]
         )
 
+    async def ExportCheckpoint(self, request, context):
+        r = request
+        job = await self.call(
+            jobs.export_checkpoint, self.settings, self.store, self.celery, self.owner,
+            r.job_id, r.step, r.model_name, r.request_id,
+        )  # fmt: skip
+        return job_pb(job)
+
     async def WatchJob(self, request, context):
         job_id = jobs.check_id("id", request.id)
         after = watch.check_event_id(request.after_event_id)
         await self.call(self.store.get_job, self.owner, job_id)
-        with self.watches.slot(self.owner):
-            async for ev in watch.events(self.aredis, job_id, after):
+        events = watch.watch(self.watches, self.aredis, self.owner, job_id, after, context)
+        async with contextlib.aclosing(events):
+            async for ev in events:
                 yield event_pb(ev)
 
 

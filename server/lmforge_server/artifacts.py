@@ -198,12 +198,13 @@ class ArtifactStore:
     def remove_dataset(self, ref: str) -> None:
         self.remove(str(Path(ref).parent) if _is_local_path(ref) else ref)
 
-    def remove_checkpoints_before(self, ref: str) -> None:
-        """Removes the checkpoints of `ref`'s attempt older than `ref` (a checkpoint key)."""
+    def remove_checkpoints_before(self, ref: str, keep: set[str] = frozenset()) -> None:
+        """Removes the checkpoints of `ref`'s attempt older than `ref` (a checkpoint key),
+        except those in `keep`."""
         if _is_local_path(ref):
             path = Path(ref)
             for old in path.parent.glob("step-*.pt"):
-                if old.name < path.name:
+                if old.name < path.name and str(old) not in keep:
                     old.unlink(missing_ok=True)
             return
         attempt_prefix, _, name = ref.rpartition("/")
@@ -214,7 +215,8 @@ class ArtifactStore:
             and parts[0].startswith("step-")
         }
         for step in sorted(older):
-            self.remove(f"{attempt_prefix}/{step}")
+            if f"{attempt_prefix}/{step}" not in keep:
+                self.remove(f"{attempt_prefix}/{step}")
 
     def remove_other_exports(self, model_id: str, keep: str) -> None:
         """Removes exports of the model other than `keep` (the registered one): files of

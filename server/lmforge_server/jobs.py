@@ -9,14 +9,16 @@ task died with its worker before the lease was taken. The lease absorbs duplicat
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge_server import basemodels, errors, specs, validation
+from lmforge_server import basemodels, checkpoints, errors, specs, validation
 from lmforge_server import store as st
+from lmforge_server.artifacts import ArtifactStore
 from lmforge_server.labels import check_labels
 from lmforge_server.settings import Settings
 from lmforge_server.taskqueue import enqueue_training
@@ -88,7 +90,33 @@ def validate(
 ) -> tuple[specs.JobSpec, validation.Report]:
     """CreateJob with validate_only: the same checks, then a report; nothing is stored."""
     dataset, val_set, spec, _ = _checked(settings, store, owner, req)
-    return spec, validation.report(spec, dataset, validation.throughputs(store), val_set)
+    report = validation.report(
+        spec, dataset, validation.throughputs(store), val_set, settings.fallback_training_flops
+    )
+    if spec.training.init_from:
+        # Read through this server's view of the artifact store (its cache, when remote).
+        artifacts = ArtifactStore.from_settings(settings)
+        try:
+            tokenizer = _init_tokenizer(artifacts, store, owner, spec.training.init_from)
+            corpora = [artifacts.dataset_file(d.path) for d in (dataset, val_set) if d]
+            validation.add_lost_characters(report, tokenizer, corpora)
+        except Exception as e:  # tokenizers raises its own Exception type
+            # The tokenizer file is the worker's or the operator's, not the client's.
+            report.problems.append(f"init_from's tokenizer could not be read ({type(e).__name__})")
+    return spec, report
+
+
+def _init_tokenizer(artifacts: ArtifactStore, store: st.Store, owner: str, init_from: str) -> Path:
+    """The tokenizer.json the job will use: init_from's (resolved) model's, or the one
+    published with the checkpoint "<job id>:<step>"."""
+    if checkpoints.REF_RE.match(init_from):
+        _, ckpt = checkpoints.resolve(store, owner, init_from)
+        path = artifacts.checkpoint_file(ckpt.path)
+        if (path.parent / "data").is_dir():
+            return path.parent / "data" / "tokenizer.json"
+        # Written before checkpoints carried their tokenizer: its attempt's work directory.
+        return path.parents[2] / path.parent.name / "data" / "tokenizer.json"
+    return artifacts.local_dir(init_from) / "tokenizer.json"
 
 
 def create(
@@ -103,7 +131,7 @@ def create(
         model_id=st.new_id("mdl"),
         state=st.QUEUED,
         spec=spec.to_dict(),
-        parameters=specs.count_parameters(spec.model).__dict__,
+        parameters=parameter_count(spec).__dict__,
         request_id=req.request_id,
         created_at=time.time(),
         dataset_path=dataset.path,
@@ -111,6 +139,53 @@ def create(
         validation_dataset_id=val_set.id if val_set else "",
         validation_dataset_path=val_set.path if val_set else "",
     )
+    return _store_and_enqueue(settings, store, celery, job)
+
+
+def export_checkpoint(
+    settings: Settings,
+    store: st.Store,
+    celery,
+    owner: str,
+    job_id: str,
+    step: int,
+    model_name: str = "",
+    request_id: str = "",
+) -> st.JobRecord:
+    """ExportCheckpoint: an export job for the owner's kept checkpoint `job_id` at `step`.
+
+    NotFound for a job or checkpoint the owner does not have; the new job counts against
+    max_queued_jobs_per_owner like any other.
+    """
+    check_id("job_id", job_id)
+    check_name("model_name", model_name)
+    if len(request_id) > MAX_REQUEST_ID:
+        raise errors.InvalidArgument(f"request_id: at most {MAX_REQUEST_ID} characters")
+    if step < 0:
+        raise errors.InvalidArgument(f"step: must be >= 0, got {step}")
+    try:
+        source, ckpt = checkpoints.resolve(store, owner, f"{job_id}:{step}")
+    except st.NotFound as e:
+        raise errors.NotFound(f"job_id/step: {e.message} (see ListCheckpoints)") from None
+    job = st.JobRecord(
+        id=st.new_id("job"),
+        owner=owner,
+        dataset_id=source.dataset_id,
+        model_name=model_name or source.model_name,
+        model_id=st.new_id("mdl"),
+        state=st.QUEUED,
+        spec=source.spec,
+        parameters=source.parameters,
+        request_id=request_id,
+        created_at=time.time(),
+        dataset_path=source.dataset_path,
+        metadata=dict(source.metadata),
+        export_of=f"{source.id}:{ckpt.step}",
+    )
+    return _store_and_enqueue(settings, store, celery, job)
+
+
+def _store_and_enqueue(settings: Settings, store: st.Store, celery, job: st.JobRecord):
     try:
         job, created = store.create_job(job, max_active=settings.max_queued_jobs_per_owner)
     except st.Conflict as e:
@@ -151,6 +226,13 @@ def _private_dirs(settings) -> list[Path]:
     """Where this host keeps the service's files: init_from may not name a directory there."""
     dirs = [settings.artifact_cache_dir, settings.data_dir / "scratch"]
     return dirs if "://" in settings.artifacts else [settings.artifacts_dir, *dirs]
+
+
+def parameter_count(spec: specs.JobSpec) -> specs.ParameterCount:
+    """The model's parameter count, with what the job trains of it."""
+    return dataclasses.replace(
+        specs.count_parameters(spec.model), trainable=specs.trainable_parameters(spec)
+    )
 
 
 def default_model_name(dataset_name: str) -> str:

@@ -32,6 +32,11 @@ def request_pause(store: st.Store, owner: str, job_id: str) -> st.JobRecord:
                 if job.state == PAUSED:
                     pipe.unwatch()
                     return job
+                if job.export_of:
+                    pipe.unwatch()
+                    raise st.Conflict(
+                        f"job {job_id!r} exports a checkpoint; it cannot be paused (cancel it)"
+                    )
                 if job.state not in _PAUSABLE:
                     pipe.unwatch()
                     raise st.Conflict(

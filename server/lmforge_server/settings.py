@@ -54,6 +54,12 @@ class Settings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    # The HTTP gateway is a client of the API and inference servers: the CA it trusts for
+    # them when they serve TLS, and the certificate and key it presents under mTLS (the
+    # same LMFORGE_TLS_* names the SDK reads). Empty CA: it reaches them in plaintext.
+    tls_ca_file: str = ""
+    tls_client_cert_file: str = ""
+    tls_client_key_file: str = ""
     # Directories `training.init_from` may name (besides the caller's own models).
     base_model_dirs: list[str] = field(default_factory=list)
     # A job whose worker is lost this many times ends FAILED (a poison job).
@@ -117,6 +123,12 @@ class Settings:
     worker_metrics_addr: str = "127.0.0.1:50093"
     # Peak FLOP/s of the training device, for the MFU metric (0: unknown, no MFU).
     training_peak_flops: float = 0.0
+    # Training FLOP/s that validate_only's time estimate assumes for "cpu" until a worker
+    # has measured its own (2e10: about what the 2-core CI machine sustains on tiny models).
+    fallback_training_flops: float = 2e10
+    # Workers also write TensorBoard event files under <artifacts>/jobs/<id>/tensorboard/
+    # (needs the `tensorboard` package: lmforge[tensorboard]).
+    tensorboard: bool = False
 
     @property
     def artifacts_dir(self) -> Path:
@@ -127,6 +139,11 @@ class Settings:
                 f"artifacts={self.artifacts!r} is a URL; this process reads a local directory"
             )
         return Path(self.artifacts) if self.artifacts else self.data_dir / "artifacts"
+
+    @property
+    def http_url(self) -> str:
+        """The gateway's base URL: https when the servers serve TLS."""
+        return f"{'https' if self.tls_cert_file else 'http'}://{self.http_addr}"
 
     @property
     def artifact_cache_dir(self) -> Path:

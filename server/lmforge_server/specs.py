@@ -71,6 +71,15 @@ class TrainConfig:
     log_interval: int = 10
     # End the job SUCCEEDED at the first evaluation at or below this val loss (0: never).
     target_val_loss: float = 0.0
+    # LoRA (0: full fine-tuning): adapters of rank r, scaled alpha / r, on these projections.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,v_proj"
+
+    @property
+    def lora_target_list(self) -> list[str]:
+        return [x.strip() for x in self.lora_targets.split(",") if x.strip()]
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,8 @@ class ParameterCount:
     mlp: int
     norm: int
     flops_per_token: int
+    # Parameters the job trains (all, or the LoRA adapters' alone); 0 where not known.
+    trainable: int = 0
 
 
 # Presets: only the fields they set; the rest come from the dataclass defaults.
@@ -329,6 +340,50 @@ def _validate_training(t: TrainConfig) -> None:
     _int_range("training.early_stopping_patience", t.early_stopping_patience, 0, 1_000_000)
     _int_range("training.log_interval", t.log_interval, 1, 1_000_000)
     _float_range("training.target_val_loss", t.target_val_loss, 0.0, 1000.0)
+    _int_range("training.lora_rank", t.lora_rank, 0, 1024)
+    if t.lora_rank:
+        _check(
+            bool(t.init_from),
+            "training.lora_rank",
+            "LoRA adapts an existing model: set training.init_from too",
+        )
+        _float_range("training.lora_alpha", t.lora_alpha, 0.0, 1e4, lo_open=True)
+        _float_range("training.lora_dropout", t.lora_dropout, 0.0, 1.0, hi_open=True)
+        targets = t.lora_target_list
+        bad = [x for x in targets if x not in LORA_TARGETS]
+        _check(
+            bool(targets) and not bad and len(set(targets)) == len(targets),
+            "training.lora_targets",
+            f"a comma-separated list of distinct names among {', '.join(LORA_TARGETS)}, "
+            f"got {t.lora_targets[:100]!r}",
+        )
+
+
+# The projections LoRA may adapt, with (input, output) widths as functions of the config.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _lora_shape(m: ModelConfig, name: str) -> tuple[int, int]:
+    d, hd, ff = m.d_model, m.head_dim, m.intermediate_size
+    return {
+        "q_proj": (d, m.n_heads * hd),
+        "k_proj": (d, m.n_kv_heads * hd),
+        "v_proj": (d, m.n_kv_heads * hd),
+        "o_proj": (m.n_heads * hd, d),
+        "gate_proj": (d, ff),
+        "up_proj": (d, ff),
+        "down_proj": (ff, d),
+    }[name]
+
+
+def trainable_parameters(spec: JobSpec) -> int:
+    """Parameters the job trains: all of the model's, or with LoRA the adapters' alone
+    (r x (in + out) per adapted projection and layer)."""
+    m, t = spec.model, spec.training
+    if not t.lora_rank:
+        return count_parameters(m).total
+    per_layer = sum(t.lora_rank * sum(_lora_shape(m, x)) for x in t.lora_target_list)
+    return m.n_layers * per_layer
 
 
 def count_parameters(m: ModelConfig) -> ParameterCount:

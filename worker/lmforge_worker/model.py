@@ -142,6 +142,48 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
 
 
+class LoRALinear(nn.Linear):
+    """A frozen projection plus a trainable low-rank update (LoRA, Hu et al. 2021):
+    y = W x + (alpha / r) B A dropout(x). B starts at zero, so training starts exactly from
+    the base model. The base weight keeps its name (`...q_proj.weight`); `merged_weight`
+    is what the exported model holds."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises
+        self.scaling = alpha / rank
+        self.lora_dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # p=0 dropout in training mode would still draw a mask: skip it.
+        h = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
+        return F.linear(x, self.weight) + F.linear(F.linear(h, self.lora_A), self.lora_B) * (
+            self.scaling
+        )
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight + self.scaling * (self.lora_B @ self.lora_A)
+
+
+def add_lora(
+    model: Llama, rank: int, alpha: float, dropout: float, targets: Sequence[str]
+) -> Llama:
+    """Freezes every weight of `model` and wraps the `targets` projections of each layer
+    (q_proj, ..., down_proj) in LoRALinear: only the adapters train. In place."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.model.layers:
+        for name in targets:
+            parent = block.self_attn if hasattr(block.self_attn, name) else block.mlp
+            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
+    return model
+
+
 class Llama(nn.Module):
     """Decoder-only language model built from a `ModelConfig`."""
 
@@ -320,12 +362,19 @@ def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None) -> dict[str,
 
 
 def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
-    """Contiguous fp32 CPU tensors by HF name; a tied lm_head is left out, as HF saves it."""
+    """Contiguous fp32 CPU tensors by HF name; a tied lm_head is left out, as HF saves it.
+    LoRA adapters are merged into the weights they adapt (a plain Llama's weights)."""
+    lora = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     sd = {}
-    for name, t in model.state_dict().items():
-        if model.config.tie_embeddings and name == "lm_head.weight":
-            continue
-        sd[name.removeprefix("_orig_mod.")] = t.detach().to("cpu", torch.float32).contiguous()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if model.config.tie_embeddings and name == "lm_head.weight":
+                continue
+            if ".lora_" in name:
+                continue
+            if name in lora:
+                t = lora[name].merged_weight()
+            sd[name.removeprefix("_orig_mod.")] = t.detach().to("cpu", torch.float32).contiguous()
     return sd
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import secrets
@@ -120,6 +121,8 @@ class _Hooks:
     ):
         self.store, self.job, self.token, self.beat = store, job, token, beat
         self.artifacts = artifacts
+        # The attempt's data directory (tokenizer), published with each checkpoint.
+        self.data_dir: Path | None = None
         model, training = job.spec.get("model", {}), job.spec.get("training", {})
         self._tokens_per_step = (
             training.get("batch_size", 0)
@@ -128,11 +131,11 @@ class _Hooks:
         )
         self._peak_flops = peak_flops
         self.pending: collections.deque = collections.deque(maxlen=MAX_PENDING_EVENTS)
+        self._seq = itertools.count()  # numbers the events: a resent one is written once
         # Seconds per phase outside the training loop (imports), reported with its own.
         self.timings: dict[str, float] = {}
         self.keep_checkpoints = 3
-        # The attempt's data directory (tokenizer), published with each checkpoint.
-        self.data_dir: Path | None = None
+        self.events = None  # TensorBoard event files, when the operator turned them on
         self.train_loss = 0.0
         self.last_eval = (0.0, 0.0, 0)  # val loss, val bits per byte, step
 
@@ -146,16 +149,16 @@ class _Hooks:
         return None
 
     def _write(self, progress: dict, type_: str = "PROGRESS", msg: str = "") -> None:
-        self.pending.append((progress, type_, msg, time.time()))
+        self.pending.append((progress, type_, msg, time.time(), next(self._seq)))
         self.flush()
 
     def flush(self) -> bool:
         """Writes the kept events in order; False while Redis is still unreachable."""
         try:
             while self.pending:
-                progress, type_, msg, at = self.pending[0]
+                progress, type_, msg, at, seq = self.pending[0]
                 self.store.record_progress(
-                    self.job.id, self.job.attempt, self.token, progress, type_, msg, at=at
+                    self.job.id, self.job.attempt, self.token, progress, type_, msg, at, seq
                 )
                 self.pending.popleft()
         except st.LeaseLost:
@@ -179,6 +182,8 @@ class _Hooks:
         if "lr" in d:
             d["learning_rate"] = d.pop("lr")
         self._write(d)
+        if self.events is not None:
+            self.events.progress(d)
         metrics.observe_training(
             self.job.id,
             step=d.get("step", 0),
@@ -188,7 +193,15 @@ class _Hooks:
             peak_flops=self._peak_flops,
         )
 
+    def open_event_log(self, log_dir: Path) -> None:
+        """TensorBoard event files from now on (Settings.tensorboard)."""
+        from lmforge_worker.tensorboard_events import EventLog
+
+        self.events = EventLog(log_dir)
+
     def on_eval(self, step, val_loss, val_bpb, best_val_loss, best_step) -> None:
+        if self.events is not None:
+            self.events.evaluation(step, val_loss, val_bpb)
         progress = dict(
             step=step,
             val_loss=val_loss,
@@ -220,7 +233,7 @@ class _Hooks:
         # Only a promoted checkpoint is a resume point: until one is, the last promoted one
         # must stay (a Redis outage or a lost lease leaves the job pointing at it). Past
         # that, the registry keeps the best and the newest settings.keep_checkpoints. The
-        # local copies are only staging for the upload.
+        # local files are only staging for the upload.
         for old in path.parent.glob("step-*.pt"):
             if old.name < path.name:
                 old.unlink(missing_ok=True)
@@ -239,14 +252,18 @@ class _Hooks:
         )
         job, token = self.job, self.token
         checkpoints.record(self.store, job.id, job.attempt, token, ckpt)
-        stale = checkpoints.to_drop(checkpoints.all_of(self.store, job.id), self.keep_checkpoints)
+        kept = checkpoints.all_of(self.store, job.id)
+        stale = checkpoints.to_drop(kept, self.keep_checkpoints)
         checkpoints.drop(self.store, job.id, job.attempt, token, [c.step for c in stale])
-        for c in stale:
-            if c.path != key:
-                try:
-                    self.artifacts.remove(c.path)
-                except Exception as e:  # an orphan in the store, not a failed job
-                    log.warning("job %s: checkpoint %s not removed: %s", job.id, c.path, e)
+        # And checkpoints behind this one that never made the registry (their promotion
+        # failed) are no resume point any more.
+        gone = [c.path for c in stale if c.path != key]
+        try:
+            for ref in gone:
+                self.artifacts.remove(ref)
+            self.artifacts.remove_checkpoints_before(key, keep={c.path for c in kept})
+        except Exception as e:  # orphans in the store, not a failed job
+            log.warning("job %s: old checkpoints not removed: %s", job.id, e)
 
     def on_log(self, message: str) -> None:
         self._write({}, "LOG", message)
@@ -298,6 +315,8 @@ def run_job(
         return st.FAILED
     finally:
         beat.stop()
+        if hooks.events is not None:
+            hooks.events.close()
         metrics.forget_job(job_id)
         with contextlib.suppress(redis.RedisError):
             store.release(job_id, job.attempt, token)
@@ -306,6 +325,10 @@ def run_job(
 def _train_export_register(
     settings, store, artifacts, job, token, device, hooks, training, export_onnx
 ) -> str | None:
+    if job.export_of:
+        return _export_checkpoint(
+            settings, store, artifacts, job, token, device, hooks, training, export_onnx
+        )
     spec = JobSpec.from_dict(job.spec)
     # Each attempt has its own local work directory (data, best weights, checkpoints before
     # they are uploaded): a zombie attempt that lost its lease never writes into the files
@@ -315,15 +338,16 @@ def _train_export_register(
     checkpoint_dir = job_scratch / "checkpoints" / f"attempt-{job.attempt}"
     hooks.data_dir = work_dir / "data"  # its tokenizer goes with every checkpoint
     resume_from = artifacts.checkpoint_file(job.checkpoint) if job.checkpoint else None
+    init_dir = None
+    if settings.tensorboard:
+        hooks.open_event_log(job_scratch / "tensorboard" / f"attempt-{job.attempt}")
     # Also on a resume: the tokenizer comes from there if the data was never built (the
     # weights come from the checkpoint: train loads init weights only when not resuming).
-    init_dir = None
     if checkpoints.REF_RE.match(spec.training.init_from):
         _, ckpt = checkpoints.resolve(store, job.owner, spec.training.init_from)
         ckpt_file = artifacts.checkpoint_file(ckpt.path)
-        data_dir = ckpt_file.parent / "data"
         init_dir = training.checkpoint_model_dir(
-            ckpt_file, work_dir / "init", data_dir=data_dir if data_dir.is_dir() else None
+            ckpt_file, work_dir / "init", data_dir=_checkpoint_data(ckpt_file)
         )
     elif spec.training.init_from:
         init_dir = artifacts.local_dir(spec.training.init_from)
@@ -365,7 +389,6 @@ def _train_export_register(
     flops = result.tokens_per_second * job.parameters.get("flops_per_token", 0)
     with contextlib.suppress(redis.RedisError):  # an estimate for validate_only; best effort
         validation.record_throughput(store, device_class(device), flops)
-    store.set_state(job.id, job.attempt, token, st.EXPORTING, "exporting to ONNX")
     metadata = {
         "job_id": job.id,
         "model_id": job.model_id,
@@ -373,20 +396,77 @@ def _train_export_register(
         "dataset_sha256": job.dataset_id,
         "stopped": result.status,
     }
-    t_export = time.monotonic()
-    tmp = work_dir / "export"
-    shutil.rmtree(tmp, ignore_errors=True)  # an export of this attempt cut short earlier
-    tmp.mkdir()
+    return _export_register(
+        settings, store, artifacts, job, token, device, hooks, export_onnx,
+        write_files=lambda tmp: training.finalize(result, spec, work_dir, tmp, metadata),
+        data_dir=work_dir / "data",
+        val_metrics=(result.best_val_loss, result.best_val_bpb),
+        timings=result.timings,
+    )  # fmt: skip
+
+
+def _export_checkpoint(
+    settings, store, artifacts, job, token, device, hooks, training, export_onnx
+) -> str:
+    """An ExportCheckpoint job: the kept checkpoint `job.export_of` exported and registered
+    like a training job's best weights."""
     try:
-        training.finalize(result, spec, work_dir, tmp, metadata)
+        _, ckpt = checkpoints.resolve(store, job.owner, job.export_of)
+    except st.NotFound as e:
+        raise ValueError(f"checkpoint {job.export_of}: {e.message}") from None
+    try:
+        path = artifacts.checkpoint_file(ckpt.path)
+    except FileNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise ValueError(f"checkpoint {job.export_of} was deleted before it could be exported")
+    data_dir = _checkpoint_data(path)
+    metadata = {
+        "job_id": job.id,
+        "model_id": job.model_id,
+        "owner": job.owner,
+        "dataset_sha256": job.dataset_id,
+        "exported_checkpoint": job.export_of,
+        "checkpoint": {
+            "step": ckpt.step,
+            "train_loss": ckpt.train_loss,
+            "val_loss": ckpt.val_loss,
+            "val_step": ckpt.val_step,
+        },
+    }
+    # A checkpoint's val loss is its own only when it was evaluated at that very step.
+    evaluated = ckpt.val_step == ckpt.step
+    return _export_register(
+        settings, store, artifacts, job, token, device, hooks, export_onnx,
+        write_files=lambda tmp: training.checkpoint_model_dir(path, tmp, metadata, data_dir),
+        data_dir=data_dir or path.parents[2] / path.parent.name / "data",
+        val_metrics=(ckpt.val_loss, ckpt.val_bits_per_byte) if evaluated else (0.0, 0.0),
+        timings={},
+    )  # fmt: skip
+
+
+def _export_register(
+    settings, store, artifacts, job, token, device, hooks, export_onnx, *,
+    write_files, data_dir: Path, val_metrics: tuple[float, float], timings: dict,
+) -> str:  # fmt: skip
+    """Export (fenced by the lease), parity gate, registration: for trained weights and
+    for an exported checkpoint alike. `write_files(tmp)` writes the Hugging Face files."""
+    store.set_state(job.id, job.attempt, token, st.EXPORTING, "exporting to ONNX")
+    best_val_loss, best_val_bpb = val_metrics
+    t_export = time.monotonic()
+    tmp = artifacts.scratch_dir / "jobs" / job.id / f"attempt-{job.attempt}" / "export"
+    shutil.rmtree(tmp, ignore_errors=True)  # an export of this attempt cut short earlier
+    tmp.mkdir(parents=True)
+    try:
+        write_files(tmp)
         parity = export_onnx(
             tmp,
             fp16=device.startswith("cuda"),
             parity_limit=settings.parity_limit,
-            eval_tokens=_val_tokens(work_dir / "data"),
+            eval_tokens=_val_tokens(data_dir),
             exporter=_exporter(settings.onnx_exporter, job.parameters.get("total", 0)),
         )
-        timings = {**hooks.timings, **result.timings, "export": time.monotonic() - t_export}
+        timings = {**hooks.timings, **timings, "export": time.monotonic() - t_export}
         _merge_metadata(tmp / "metadata.json", {"onnx": parity, "timings": timings})
         files = sorted(p.name for p in tmp.iterdir())
         # Every attempt publishes under a key of its own: a zombie never replaces the files
@@ -412,8 +492,8 @@ def _train_export_register(
         path=published,
         created_at=prev.created_at,
         metrics={
-            "val_loss": result.best_val_loss,
-            "val_bits_per_byte": result.best_val_bpb,
+            "val_loss": best_val_loss,
+            "val_bits_per_byte": best_val_bpb,
             "onnx_parity_max_abs_diff": float(parity.get("max_abs_diff", 0.0)),
             # Per graph variant: validation loss and whether it passed the quality gate.
             **{
@@ -426,7 +506,9 @@ def _train_export_register(
         files=files,
         dataset_sha256=job.dataset_id,
     )
-    msg = f"model {model.name}@{model.version} ({model.id}) ready, best val loss {result.best_val_loss:.4f}"
+    msg = (
+        f"model {model.name}@{model.version} ({model.id}) ready, best val loss {best_val_loss:.4f}"
+    )
     try:
         # Fenced: only the lease holder registers its export.
         store.finish(job.id, job.attempt, token, st.SUCCEEDED, msg, model=model)
@@ -435,6 +517,13 @@ def _train_export_register(
         raise
     artifacts.remove_other_exports(job.model_id, keep=published)
     return st.SUCCEEDED
+
+
+def _checkpoint_data(ckpt_file: Path) -> Path | None:
+    """The tokenizer directory published with a checkpoint (None for one written before
+    checkpoints carried it: its attempt's work directory is then beside it)."""
+    data_dir = ckpt_file.parent / "data"
+    return data_dir if data_dir.is_dir() else None
 
 
 def _val_tokens(data_dir: Path, limit: int = 1 << 16):

@@ -28,6 +28,7 @@ from lmforge_server.specs import JobSpec, TrainConfig, count_parameters
 from lmforge_worker.data import DataInfo, TokenBins, prepare_data
 from lmforge_worker.model import (
     Llama,
+    add_lora,
     hf_config,
     hf_state_dict,
     load_pretrained,
@@ -64,6 +65,9 @@ class Progress:
     tokens_seen: int
     # Total gradient norm before clipping (of the logged step).
     grad_norm: float = 0.0
+    # Unix time the last step should end, at this run's wall time per step so far
+    # (evaluations and checkpoints included, unlike eta_seconds).
+    estimated_finish: float = 0.0
 
 
 class TrainHooks(Protocol):
@@ -148,15 +152,25 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _configure_optimizer(model: Llama, t: TrainConfig, device: torch.device):
-    # Decay matrices (embeddings included, as nanoGPT does), not norm gains.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # Decay matrices (embeddings included, as nanoGPT does), not norm gains. Frozen weights
+    # (LoRA's base) have no optimizer state at all.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": t.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    groups = [g for g in groups if g["params"]]
     # Fused on CPU too: one kernel over all parameters instead of a Python loop per tensor.
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), fused=True)
+
+
+def _trainable(model: Llama, t: TrainConfig) -> str:
+    if not t.lora_rank:
+        return ""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"LoRA r={t.lora_rank} on {t.lora_targets}: {n:,} of "
 
 
 def _lm_loss(run_model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean"):
@@ -298,6 +312,8 @@ def train(
         # Our config (dropout included) with the base weights; shapes must agree.
         model.load_state_dict(base.state_dict())
         del base
+    if t.lora_rank:  # before a resume's load: its state holds the adapters too
+        add_lora(model, t.lora_rank, t.lora_alpha, t.lora_dropout, t.lora_target_list)
     model.to(dev)
     model.train()
     optimizer = _configure_optimizer(model, t, dev)
@@ -417,12 +433,13 @@ def train(
     _call(
         hooks,
         "on_log",
-        f"training {count_parameters(m).total:,} parameters on {dev} ({precision}"
+        f"training {_trainable(model, t)}{count_parameters(m).total:,} parameters on {dev} ({precision}"
         f"{', compiled' if compiled else ''}), {info.train_tokens:,} train / "
         f"{info.val_tokens:,} val tokens, from step {step}",
     )
     train_time, steps_this_run = 0.0, 0
     window_time, window_steps = 0.0, 0
+    loop_start = time.monotonic()
     last_ckpt_step = step if resume_from is not None else -1
     status: Status = "completed"
     while step < t.max_steps:
@@ -478,6 +495,8 @@ def train(
                     elapsed_seconds=elapsed_before + time.monotonic() - t0,
                     tokens_seen=tokens_seen,
                     grad_norm=grad_norm.item(),
+                    estimated_finish=time.time()
+                    + (time.monotonic() - loop_start) / steps_this_run * (t.max_steps - step),
                 )
             )
             window_time, window_steps = 0.0, 0
@@ -532,14 +551,22 @@ def train(
     return result(status)
 
 
-def checkpoint_model_dir(ckpt_path: Path, out_dir: Path, data_dir: Path | None = None) -> Path:
+def checkpoint_model_dir(
+    ckpt_path: Path,
+    out_dir: Path,
+    metadata: dict[str, Any] | None = None,
+    data_dir: Path | None = None,
+) -> Path:
     """A Hugging Face-layout directory (weights, config, tokenizer) of a checkpoint's model,
     for `init_from`; the tokenizer is its attempt's: `data_dir`, or else
     `<job dir>/attempt-N/data` for a checkpoint in `<job dir>/checkpoints/attempt-N/`."""
     ckpt = load_checkpoint(Path(ckpt_path))
     spec = JobSpec.from_dict(ckpt["spec"])
     model = Llama(spec.model)
-    model.load_state_dict(ckpt["model"])
+    t = spec.training
+    if t.lora_rank:
+        add_lora(model, t.lora_rank, t.lora_alpha, t.lora_dropout, t.lora_target_list)
+    model.load_state_dict(ckpt["model"])  # hf_state_dict below merges the adapters
     ckpt_path = Path(ckpt_path)
     if data_dir is None:
         data_dir = ckpt_path.parents[2] / ckpt_path.parent.name / "data"
@@ -550,6 +577,20 @@ def checkpoint_model_dir(ckpt_path: Path, out_dir: Path, data_dir: Path | None =
     cfg = hf_config(spec.model, eos_token_id=info["eos_token_id"])
     write_file_atomic(out / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
     shutil.copyfile(data_dir / "tokenizer.json", out / "tokenizer.json")
+    if metadata is not None:  # an exported checkpoint: metadata.json as finalize writes it
+        data = {
+            "preset": spec.preset,
+            "spec": spec.to_dict(),
+            "seed": spec.training.seed,
+            "parameters": dataclasses.asdict(count_parameters(spec.model)),
+            "tokenizer": {
+                "kind": spec.model.tokenizer,
+                "vocab_size": info["vocab_size"],
+                "eos_token_id": info["eos_token_id"],
+            },
+            **metadata,
+        }
+        write_file_atomic(out / "metadata.json", (json.dumps(data, indent=2) + "\n").encode())
     return out
 
 

@@ -9,7 +9,7 @@ import sys
 
 from lmforge import errors
 from lmforge._progress import describe
-from lmforge.cli.context import EXIT_ERROR, EXIT_OK, _bar_wanted, _client
+from lmforge.cli.context import EXIT_ERROR, EXIT_OK, UsageError, _bar_wanted, _client
 from lmforge.cli.output import _when, print_fields, print_json, print_table
 from lmforge.cli.train import _emit_job_end
 from lmforge.types import (
@@ -31,6 +31,7 @@ def _job_row(j: Job) -> tuple:
         step,
         f"{p.loss:.4f}" if p.loss else "",
         _when(j.created_at),
+        _when(p.estimated_finish) if not j.state.terminal else "",
     )
 
 
@@ -56,7 +57,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 print_json(jobs)
             else:
                 print_table(
-                    ["ID", "STATE", "MODEL", "PRESET", "STEP", "LOSS", "CREATED"],
+                    ["ID", "STATE", "MODEL", "PRESET", "STEP", "LOSS", "CREATED", "FINISH (EST.)"],
                     map(_job_row, jobs),
                 )
         elif args.action == "get":
@@ -71,6 +72,31 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 print_json(job)
             else:
                 print(f"{job.id}  {job.state.value}")
+        elif args.action == "checkpoints":
+            kept = client.jobs.checkpoints(args.id)
+            if args.json:
+                print_json(kept)
+            else:
+                print_table(
+                    ["REF", "STEP", "TRAIN LOSS", "VAL LOSS", "VAL STEP", "CREATED"],
+                    (
+                        (c.ref, c.step, f"{c.train_loss:.4f}",
+                         f"{c.val_loss:.4f}" if c.val_step else "", c.val_step or "",
+                         _when(c.created_at))
+                        for c in kept
+                    ),
+                )  # fmt: skip
+        elif args.action == "export":
+            if args.step is None:
+                raise UsageError("jobs export needs --step (see lmforge jobs checkpoints JOB)")
+            job = client.jobs.export_checkpoint(
+                args.id, args.step, model_name=args.model_name or ""
+            )
+            if args.json:
+                print_json(job)
+            else:
+                print(f"{job.id}  {job.state.value}  exporting {job.export_of}")
+                print(f"         lmforge jobs wait {job.id}  (registers {job.model_name})")
         elif args.action == "metrics":
             _print_metrics(client.jobs.metrics(args.id), args)
         elif args.action == "watch":

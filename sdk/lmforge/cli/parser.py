@@ -163,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-name", help="the dataset's name (default: the file name)")
     p.add_argument("--request-id", help="idempotency key: the same key gives the same job")
     p.add_argument(
+        "--validation-dataset",
+        metavar="FILE_OR_ID",
+        help="evaluate on this text file or dataset id instead of a split of FILE",
+    )
+    p.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="print what the job would do (tokens, FLOPs, memory, time) and its problems; "
+        "start nothing (exit 1 when problems were found)",
+    )
+    p.add_argument(
         "--wait",
         action="store_true",
         help="wait for the job, with a progress bar; exit 1 if it fails",
@@ -173,10 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?", help="dataset id (a file path for upload)")
     p.add_argument("--name", help="dataset name (upload)")
 
-    p = add("jobs", "list, show, watch, wait for, pause, resume or cancel jobs; metrics", cmd_jobs)
-    p.add_argument(
-        "action", choices=["list", "get", "watch", "wait", "cancel", "pause", "resume", "metrics"]
+    p = add(
+        "jobs",
+        "list, show, watch, wait for, pause, resume or cancel jobs; metrics, checkpoints, export",
+        cmd_jobs,
     )
+    p.add_argument(
+        "action",
+        choices=["list", "get", "watch", "wait", "cancel", "pause", "resume", "metrics"]
+        + ["checkpoints", "export"],
+    )
+    p.add_argument("--step", type=int, help="export: the checkpoint's step (see checkpoints)")
+    p.add_argument("--model-name", help="export: the model to register (default: the job's)")
     p.add_argument("--csv", action="store_true", help="metrics: write CSV to stdout")
     p.add_argument("id", nargs="?", help="job id")
     p.add_argument(
@@ -230,4 +249,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 _NEEDS_ID = {("datasets", "get"), ("datasets", "delete"), ("datasets", "upload"), ("jobs", "get"), ("jobs", "watch"),
              ("jobs", "wait"), ("jobs", "cancel"), ("models", "get"), ("models", "delete"),
-             ("jobs", "pause"), ("jobs", "resume"), ("jobs", "metrics"), ("models", "download")}  # fmt: skip
+             ("jobs", "pause"), ("jobs", "resume"), ("jobs", "metrics"), ("models", "download"),
+             ("jobs", "checkpoints"), ("jobs", "export")}  # fmt: skip

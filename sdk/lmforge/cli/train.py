@@ -16,7 +16,7 @@ from lmforge.cli.context import (
     _client,
     parse_overrides,
 )
-from lmforge.cli.output import describe_parameters, human_bytes, print_json
+from lmforge.cli.output import describe_parameters, human_bytes, print_fields, print_json
 from lmforge.types import (
     Job,
     JobState,
@@ -35,6 +35,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             dataset = client.datasets.get(args.file)
         else:
             raise UsageError(f"{args.file}: no such file (nor a dataset id)")
+        val_set = None
+        if args.validation_dataset:
+            val_path = Path(args.validation_dataset)
+            val_set = (
+                client.datasets.upload(val_path) if val_path.is_file() else args.validation_dataset
+            )
+        if args.validate_only:
+            report = client.jobs.validate(
+                dataset=dataset,
+                preset=args.preset or "",
+                model=model,
+                training=training,
+                validation_dataset=val_set,
+            )
+            if args.json:
+                print_json(report)
+            else:
+                print_fields(report)
+            return EXIT_ERROR if report.problems else EXIT_OK
         job = client.jobs.create(
             dataset=dataset,
             preset=args.preset or "",
@@ -42,6 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             training=training,
             model_name=args.name or "",
             request_id=args.request_id,
+            validation_dataset=val_set,
         )
         if not args.json:
             print(f"job      {job.id}  {job.state.value}  model {job.model_name}")

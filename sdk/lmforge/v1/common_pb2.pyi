@@ -31,7 +31,7 @@ class ModelSpec(_message.Message):
     def __init__(self, n_layers: _Optional[int] = ..., n_heads: _Optional[int] = ..., n_kv_heads: _Optional[int] = ..., d_model: _Optional[int] = ..., intermediate_size: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tokenizer: _Optional[str] = ..., dropout: _Optional[float] = ..., tie_embeddings: _Optional[bool] = ..., rope_theta: _Optional[float] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
-    __slots__ = ("max_steps", "batch_size", "grad_accum_steps", "learning_rate", "min_learning_rate", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval", "eval_batches", "val_fraction", "checkpoint_interval", "seed", "precision", "compile", "early_stopping_patience", "init_from", "log_interval", "target_val_loss")
+    __slots__ = ("max_steps", "batch_size", "grad_accum_steps", "learning_rate", "min_learning_rate", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval", "eval_batches", "val_fraction", "checkpoint_interval", "seed", "precision", "compile", "early_stopping_patience", "init_from", "log_interval", "target_val_loss", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     GRAD_ACCUM_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,10 @@ class TrainingSpec(_message.Message):
     INIT_FROM_FIELD_NUMBER: _ClassVar[int]
     LOG_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     TARGET_VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    LORA_TARGETS_FIELD_NUMBER: _ClassVar[int]
     max_steps: int
     batch_size: int
     grad_accum_steps: int
@@ -74,23 +78,29 @@ class TrainingSpec(_message.Message):
     init_from: str
     log_interval: int
     target_val_loss: float
-    def __init__(self, max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., min_learning_rate: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., eval_interval: _Optional[int] = ..., eval_batches: _Optional[int] = ..., val_fraction: _Optional[float] = ..., checkpoint_interval: _Optional[int] = ..., seed: _Optional[int] = ..., precision: _Optional[str] = ..., compile: _Optional[str] = ..., early_stopping_patience: _Optional[int] = ..., init_from: _Optional[str] = ..., log_interval: _Optional[int] = ..., target_val_loss: _Optional[float] = ...) -> None: ...
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: str
+    def __init__(self, max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., min_learning_rate: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., grad_clip: _Optional[float] = ..., eval_interval: _Optional[int] = ..., eval_batches: _Optional[int] = ..., val_fraction: _Optional[float] = ..., checkpoint_interval: _Optional[int] = ..., seed: _Optional[int] = ..., precision: _Optional[str] = ..., compile: _Optional[str] = ..., early_stopping_patience: _Optional[int] = ..., init_from: _Optional[str] = ..., log_interval: _Optional[int] = ..., target_val_loss: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_targets: _Optional[str] = ...) -> None: ...
 
 class ParameterCount(_message.Message):
-    __slots__ = ("total", "embedding", "attention", "mlp", "norm", "flops_per_token")
+    __slots__ = ("total", "embedding", "attention", "mlp", "norm", "flops_per_token", "trainable")
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
     MLP_FIELD_NUMBER: _ClassVar[int]
     NORM_FIELD_NUMBER: _ClassVar[int]
     FLOPS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_FIELD_NUMBER: _ClassVar[int]
     total: int
     embedding: int
     attention: int
     mlp: int
     norm: int
     flops_per_token: int
-    def __init__(self, total: _Optional[int] = ..., embedding: _Optional[int] = ..., attention: _Optional[int] = ..., mlp: _Optional[int] = ..., norm: _Optional[int] = ..., flops_per_token: _Optional[int] = ...) -> None: ...
+    trainable: int
+    def __init__(self, total: _Optional[int] = ..., embedding: _Optional[int] = ..., attention: _Optional[int] = ..., mlp: _Optional[int] = ..., norm: _Optional[int] = ..., flops_per_token: _Optional[int] = ..., trainable: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")

@@ -139,7 +139,7 @@ class JobSpec(_message.Message):
     def __init__(self, preset: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., training: _Optional[_Union[_common_pb2.TrainingSpec, _Mapping]] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("step", "total_steps", "loss", "learning_rate", "tokens_per_second", "eta_seconds", "elapsed_seconds", "tokens_seen", "val_loss", "val_bits_per_byte", "best_val_loss", "best_step", "grad_norm")
+    __slots__ = ("step", "total_steps", "loss", "learning_rate", "tokens_per_second", "eta_seconds", "elapsed_seconds", "tokens_seen", "val_loss", "val_bits_per_byte", "best_val_loss", "best_step", "grad_norm", "estimated_finish")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,7 @@ class Progress(_message.Message):
     BEST_VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     BEST_STEP_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_FINISH_FIELD_NUMBER: _ClassVar[int]
     step: int
     total_steps: int
     loss: float
@@ -166,10 +167,11 @@ class Progress(_message.Message):
     best_val_loss: float
     best_step: int
     grad_norm: float
-    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., tokens_seen: _Optional[int] = ..., val_loss: _Optional[float] = ..., val_bits_per_byte: _Optional[float] = ..., best_val_loss: _Optional[float] = ..., best_step: _Optional[int] = ..., grad_norm: _Optional[float] = ...) -> None: ...
+    estimated_finish: _timestamp_pb2.Timestamp
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., tokens_seen: _Optional[int] = ..., val_loss: _Optional[float] = ..., val_bits_per_byte: _Optional[float] = ..., best_val_loss: _Optional[float] = ..., best_step: _Optional[int] = ..., grad_norm: _Optional[float] = ..., estimated_finish: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "owner", "dataset_id", "model_name", "state", "spec", "parameters", "progress", "error", "model_id", "attempt", "request_id", "created_at", "started_at", "finished_at", "device", "metadata", "validation", "validation_dataset_id")
+    __slots__ = ("id", "owner", "dataset_id", "model_name", "state", "spec", "parameters", "progress", "error", "model_id", "attempt", "request_id", "created_at", "started_at", "finished_at", "device", "metadata", "export_of", "validation", "validation_dataset_id")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +196,7 @@ class Job(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_OF_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
@@ -213,9 +216,10 @@ class Job(_message.Message):
     finished_at: _timestamp_pb2.Timestamp
     device: str
     metadata: _containers.ScalarMap[str, str]
+    export_of: str
     validation: ValidationReport
     validation_dataset_id: str
-    def __init__(self, id: _Optional[str] = ..., owner: _Optional[str] = ..., dataset_id: _Optional[str] = ..., model_name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., parameters: _Optional[_Union[_common_pb2.ParameterCount, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[str] = ..., model_id: _Optional[str] = ..., attempt: _Optional[int] = ..., request_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., device: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., validation: _Optional[_Union[ValidationReport, _Mapping]] = ..., validation_dataset_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., owner: _Optional[str] = ..., dataset_id: _Optional[str] = ..., model_name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., parameters: _Optional[_Union[_common_pb2.ParameterCount, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[str] = ..., model_id: _Optional[str] = ..., attempt: _Optional[int] = ..., request_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., device: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., export_of: _Optional[str] = ..., validation: _Optional[_Union[ValidationReport, _Mapping]] = ..., validation_dataset_id: _Optional[str] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("dataset_id", "spec", "model_name", "request_id", "metadata", "validate_only", "validation_dataset_id")
@@ -243,7 +247,7 @@ class CreateJobRequest(_message.Message):
     def __init__(self, dataset_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_name: _Optional[str] = ..., request_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., validate_only: _Optional[bool] = ..., validation_dataset_id: _Optional[str] = ...) -> None: ...
 
 class ValidationReport(_message.Message):
-    __slots__ = ("corpus_tokens", "tokens_exact", "vocab_size", "train_tokens", "val_tokens", "training_flops", "weights_bytes", "optimizer_bytes", "activations_bytes", "estimated_seconds", "problems")
+    __slots__ = ("corpus_tokens", "tokens_exact", "vocab_size", "train_tokens", "val_tokens", "training_flops", "weights_bytes", "optimizer_bytes", "activations_bytes", "estimated_seconds", "problems", "characters_lost", "estimate_measured", "trainable_parameters")
     class EstimatedSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +266,9 @@ class ValidationReport(_message.Message):
     ACTIVATIONS_BYTES_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    CHARACTERS_LOST_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_MEASURED_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     corpus_tokens: int
     tokens_exact: bool
     vocab_size: int
@@ -273,7 +280,10 @@ class ValidationReport(_message.Message):
     activations_bytes: int
     estimated_seconds: _containers.ScalarMap[str, float]
     problems: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, corpus_tokens: _Optional[int] = ..., tokens_exact: _Optional[bool] = ..., vocab_size: _Optional[int] = ..., train_tokens: _Optional[int] = ..., val_tokens: _Optional[int] = ..., training_flops: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., activations_bytes: _Optional[int] = ..., estimated_seconds: _Optional[_Mapping[str, float]] = ..., problems: _Optional[_Iterable[str]] = ...) -> None: ...
+    characters_lost: int
+    estimate_measured: bool
+    trainable_parameters: int
+    def __init__(self, corpus_tokens: _Optional[int] = ..., tokens_exact: _Optional[bool] = ..., vocab_size: _Optional[int] = ..., train_tokens: _Optional[int] = ..., val_tokens: _Optional[int] = ..., training_flops: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., activations_bytes: _Optional[int] = ..., estimated_seconds: _Optional[_Mapping[str, float]] = ..., problems: _Optional[_Iterable[str]] = ..., characters_lost: _Optional[int] = ..., estimate_measured: _Optional[bool] = ..., trainable_parameters: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)
@@ -319,6 +329,18 @@ class PauseJobRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ExportCheckpointRequest(_message.Message):
+    __slots__ = ("job_id", "step", "model_name", "request_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    step: int
+    model_name: str
+    request_id: str
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., model_name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ResumeJobRequest(_message.Message):
     __slots__ = ("id",)

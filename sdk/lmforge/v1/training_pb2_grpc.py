@@ -290,6 +290,11 @@ class JobServiceStub:
                 request_serializer=lmforge_dot_v1_dot_training__pb2.GetJobMetricsRequest.SerializeToString,
                 response_deserializer=lmforge_dot_v1_dot_training__pb2.MetricRow.FromString,
                 _registered_method=True)
+        self.ExportCheckpoint = channel.unary_unary(
+                '/lmforge.v1.JobService/ExportCheckpoint',
+                request_serializer=lmforge_dot_v1_dot_training__pb2.ExportCheckpointRequest.SerializeToString,
+                response_deserializer=lmforge_dot_v1_dot_training__pb2.Job.FromString,
+                _registered_method=True)
         self.ListCheckpoints = channel.unary_unary(
                 '/lmforge.v1.JobService/ListCheckpoints',
                 request_serializer=lmforge_dot_v1_dot_training__pb2.ListCheckpointsRequest.SerializeToString,
@@ -366,6 +371,15 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportCheckpoint(self, request, context):
+        """Exports a kept checkpoint (ListCheckpoints) and registers it as a new version of
+        `model_name`: an export job (Job.export_of set) that a worker runs under the same
+        lease, parity gate and registration as a training job's export.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListCheckpoints(self, request, context):
         """The job's kept checkpoints (the best by validation loss and the newest few), by step.
         Each can start another job: training.init_from = its `ref`.
@@ -421,6 +435,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetJobMetrics,
                     request_deserializer=lmforge_dot_v1_dot_training__pb2.GetJobMetricsRequest.FromString,
                     response_serializer=lmforge_dot_v1_dot_training__pb2.MetricRow.SerializeToString,
+            ),
+            'ExportCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportCheckpoint,
+                    request_deserializer=lmforge_dot_v1_dot_training__pb2.ExportCheckpointRequest.FromString,
+                    response_serializer=lmforge_dot_v1_dot_training__pb2.Job.SerializeToString,
             ),
             'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListCheckpoints,
@@ -673,6 +692,33 @@ class JobService:
             '/lmforge.v1.JobService/GetJobMetrics',
             lmforge_dot_v1_dot_training__pb2.GetJobMetricsRequest.SerializeToString,
             lmforge_dot_v1_dot_training__pb2.MetricRow.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmforge.v1.JobService/ExportCheckpoint',
+            lmforge_dot_v1_dot_training__pb2.ExportCheckpointRequest.SerializeToString,
+            lmforge_dot_v1_dot_training__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

@@ -412,10 +412,19 @@ def _job_spec(body: dict) -> tuple[training_pb2.JobSpec, str]:
     return spec, suffix
 
 
+def _estimated_finish(j: training_pb2.Job) -> int | None:
+    """The worker's estimate (from its measured steps) while the job runs."""
+    if j.state != training_pb2.JOB_STATE_RUNNING:
+        return None
+    if j.progress.HasField("estimated_finish"):
+        return j.progress.estimated_finish.seconds
+    eta = j.progress.eta_seconds
+    return int(time.time() + eta) if eta else None
+
+
 def _job(j: training_pb2.Job) -> dict:
     t = j.spec.training
     done = j.state == training_pb2.JOB_STATE_SUCCEEDED
-    eta = j.progress.eta_seconds
     error = None
     if j.state == training_pb2.JOB_STATE_FAILED:
         error = {"code": "training_failed", "message": j.error, "param": None}
@@ -439,9 +448,7 @@ def _job(j: training_pb2.Job) -> dict:
         "trained_tokens": j.progress.tokens_seen or None,
         "error": error,
         "seed": t.seed,
-        "estimated_finish": int(time.time() + eta)
-        if eta and j.state == training_pb2.JOB_STATE_RUNNING
-        else None,
+        "estimated_finish": _estimated_finish(j),
         "integrations": [],
         "user_provided_suffix": j.model_name,
         "method": {"type": "supervised"},

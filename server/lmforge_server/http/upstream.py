@@ -21,10 +21,16 @@ UNARY_TIMEOUT_S = 60.0
 class Upstream:
     """Stubs of the four services on two channels, opened on the server's event loop."""
 
-    def __init__(self, api_addr: str, inference_addr: str):
-        # Either may name several replicas ("a:1,b:2"), balanced round robin.
-        self._api = grpc.aio.insecure_channel(*channel_target(api_addr))
-        self._inference = grpc.aio.insecure_channel(*channel_target(inference_addr))
+    def __init__(
+        self,
+        api_addr: str,
+        inference_addr: str,
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
+        """`credentials`: TLS to the servers (None: plaintext). Either address may name
+        several replicas ("ip:port,ip:port" or "dns:///name:port"), balanced round robin."""
+        self._api = _channel(api_addr, credentials)
+        self._inference = _channel(inference_addr, credentials)
         self.datasets = training_pb2_grpc.DatasetServiceStub(self._api)
         self.jobs = training_pb2_grpc.JobServiceStub(self._api)
         self.models = training_pb2_grpc.ModelServiceStub(self._api)
@@ -33,6 +39,13 @@ class Upstream:
     async def close(self) -> None:
         await self._api.close()
         await self._inference.close()
+
+
+def _channel(addr: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    target, options = channel_target(addr)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 def metadata(request: Request) -> tuple[tuple[str, str], ...]:
