@@ -282,14 +282,14 @@ class _ReplyDropper:
                 client.sendall(data)
 
 
-def test_a_progress_event_whose_reply_was_lost_is_written_exactly_once(redis_server):
+def test_a_progress_event_whose_reply_was_lost_is_written_exactly_once(redis_server, tmp_path):
     proxy = _ReplyDropper(redis_server.port)
     store = st.Store.from_url(f"redis://127.0.0.1:{proxy.port}/0")
     ds = st.DatasetRecord("d" * 64, "default", "d", "d" * 64, 1, 1, 1, 0.0, "/nowhere")
     store.put_dataset(ds)
     job = store.acquire(_job(store, ds).id, "w1", ttl_s=60, device="cpu")
     beat = runner._Heartbeat(store, job.id, job.attempt, "w1", ttl_s=60)  # never started
-    hooks = runner._Hooks(store, job, "w1", beat)
+    hooks = runner._Hooks(store, job, "w1", beat, _local_artifacts(tmp_path))
     hooks.on_progress({"step": 1})
     proxy.armed.set()
     hooks.on_progress({"step": 2})  # committed in Redis; the reply is lost on the way back
