@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import time
 from pathlib import Path
 
@@ -425,6 +426,14 @@ def test_validate_only_reports_the_job_without_running_it(api, small_dataset, st
     assert "one batch (8 x 32 tokens) is larger than the train split (38 tokens)" in problems
     assert "the validation split would hold 4 tokens" in problems
     assert "read the train split" in problems
+    assert [j.id for j in api.jobs.ListJobs(S.ListJobsRequest()).jobs] == before
+    for dataset_id, code in ((small_dataset.id, 0), (tiny.id, 1)):  # 1: problems found
+        out = io.StringIO()
+        argv = ["--api", api_addr, "--json", "train", dataset_id, "--preset", "tiny"]
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+            cli_main([*argv, "--validate-only"])
+        assert exit_.value.code == code
+        assert json.loads(out.getvalue())["corpus_tokens"] in (len(SMALL_CORPUS), 42)
     assert [j.id for j in api.jobs.ListJobs(S.ListJobsRequest()).jobs] == before
 
 
