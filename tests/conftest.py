@@ -7,6 +7,7 @@ touches a Redis at 6379 or any state outside tmp.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,11 +15,18 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from lmforge.v1 import common_pb2, training_pb2, training_pb2_grpc
 from lmforge_server.redis_server import RedisServer
 from lmforge_server.settings import Settings
 from lmforge_server.stack import BUNDLED_CORPUS, Stack
+
+# One torch thread in the test process, like the stack's workers (torch_threads=1), unless
+# LMFORGE_TEST_TORCH_THREADS says otherwise: on this shared 2-core machine one A/B under
+# load 6 gave 48 s (1 thread) against 101 s (2) for test_training + test_model; a later
+# alternating run of three training tests showed no difference (5-6.6 s either way).
+torch.set_num_threads(int(os.environ.get("LMFORGE_TEST_TORCH_THREADS", "1")))
 
 CORPUS = BUNDLED_CORPUS.read_text()
 # About 60 KB of Shakespeare: enough for a tiny model's loss to fall.

@@ -170,7 +170,9 @@ def test_an_unreachable_server_is_a_one_line_error_not_a_traceback():
         addr = f"127.0.0.1:{s.getsockname()[1]}"
         exe = shutil.which("lmforge") or ""
         command = [exe] if exe else [sys.executable, "-m", "lmforge.cli"]
+        # --timeout 1: the SDK's retries of UNAVAILABLE stop there (the message is the same).
         for argv in (["--api", addr, "jobs", "list"], ["--inference", addr, "generate", "m", "hi"]):
+            argv = ["--timeout", "1", *argv]
             out = subprocess.run(command + argv, capture_output=True, text=True, timeout=60)
             assert out.returncode == 1 and out.stdout == ""
             assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1

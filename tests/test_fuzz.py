@@ -190,9 +190,11 @@ def fuzz_stack(tmp_path_factory):
     )
     with Stack(settings, worker=False) as s:
         # A READY model the inference server can load, registered like a worker would.
-        model_dir = build_model_dir(root / "artifacts" / "models" / "mdl_fuzz0")
+        # Each in its own directory: deleting "tiny" (the fuzz may) removes its files, and
+        # a "kept" sharing them failed to load (INTERNAL, seen once).
         store = st.Store.from_url(s.settings.redis_url)
         for model_id, name in (("mdl_fuzz0", "tiny"), ("mdl_fuzz1", KEPT_MODEL)):
+            model_dir = build_model_dir(root / "artifacts" / "models" / model_id)
             rec = st.ModelRecord(
                 id=model_id,
                 owner="fuzz",

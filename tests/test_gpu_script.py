@@ -51,6 +51,7 @@ def test_an_unknown_phase_is_refused_naming_the_phases(gpu, monkeypatch, capsys,
     assert "unknown phases ['warp']" in err and "tests,throughput,recipe,inference" in err
 
 
+@pytest.mark.slow  # runs pytest over tests/test_gpu.py
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests run rather than skip")
 def test_dry_run_of_the_tests_phase_reports_each_cuda_test_skipped_with_the_reason(
     gpu, monkeypatch, tmp_path

@@ -119,6 +119,62 @@ def wait_idle(server, model_id: str, timeout: float = 10.0) -> dict:
     raise AssertionError(f"model {model_id} still busy: {st}")
 
 
+def wait_until(predicate, what: str, timeout: float = 30.0) -> None:
+    """Waits for `predicate()`; the timeout only stops a hang, it is no speed assertion."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.01)
+
+
+def scheduler_of(server: ServerThread, model_id: str):
+    """The scheduler of a loaded model (one per loaded model and variant)."""
+    return next(v.scheduler for k, v in server.server.engine._loaded.items() if k[0] == model_id)
+
+
+class DecodeGate:
+    """Holds a loaded model's forward passes, after the first `allow` of them (enough for
+    whole characters: a token may be one byte of one), until the
+    test opens the gate: a generation is then certainly still running while the test
+    cancels it, lets its deadline pass or evicts its model, instead of hoping that a long
+    generation outlasts them."""
+
+    def __init__(self, server: ServerThread, model_id: str, allow: int = 1):
+        self.scheduler = scheduler_of(server, model_id)
+        self.model, self.allow = self.scheduler.model, allow
+        self.opened, self.holding = threading.Event(), threading.Event()
+
+    def __enter__(self) -> DecodeGate:
+        run = self.model.run
+
+        def gated(*args, **kwargs):
+            if self.allow > 0:
+                self.allow -= 1
+            else:
+                self.holding.set()
+                self.opened.wait()
+            return run(*args, **kwargs)
+
+        self.model.run = gated
+        return self
+
+    def stopped(self, cancelled_before: int) -> bool:
+        """Whether the server has cancelled the request: marked in the held batch, or
+        already dropped as cancelled before it reached the gate."""
+        rows = list(self.scheduler._rows)
+        if rows and all(r.cancelled for r in rows):
+            return True
+        return self.scheduler.finished.get("cancelled", 0) > cancelled_before
+
+    def open(self) -> None:
+        self.opened.set()
+
+    def __exit__(self, *exc) -> None:
+        self.opened.set()
+        del self.model.run  # the class's own method again
+
+
 # --- results ------------------------------------------------------------------------------
 
 
@@ -304,24 +360,36 @@ def cancelled_count(stub, server) -> int:
 
 def test_cancel_mid_stream_frees_the_slot(stub, server):
     before = cancelled_count(stub, server)
-    call = stub.GenerateStream(request("cyc", "a", temperature=0, max_new_tokens=4000), timeout=60)
-    first = next(call)
-    assert first.text and not first.final
-    call.cancel()
-    st = wait_idle(server, "cyc")
+    with DecodeGate(server, "cyc", allow=8) as gate:  # it cannot run to its end before the cancel
+        call = stub.GenerateStream(
+            request("cyc", "a", temperature=0, max_new_tokens=4000), timeout=60
+        )
+        first = next(call)
+        assert first.text and not first.final
+        call.cancel()
+        wait_until(lambda: gate.stopped(before), "the server saw the cancel")
+        gate.open()
+        st = wait_idle(server, "cyc")
     assert st["finished"].get("cancelled", 0) == before + 1
 
 
 def test_deadline_stops_generation(stub, server):
     before = cancelled_count(stub, server)
-    with pytest.raises(grpc.RpcError) as e:
-        for _ in stub.GenerateStream(
-            request("cyc", "a", temperature=0, max_new_tokens=4000), timeout=0.2
-        ):
-            pass
-    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    st = wait_idle(server, "cyc")
+    finished_before = dict(server.stats()["cyc"]["finished"])
+    with DecodeGate(server, "cyc", allow=8) as gate:  # held after its first token: it cannot finish
+        call = stub.GenerateStream(
+            request("cyc", "a", temperature=0, max_new_tokens=4000), timeout=2.0
+        )
+        assert next(call).text  # admitted and generating before its deadline
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in call:
+                pass
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_until(lambda: gate.stopped(before), "the server stopped it at its deadline")
+        gate.open()
+        st = wait_idle(server, "cyc")
     assert st["finished"].get("cancelled", 0) == before + 1
+    assert st["finished"].get("length", 0) == finished_before.get("length", 0)
 
 
 def test_sixteen_concurrent_streams_match_sequential_greedy(stub, reference, server):

@@ -62,6 +62,7 @@ def test_redis_picks_another_port_when_the_one_it_picked_is_taken(tmp_path):
             chosen.start()  # a port the caller chose is never swapped behind its back
 
 
+@pytest.mark.slow  # starts the stack twice
 def test_stack_servers_pick_other_ports_when_theirs_are_taken(tmp_path):
     import grpc
     from conftest import Api

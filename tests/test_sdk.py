@@ -23,7 +23,10 @@ from datetime import datetime, timezone
 
 import grpc
 import pytest
+from _tiny_models import build_cycle_model_dir
 from conftest import SMALL_CORPUS, make_settings
+from test_inference_server import DecodeGate, ServerThread, wait_idle, wait_until
+from test_inference_server import settings as inference_settings
 
 import lmforge
 from lmforge import (
@@ -52,6 +55,7 @@ from lmforge import (
     _convert,
 )
 from lmforge.v1 import common_pb2, training_pb2, training_pb2_grpc
+from lmforge_server.inference.resolver import DirectoryResolver
 
 FAST_RETRY = RetryPolicy(max_attempts=20, initial_backoff=0.05, max_backoff=0.3)
 API_KEY = "sk-test-alice"
@@ -105,19 +109,6 @@ def alice(own_stack) -> Client:
         retry=FAST_RETRY,
     ) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def long_context_model(alice) -> str:
-    """A tiny model with a 1024-token context, so one generation takes a while."""
-    dataset = alice.datasets.upload(CORPUS[:100_000], name="long")
-    job = alice.jobs.create(
-        dataset=dataset,
-        preset="tiny",
-        model=ModelSpec(context_length=1024),
-        training=TrainingSpec(max_steps=10, eval_interval=10, checkpoint_interval=10),
-    )
-    return alice.jobs.wait(job.id, timeout=240).model_id
 
 
 # ---------------------------------------------------------------- the tour
@@ -304,36 +295,56 @@ def test_watch_resumes_across_an_api_server_restart(flavour, own_stack, alice):
     assert [e.id for e in resumed] == ids[restarted_at:]
 
 
-@pytest.mark.slow
+@pytest.fixture(scope="module")
+def inference_thread(tmp_path_factory):
+    """An in-process inference server with a tiny cycle model, so a test can hold its
+    generation in flight (DecodeGate)."""
+    root = tmp_path_factory.mktemp("sdk-models")
+    build_cycle_model_dir(root / "cyc", b"abcdefgh", context_length=2048)
+    s = ServerThread(inference_settings(), DirectoryResolver(root))
+    yield s
+    s.stop()
+
+
 @pytest.mark.parametrize("flavour", ["sync", "async"])
-def test_closing_a_stream_early_cancels_generation_on_the_server(
-    flavour, own_stack, alice, long_context_model
-):
-    # One generation at a time on this server: a second request waits for the first to end.
-    # Greedy: a barely trained model would sample its end-of-text token early.
-    full = alice.generate(long_context_model, "A", max_tokens=1000, temperature=0)
-    assert full.usage.completion_tokens >= 900
-    if flavour == "sync":
-        with alice.stream(long_context_model, "A", max_tokens=1000, temperature=0) as s:
-            first = next(s)
-        assert first.text and s.final is None
-        with pytest.raises(StopIteration):
-            next(s)
-    else:
+def test_closing_a_stream_early_cancels_generation_on_the_server(flavour, inference_thread):
+    s = inference_thread
+    with Client(inference_addr=s.address) as c:
+        assert c.generate("cyc", "a", max_tokens=1, temperature=0).text == "b"  # loaded
+        finished = dict(s.stats()["cyc"]["finished"])
+        before = finished.get("cancelled", 0)
+        # Held after its first tokens: the generation is certainly running when the SDK
+        # closes the stream, and can only end by the server cancelling it.
+        with DecodeGate(s, "cyc", allow=4) as gate:
+            what = "the server cancelled the closed stream"
 
-        async def read_one() -> None:
-            addr = own_stack.inference_addr
-            async with AsyncClient(inference_addr=addr, api_key=API_KEY) as c:
-                async with c.stream(long_context_model, "A", max_tokens=1000, temperature=0) as s:
-                    async for delta in s:
-                        assert delta.text
-                        break
-                assert s.final is None
+            def cancelled() -> bool:
+                return gate.stopped(before)
 
-        asyncio.run(read_one())
-    after = alice.generate(long_context_model, "B", max_tokens=1)
-    # Had the first stream kept generating, this one would have queued behind it.
-    assert after.timings.queue_ms < full.timings.total_ms / 3, (after.timings, full.timings)
+            if flavour == "sync":
+                with c.stream("cyc", "a", max_tokens=1000, temperature=0) as stream:
+                    first = next(stream)
+                assert first.text and stream.final is None
+                with pytest.raises(StopIteration):
+                    next(stream)
+            else:
+
+                async def read_one() -> None:
+                    async with AsyncClient(inference_addr=s.address) as ac:
+                        async with ac.stream("cyc", "a", max_tokens=1000, temperature=0) as st:
+                            async for delta in st:
+                                assert delta.text
+                                break
+                        assert st.final is None
+                        # Still connected: only the closed stream can have cancelled it.
+                        await asyncio.to_thread(wait_until, cancelled, what)
+
+                asyncio.run(read_one())
+            wait_until(cancelled, what)
+            gate.open()
+            stats = wait_idle(s, "cyc")
+    assert stats["finished"].get("cancelled", 0) == before + 1
+    assert stats["finished"].get("length", 0) == finished.get("length", 0)
 
 
 def test_wait_raises_for_failed_jobs_and_on_timeout(alice):

@@ -4,19 +4,26 @@ and `lmforge up --tls`."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
 from conftest import make_settings
 
-from lmforge import Client, errors
+from lmforge import Client, RetryPolicy, errors
 from lmforge_server.certs import issue, make_ca
 from lmforge_server.stack import Stack
+
+# A failed handshake is UNAVAILABLE, which the SDK retries with backoff: once is enough here.
+ONE_TRY = RetryPolicy(max_attempts=1)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +70,7 @@ def test_tls_on_both_servers_trusts_only_the_right_ca(tmp_path, pki):
             with pytest.raises(errors.NotFoundError):  # the inference server, over TLS too
                 client.generate("nope", "x", max_tokens=1)
         for wrong in (dict(tls_ca_file=pki["other_ca"]), {}):  # a wrong CA; plaintext
-            with Client(**addrs, **wrong) as client:
+            with Client(**addrs, **wrong, retry=ONE_TRY) as client:
                 with pytest.raises(errors.APIError) as e:
                     _models(client)
                 assert e.value.code == grpc.StatusCode.UNAVAILABLE
@@ -86,18 +93,61 @@ def test_mtls_requires_a_client_certificate_from_the_client_ca(tmp_path, pki):
             tls_client_cert_file=pki["foreign_cert"], tls_client_key_file=pki["foreign_key"]
         )
         for bad in ({}, foreign):  # no client certificate; one from another CA
-            with Client(**addrs, **bad) as client:
+            with Client(**addrs, **bad, retry=ONE_TRY) as client:
                 with pytest.raises(errors.APIError) as e:
                     _models(client)
                 assert e.value.code == grpc.StatusCode.UNAVAILABLE
 
 
+def test_http_gateway_serves_mtls_with_the_servers_certificate_and_reaches_them_over_tls(
+    tmp_path, pki
+):
+    settings = make_settings(
+        tmp_path,
+        tls_cert_file=pki["server_cert"],
+        tls_key_file=pki["server_key"],
+        tls_client_ca_file=pki["client_ca"],
+        # The gateway is the servers' client: it trusts their CA and shows its certificate.
+        tls_ca_file=pki["ca"],
+        tls_client_cert_file=pki["client_cert"],
+        tls_client_key_file=pki["client_key"],
+    )
+    stack = Stack(settings, inference=False, worker=False, http=True, probe_credentials=_probe(pki))
+    with stack as s:
+        url = f"https://{s.settings.http_addr}/v1/models"
+        me = (pki["client_cert"], pki["client_key"])
+        # A 200 with the (empty) list: the handshake held and the gateway reached the API
+        # server over mTLS.
+        with urllib.request.urlopen(url, context=ssl_context(pki["ca"], me), timeout=10) as r:
+            assert r.status == 200 and json.load(r)["data"] == []
+        foreign = (pki["foreign_cert"], pki["foreign_key"])
+        wrong = [
+            ssl_context(pki["ca"]),  # no client certificate
+            ssl_context(pki["ca"], foreign),  # one from another CA
+            ssl_context(pki["other_ca"], me),  # the server's certificate is not trusted
+        ]
+        for context in wrong:
+            with pytest.raises((OSError, http.client.HTTPException)):  # ssl.SSLError, reset
+                urllib.request.urlopen(url, context=context, timeout=10).read()
+        with pytest.raises((OSError, http.client.HTTPException)):  # plaintext to the TLS port
+            urllib.request.urlopen(f"http://{s.settings.http_addr}/v1/models", timeout=10).read()
+
+
+def ssl_context(ca: str, cert: tuple[str, str] | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca)
+    if cert:
+        context.load_cert_chain(*cert)
+    return context
+
+
+@pytest.mark.slow  # the whole stack with a worker, through the CLI
 def test_lmforge_up_tls_generates_a_ca_prints_it_and_serves_tls(tmp_path):
     data = tmp_path / "data"
     env = {**os.environ, "LMFORGE_TORCH_THREADS": "1", "LMFORGE_DEVICE": "cpu"}
     env.pop("LMFORGE_API_KEYS", None)
     cmd = [sys.executable, "-m", "lmforge.cli", "up", "--tls", "--data-dir", str(data)]
     cmd += ["--api-addr", "127.0.0.1:0", "--inference-addr", "127.0.0.1:0"]
+    cmd += ["--http-addr", "127.0.0.1:0"]
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -118,9 +168,15 @@ def test_lmforge_up_tls_generates_a_ca_prints_it_and_serves_tls(tmp_path):
         api_addr = next(ln.split()[1] for ln in lines if ln.strip().startswith("api "))
         with Client(api_addr=api_addr, tls_ca_file=str(ca_file), timeout=10) as client:
             assert _models(client) == []
-        with Client(api_addr=api_addr, timeout=5) as client:  # plaintext is refused
+        with Client(api_addr=api_addr, timeout=5, retry=ONE_TRY) as client:  # plaintext: refused
             with pytest.raises(errors.APIError):
                 _models(client)
+        # The console and the OpenAI API: https with the same CA, and it reaches the servers.
+        console = next(ln.split()[1] for ln in lines if ln.strip().startswith("console "))
+        assert console.startswith("https://127.0.0.1:"), console
+        context = ssl.create_default_context(cafile=str(ca_file))
+        with urllib.request.urlopen(console + "v1/models", context=context, timeout=10) as r:
+            assert r.status == 200 and json.load(r)["data"] == []
     finally:
         proc.send_signal(signal.SIGINT)
         try:

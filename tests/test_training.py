@@ -117,6 +117,7 @@ def test_cancel_stops_with_a_checkpoint(tmp_path, corpus):
     assert result.status == "interrupted" and result.steps == 5
 
 
+@pytest.mark.slow  # two training runs
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, corpus):
     # Dropout on, so the global RNG state must be restored too; accumulation and clipping on.
     spec = resolve(
@@ -201,6 +202,7 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum():
     assert mids == sorted(mids, reverse=True)
 
 
+@pytest.mark.slow  # trains a base model, then fine-tunes it
 def test_fine_tuning_starts_from_the_base_model_and_its_tokenizer(tmp_path, corpus):
     spec = tiny_spec(max_steps=40, eval_interval=40)
     base = train(spec, corpus, tmp_path / "w0", tmp_path / "c0", Recorder())

@@ -9,6 +9,7 @@ calls run in a thread pool of their own; WatchJob uses redis.asyncio (no thread 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -365,8 +366,9 @@ class JobService(_Base, training_pb2_grpc.JobServiceServicer):
         job_id = jobs.check_id("id", request.id)
         after = watch.check_event_id(request.after_event_id)
         await self.call(self.store.get_job, self.owner, job_id)
-        with self.watches.slot(self.owner):
-            async for ev in watch.events(self.aredis, job_id, after):
+        events = watch.watch(self.watches, self.aredis, self.owner, job_id, after, context)
+        async with contextlib.aclosing(events):
+            async for ev in events:
                 yield event_pb(ev)
 
 

@@ -54,6 +54,12 @@ class Settings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    # The HTTP gateway is a client of the API and inference servers: the CA it trusts for
+    # them when they serve TLS, and the certificate and key it presents under mTLS (the
+    # same LMFORGE_TLS_* names the SDK reads). Empty CA: it reaches them in plaintext.
+    tls_ca_file: str = ""
+    tls_client_cert_file: str = ""
+    tls_client_key_file: str = ""
     # Directories `training.init_from` may name (besides the caller's own models).
     base_model_dirs: list[str] = field(default_factory=list)
     # A job whose worker is lost this many times ends FAILED (a poison job).
@@ -133,6 +139,11 @@ class Settings:
                 f"artifacts={self.artifacts!r} is a URL; this process reads a local directory"
             )
         return Path(self.artifacts) if self.artifacts else self.data_dir / "artifacts"
+
+    @property
+    def http_url(self) -> str:
+        """The gateway's base URL: https when the servers serve TLS."""
+        return f"{'https' if self.tls_cert_file else 'http'}://{self.http_addr}"
 
     @property
     def artifact_cache_dir(self) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lmforge_server import transport
 from lmforge_server.redis_server import RedisServer, free_port
 from lmforge_server.settings import Settings
 
@@ -94,14 +96,19 @@ def wait_serving(
     raise TimeoutError(f"nothing SERVING at {addr} after {timeout}s")
 
 
-def wait_http(url: str, timeout: float = 60.0, child: Child | None = None) -> None:
-    """Blocks until GET url answers 200."""
+def wait_http(
+    url: str,
+    timeout: float = 60.0,
+    child: Child | None = None,
+    context: ssl.SSLContext | None = None,
+) -> None:
+    """Blocks until GET url answers 200 (`context`: how to trust an https:// url)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if child is not None and not child.alive():
             raise RuntimeError(f"{child.role} exited early:\n{child.log_tail()}")
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
+            with urllib.request.urlopen(url, timeout=1, context=context) as resp:
                 if resp.status == 200:
                     return
         except OSError:
@@ -199,7 +206,8 @@ class Stack:
                     return False
                 raise
         if "http" in by_role:
-            wait_http(f"http://{s.http_addr}/healthz", child=by_role["http"])
+            context = transport.probe_ssl_context(s) if s.tls_cert_file else None
+            wait_http(s.http_url + "/healthz", child=by_role["http"], context=context)
         return True
 
     def stop(self) -> None:
@@ -237,7 +245,10 @@ def run_up(settings: Settings, *, tls: bool = False) -> None:
 
         files = local_tls(settings.data_dir / "tls")
         settings = dataclasses.replace(
-            settings, tls_cert_file=str(files.cert_file), tls_key_file=str(files.key_file)
+            settings,
+            tls_cert_file=str(files.cert_file),
+            tls_key_file=str(files.key_file),
+            tls_ca_file=str(files.ca_file),  # the gateway reaches the servers over TLS
         )
         ca_file = files.ca_file
         probe = grpc.ssl_channel_credentials(root_certificates=ca_file.read_bytes())
@@ -252,7 +263,7 @@ def run_up(settings: Settings, *, tls: bool = False) -> None:
         print(f"  redis      {s.redis_url}" + ("  (embedded, AOF on)" if stack.redis else ""))
         print(f"  api        {s.api_addr}")
         print(f"  inference  {s.inference_addr}")
-        print(f"  console    http://{s.http_addr}/  (OpenAI-compatible API at /v1)")
+        print(f"  console    {s.http_url}/  (OpenAI-compatible API at /v1)")
         print(f"  worker     queue {s.train_queue!r}, logs in {s.data_dir / 'logs'}")
         print("Ctrl-C stops everything.", flush=True)
         while not stop["now"]:

@@ -91,6 +91,9 @@ class JobRecord:
     # (0: never): a QUEUED job with neither recent is repaired by the reaper.
     enqueued_at: float = 0.0
     picked_at: float = 0.0
+    # "<lease token>:<n>": the last numbered progress event the lease holder wrote, so an
+    # event sent again after its reply was lost (a Redis outage) is recorded once.
+    event_seq: str = ""
     # The client's labels (lmforge_server.labels).
     metadata: dict[str, str] = field(default_factory=dict)
     validation_dataset_id: str = ""
@@ -539,11 +542,18 @@ class Store:
                     continue
 
     def record_progress(
-        self, job_id, attempt, token, progress: dict, type_="PROGRESS", msg="", at=None
+        self, job_id, attempt, token, progress: dict, type_="PROGRESS", msg="", at=None, seq=None
     ):
-        """`at`: when it happened (events kept through a Redis outage are written later)."""
+        """`at`: when it happened (events kept through a Redis outage are written later).
+        `seq`: the event's number within this lease, counting up; an event whose number
+        was already written (its reply was lost, it is sent again) is not written twice."""
 
         def write(pipe, job):
+            if seq is not None:
+                last_token, _, last = job.event_seq.rpartition(":")
+                if last_token == token and int(last) >= seq:
+                    return
+                pipe.hset(f"{P}job:{job_id}", "event_seq", f"{token}:{seq}")
             merged = {**job.progress, **progress}
             pipe.hset(f"{P}job:{job_id}", "progress", json.dumps(merged))
             self._event_cmd(pipe, job_id, type_, job.state, msg, merged, at=at)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -45,8 +47,8 @@ def keyring_or_exit(settings: Settings, addr: str) -> Keyring:
     return keyring
 
 
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS (mTLS with a client CA) from settings, or None for plaintext."""
+def _tls_files(settings: Settings) -> tuple[bytes, bytes, bytes | None] | None:
+    """(certificate chain, key, client CA or None) from settings, or None for plaintext."""
     if not (settings.tls_cert_file or settings.tls_key_file):
         if settings.tls_client_ca_file:
             raise SystemExit("tls_client_ca_file needs tls_cert_file and tls_key_file")
@@ -61,9 +63,66 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         )
     except OSError as e:
         raise SystemExit(f"TLS: {e}") from None
+    return chain, key, client_ca
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (mTLS with a client CA) from settings, or None for plaintext."""
+    files = _tls_files(settings)
+    if files is None:
+        return None
+    chain, key, client_ca = files
     return grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def http_tls(settings: Settings) -> dict[str, Any]:
+    """uvicorn's TLS arguments for the HTTP gateway, from the same settings as the gRPC
+    servers (certificate, key, client CA for mTLS); empty for plaintext."""
+    if _tls_files(settings) is None:  # validates the files like the gRPC servers do
+        return {}
+    out: dict[str, Any] = {
+        "ssl_certfile": settings.tls_cert_file,
+        "ssl_keyfile": settings.tls_key_file,
+    }
+    if settings.tls_client_ca_file:
+        out |= {"ssl_ca_certs": settings.tls_client_ca_file, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return out
+
+
+def _client_files(settings: Settings) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """(CA, client certificate, client key) the gateway uses to reach the servers."""
+    try:
+        return tuple(  # type: ignore[return-value]
+            Path(f).read_bytes() if f else None
+            for f in (
+                settings.tls_ca_file,
+                settings.tls_client_cert_file,
+                settings.tls_client_key_file,
+            )
+        )
+    except OSError as e:
+        raise SystemExit(f"TLS: {e}") from None
+
+
+def channel_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
+    """How the gateway reaches the API and inference servers: TLS trusting tls_ca_file
+    (with a client certificate for mTLS), or None for plaintext when no CA is set."""
+    if not settings.tls_ca_file:
+        return None
+    ca, cert, key = _client_files(settings)
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+
+
+def probe_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """An HTTPS client context trusting tls_ca_file, presenting the client certificate if set."""
+    context = ssl.create_default_context(cafile=settings.tls_ca_file or None)
+    if settings.tls_client_cert_file:
+        context.load_cert_chain(settings.tls_client_cert_file, settings.tls_client_key_file or None)
+    return context
 
 
 def listen(server: grpc.aio.Server, settings: Settings, addr: str) -> int:

@@ -41,19 +41,44 @@ class WatchLimiter:
         self.open: Counter[str] = Counter()
 
     @contextlib.contextmanager
-    def slot(self, owner: str) -> Iterator[None]:
+    def slot(self, owner: str, context=None) -> Iterator[None]:
+        """Holds one of `owner`'s watch slots. With a grpc.aio `context`, the slot is also
+        given back the moment the RPC ends (cancelled, past its deadline): a handler's
+        generator left suspended by a cancel is closed only when it is collected, which
+        can be many seconds later, and must not keep the slot until then."""
         if self.open[owner] >= self.per_owner:
             raise errors.ResourceExhausted(
                 f"watches: {self.open[owner]} open; the limit per owner is {self.per_owner}"
                 " (max_watches_per_owner)"
             )
         self.open[owner] += 1
+        held = True
+
+        def release(_context=None) -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.open[owner] -= 1
+                if not self.open[owner]:
+                    del self.open[owner]
+
+        if context is not None:
+            context.add_done_callback(release)
         try:
             yield
         finally:
-            self.open[owner] -= 1
-            if not self.open[owner]:
-                del self.open[owner]
+            release()
+
+
+async def watch(
+    limiter: WatchLimiter, r: aredis.Redis, owner: str, job_id: str, after: str, context=None
+) -> AsyncIterator[st.JobEvent]:
+    """`events` under one of the owner's watch slots; the read (and its Redis connection)
+    is closed as soon as this generator is, never left to the garbage collector."""
+    with limiter.slot(owner, context):
+        async with contextlib.aclosing(events(r, job_id, after)) as stream:
+            async for ev in stream:
+                yield ev
 
 
 def _event(job_id: str, eid: str, f: dict) -> st.JobEvent:

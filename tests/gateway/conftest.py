@@ -45,6 +45,13 @@ def gateway_api(gateway_stack) -> Iterator[Api]:
         yield Api(channel, metadata=[("authorization", f"Bearer {ALICE}")])
 
 
+def pytest_collection_modifyitems(items):
+    # A test that needs the trained model pays for a training run and an export: slow.
+    for item in items:
+        if "trained_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def trained_model(gateway_api) -> str:
     """A tiny model trained over gRPC: its "name@version"."""

@@ -21,6 +21,7 @@ def client(base_url) -> openai.OpenAI:
         yield c
 
 
+@pytest.mark.slow
 def test_fine_tuning_through_the_openai_sdk_trains_a_model_that_completes(client, tmp_path):
     corpus = tmp_path / "shakespeare.txt"
     corpus.write_text(SMALL_CORPUS[:40_000])
@@ -158,6 +159,7 @@ def test_errors_have_openai_shape_and_status(client, trained_model):
     assert e.value.body["param"] == "purpose"
 
 
+@pytest.mark.slow  # a training run on the worker
 def test_cancelling_a_running_fine_tuning_job(client, gateway_api, gateway_stack):
     ds = gateway_api.upload(SMALL_CORPUS[:20_000].encode(), name="cancel-me")
     job = client.fine_tuning.jobs.create(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import secrets
@@ -120,6 +121,7 @@ class _Hooks:
         )
         self._peak_flops = peak_flops
         self.pending: collections.deque = collections.deque(maxlen=MAX_PENDING_EVENTS)
+        self._seq = itertools.count()  # numbers the events: a resent one is written once
         # Seconds per phase outside the training loop (imports), reported with its own.
         self.timings: dict[str, float] = {}
         self.keep_checkpoints = 3
@@ -137,16 +139,16 @@ class _Hooks:
         return None
 
     def _write(self, progress: dict, type_: str = "PROGRESS", msg: str = "") -> None:
-        self.pending.append((progress, type_, msg, time.time()))
+        self.pending.append((progress, type_, msg, time.time(), next(self._seq)))
         self.flush()
 
     def flush(self) -> bool:
         """Writes the kept events in order; False while Redis is still unreachable."""
         try:
             while self.pending:
-                progress, type_, msg, at = self.pending[0]
+                progress, type_, msg, at, seq = self.pending[0]
                 self.store.record_progress(
-                    self.job.id, self.job.attempt, self.token, progress, type_, msg, at=at
+                    self.job.id, self.job.attempt, self.token, progress, type_, msg, at, seq
                 )
                 self.pending.popleft()
         except st.LeaseLost:

@@ -64,6 +64,12 @@ def _server_settings(args: argparse.Namespace, **forced: Any) -> Any:
             "api_keys_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file",
         )
     }  # fmt: skip
+    # The gateway reaches the servers as a client: the same CA and client certificate flags.
+    flags |= {
+        "tls_ca_file": getattr(args, "tls_ca_file", None),
+        "tls_client_cert_file": getattr(args, "tls_client_cert", None),
+        "tls_client_key_file": getattr(args, "tls_client_key", None),
+    }
     if getattr(args, "allow_unauthenticated", False):
         flags["allow_unauthenticated"] = True
     return Settings.from_env(**{**flags, **forced})

@@ -21,6 +21,7 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from lmforge_server import transport
 from lmforge_server.http import console, openai_api
 from lmforge_server.http.errors import HTTPError, error_response, from_http_error, from_rpc_error
 from lmforge_server.http.upstream import Upstream
@@ -109,7 +110,9 @@ def _route(scope) -> str:
 def build_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        app.state.upstream = Upstream(settings.api_addr, settings.inference_addr)
+        app.state.upstream = Upstream(
+            settings.api_addr, settings.inference_addr, transport.channel_credentials(settings)
+        )
         app.state.max_upload_bytes = settings.max_upload_bytes
         try:
             yield
@@ -146,10 +149,15 @@ def run(settings: Settings) -> None:
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host, _, port = settings.http_addr.rpartition(":")
-    log.info("console on http://%s/ (api %s, inference %s)", settings.http_addr,
-             settings.api_addr, settings.inference_addr)  # fmt: skip
+    tls = transport.http_tls(settings)
+    if not tls and not transport.is_loopback(settings.http_addr):
+        log.warning("serving %s in plaintext: API keys cross the network in the clear",
+                    settings.http_addr)  # fmt: skip
+    log.info("console on %s://%s/ (api %s, inference %s)", "https" if tls else "http",
+             settings.http_addr, settings.api_addr, settings.inference_addr)  # fmt: skip
     uvicorn.run(
         build_app(settings),
+        **tls,
         host=host or "127.0.0.1",
         port=int(port),
         log_level="warning",

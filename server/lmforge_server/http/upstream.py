@@ -21,9 +21,15 @@ UNARY_TIMEOUT_S = 60.0
 class Upstream:
     """Stubs of the four services on two channels, opened on the server's event loop."""
 
-    def __init__(self, api_addr: str, inference_addr: str):
-        self._api = grpc.aio.insecure_channel(api_addr, options=CHANNEL_OPTIONS)
-        self._inference = grpc.aio.insecure_channel(inference_addr, options=CHANNEL_OPTIONS)
+    def __init__(
+        self,
+        api_addr: str,
+        inference_addr: str,
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
+        """`credentials`: TLS to the servers (None: plaintext)."""
+        self._api = _channel(api_addr, credentials)
+        self._inference = _channel(inference_addr, credentials)
         self.datasets = training_pb2_grpc.DatasetServiceStub(self._api)
         self.jobs = training_pb2_grpc.JobServiceStub(self._api)
         self.models = training_pb2_grpc.ModelServiceStub(self._api)
@@ -32,6 +38,12 @@ class Upstream:
     async def close(self) -> None:
         await self._api.close()
         await self._inference.close()
+
+
+def _channel(addr: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    if credentials is None:
+        return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(addr, credentials, options=CHANNEL_OPTIONS)
 
 
 def metadata(request: Request) -> tuple[tuple[str, str], ...]:
