@@ -530,16 +530,12 @@ def phase_inference(sizes: Sizes, work: Path, out: Path, args) -> dict[str, Any]
                 tokens[c] = n
             aggregate[c] = best
         info = await engine.model_info("default", "bench")
-        # The engine's own choice (on for CUDA by default); the attribute path is internal.
-        loaded = getattr(engine, "_loaded", {}).get(info.model_id)
-        io_binding = getattr(getattr(loaded, "model", None), "io_binding", None)
         await engine.close()
-        return single, aggregate, tokens, info, io_binding
+        return single, aggregate, tokens, info
 
-    single, aggregate, tokens, info, io_binding = asyncio.run(engine_figures())
-    binding = {True: "on", False: "off"}.get(io_binding, "?")
+    single, aggregate, tokens, info = asyncio.run(engine_figures())
     lm = {
-        "served_by": f"lmforge engine, {info.execution_provider} ({info.dtype}, IO binding {binding})",
+        "served_by": f"lmforge engine, {info.execution_provider} ({info.dtype}, KV cache bound in place)",
         "ttft_ms": min(d.timings.time_to_first_token_ms for d in single),
         # The engine's own decode timing: tokens after the first over the time they took.
         "decode_ms_per_token": min(

@@ -44,13 +44,14 @@ def _cache_salt() -> str:
     import tokenizers
 
     import lmforge_worker.export as export
+    import lmforge_worker.graph as graph
     import lmforge_worker.model as model
     import lmforge_worker.tokenization as tokenization
 
     h = hashlib.sha256()
     for lib in (torch, onnx, onnxruntime, tokenizers):
         h.update(f"{lib.__name__}={lib.__version__};".encode())
-    for mod in (export, model, tokenization):
+    for mod in (export, graph, model, tokenization):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 

@@ -26,13 +26,12 @@ def test_a_cuda_provider_that_fails_to_load_serves_the_fp32_graph_on_the_cpu(tmp
     # Stands in for the fp16 export: only which file gets loaded matters here.
     shutil.copyfile(path / "model.onnx", path / "model_fp16.onnx")
     model = OrtModel(path, providers=[CUDA_EP, CPU_EP])
-    assert model.provider == CPU_EP and model.dtype == "fp32" and not model.io_binding
+    assert model.provider == CPU_EP and model.dtype == "fp32"
     assert "the CUDA provider did not load" in caplog.text
-    past = model.empty_past(1)
-    assert past[0].dtype.name == "float32"
+    cache = model.new_cache(1)
+    assert cache.dtype.name == "float32"
     ids = np.array([model.encode("ROMEO")[:1]], np.int64)
-    one = np.ones((1, 1), np.int64)
-    logits, _ = model.run(ids, one, one - 1, past)
+    logits = model.run(cache, ids, [0])
     assert logits.shape == (1, model.vocab_size)
 
 

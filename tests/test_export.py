@@ -1,4 +1,5 @@
-"""ONNX export: one KV-cache graph that ONNX Runtime runs with PyTorch's numerics."""
+"""ONNX export: one GroupQueryAttention graph that ONNX Runtime runs with PyTorch's numerics
+(its cache concatenated here; the slot cache the server binds is tested in test_kv_cache.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from lmforge_server.specs import ModelConfig
 from lmforge_worker.export import ParityError, export_onnx, input_names, output_names
+from lmforge_worker.graph import cache_head_dim
 from lmforge_worker.model import Llama, save_pretrained
 
 CONFIGS = {
@@ -40,13 +42,21 @@ def exported(request, tmp_path_factory):
     return path, model, facts, sess
 
 
-def run(sess, cfg, ids, mask, past):
-    P, S = past[0].shape[2], ids.shape[1]
-    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)[:, P : P + S]
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+def run(sess, cfg, ids, lens, past):
+    """`ids` [B, S] (right-padded: row b has lens[b] real tokens after the past's P)."""
+    feeds = {
+        "input_ids": ids,
+        "seqlens_k": np.asarray(lens, np.int32) - 1,
+        "total_sequence_length": np.array(max(lens), np.int32),
+    }
     feeds.update(zip(input_names(cfg.n_layers)[3:], past, strict=True))
     out = sess.run(None, feeds)
     return out[0], out[1:]
+
+
+def empty(cfg, batch):
+    shape = (batch, cfg.n_kv_heads, 0, cache_head_dim(cfg.head_dim))
+    return [np.zeros(shape, np.float32)] * (2 * cfg.n_layers)
 
 
 @pytest.mark.slow
@@ -64,12 +74,12 @@ def test_graph_passes_the_checker_and_loads_in_onnxruntime(exported):
         for i in proto.graph.input
     }
     assert dims["input_ids"] == ["batch", "seq"]
-    assert dims["attention_mask"][0] == "batch" and isinstance(dims["attention_mask"][1], str)
+    assert dims["seqlens_k"] == ["batch"] and dims["total_sequence_length"] == []
     assert dims["past_key_values.0.key"] == [
         "batch",
         model.config.n_kv_heads,
         "past",
-        model.config.head_dim,
+        cache_head_dim(model.config.head_dim),
     ]
     assert facts["max_abs_diff"] <= 1e-4
     json.dumps(facts)  # goes into metadata.json as is
@@ -86,47 +96,33 @@ def test_prefill_and_decode_match_pytorch(exported):
     # Independently of the exporter's own check: a prompt, then 32 greedy steps.
     ids = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
     t_logits, t_past = model(ids, last_only=True)
-    past = [np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), np.float32)] * (2 * cfg.n_layers)
-    mask = np.ones((1, 9), np.int64)
-    o_logits, past = run(sess, cfg, ids.numpy(), mask, past)
+    o_logits, past = run(sess, cfg, ids.numpy(), [9], empty(cfg, 1))
     assert o_logits.shape == (1, 1, cfg.vocab_size)
     worst = np.abs(o_logits - t_logits.numpy()).max()
     for _ in range(32):
         nxt = t_logits[:, -1].argmax(-1, keepdim=True)
         assert int(o_logits[0, -1].argmax()) == int(nxt)
-        mask = np.ones((1, mask.shape[1] + 1), np.int64)
+        n = past[0].shape[2] + 1
         t_logits, t_past = model(nxt, past_key_values=t_past)
-        o_logits, past = run(sess, cfg, nxt.numpy(), mask, past)
+        o_logits, past = run(sess, cfg, nxt.numpy(), [n], past)
         worst = max(worst, np.abs(o_logits - t_logits.numpy()).max())
-        assert past[0].shape[2] == mask.shape[1]
+        assert past[0].shape[2] == n
     assert worst <= 1e-4
 
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_left_padded_batch_matches_each_row_alone(exported):
+def test_right_padded_prefill_gives_each_row_its_own_logits(exported):
     _, model, _, sess = exported
     cfg = model.config
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, cfg.vocab_size, (1, n), generator=g) for n in (3, 7)]
-    T = 7
-    ids = np.zeros((2, T), np.int64)
-    mask = np.zeros((2, T), np.int64)
+    ids = np.zeros((2, 7), np.int64)
     for r, p in enumerate(prompts):
-        ids[r, T - p.shape[1] :] = p.numpy()
-        mask[r, T - p.shape[1] :] = 1
-    past = [np.zeros((2, cfg.n_kv_heads, 0, cfg.head_dim), np.float32)] * (2 * cfg.n_layers)
-    logits, past = run(sess, cfg, ids, mask, past)
-    refs = [model(p, last_only=True) for p in prompts]
-    for _ in range(4):
-        for r, (t_logits, _) in enumerate(refs):
-            assert np.abs(logits[r, -1] - t_logits[0, -1].numpy()).max() <= 1e-4
-        nxt = [int(t[0][0, -1].argmax()) for t in refs]
-        refs = [
-            model(torch.tensor([[n]]), past_key_values=t[1]) for n, t in zip(nxt, refs, strict=True)
-        ]
-        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
-        logits, past = run(sess, cfg, np.array([[n] for n in nxt]), mask, past)
+        ids[r, : p.shape[1]] = p.numpy()
+    logits, _ = run(sess, cfg, ids, [3, 7], empty(cfg, 2))
+    for r, p in enumerate(prompts):
+        assert np.abs(logits[r, -1] - model(p, last_only=True)[0][0, -1].numpy()).max() <= 1e-4
 
 
 @pytest.mark.slow
@@ -152,13 +148,7 @@ def test_failed_parity_raises_and_leaves_nothing_behind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def test_legacy_exporter_gives_the_same_interface(tmp_path):
-    model = make_model_dir(tmp_path, **CONFIGS["gqa-untied"])
-    facts = export_onnx(tmp_path, exporter="legacy")
-    assert facts["files"]["model.onnx"]["exporter"] == "legacy"
-    assert facts["max_abs_diff"] <= 1e-4
-    proto = onnx.load(str(tmp_path / "model.onnx"))
-    assert proto.ir_version <= 13
-    assert [i.name for i in proto.graph.input] == input_names(model.config.n_layers)
+def test_an_unknown_exporter_is_refused(tmp_path):
+    make_model_dir(tmp_path, **CONFIGS["gqa-untied"])
     with pytest.raises(ValueError, match="exporter"):
         export_onnx(tmp_path, exporter="magic")

@@ -201,17 +201,13 @@ def test_cuda_provider_keeps_the_cache_on_the_gpu_with_io_binding(tmp_path):
     needs_ort_cuda()
     path = build_cycle_model_dir(tmp_path / "models" / "cyc", CYCLE, context_length=512)
     m = OrtModel(path, providers=choose_providers("cuda"))
-    assert m.provider == CUDA_EP and m.io_binding and m.device == "cuda"
-    ids = np.array([[CYCLE[0]]], np.int64)
-    logits, past = m.run(
-        ids, np.ones((1, 1), np.int64), np.zeros((1, 1), np.int64), m.empty_past(1)
-    )
+    assert m.provider == CUDA_EP and m.device == "cuda"
+    cache = m.new_cache(2)
+    assert all(b.is_cuda for b in cache.buffers)
+    logits = m.run(cache, np.array([[CYCLE[0]]], np.int64), [0], 1)
     tokens = [int(logits[0].argmax())]
     for step in range(1, 12):
-        assert all(v.device_name().lower() == "cuda" for v in past)
-        ids = np.array([[tokens[-1]]], np.int64)
-        mask, pos = np.ones((1, step + 1), np.int64), np.array([[step]], np.int64)
-        logits, past = m.run(ids, mask, pos, past)
+        logits = m.run(cache, np.array([[tokens[-1]]], np.int64), [step], 1)
         tokens.append(int(logits[0].argmax()))
     assert bytes(tokens) == (CYCLE * 4)[1:13]
 
@@ -220,7 +216,7 @@ def test_cuda_provider_keeps_the_cache_on_the_gpu_with_io_binding(tmp_path):
             Settings(inference_device="cuda", max_batch_size=16), DirectoryResolver(path.parent)
         )
         params = SamplingParams(max_new_tokens=40, temperature=0)
-        # Prompts of different lengths join one batch, left-padded, mid-flight.
+        # Prompts of different lengths join one batch mid-flight, each in its own cache slot.
         prompts = [CYCLE_TEXT[: 1 + i % 4] for i in range(16)]
         done = await asyncio.gather(
             *[engine.complete("default", "cyc", p, params) for p in prompts]

@@ -426,23 +426,6 @@ def test_model_info_and_health(stub, server, reference):
 # --- the core without gRPC ----------------------------------------------------------------
 
 
-def test_engine_with_io_binding_gives_the_same_tokens(models):
-    async def main():
-        out = []
-        for io_binding in (False, True):
-            engine = Engine(settings(), DirectoryResolver(models), io_binding=io_binding)
-            params = SamplingParams(max_new_tokens=20, temperature=0)
-            results = await asyncio.gather(
-                *[engine.complete("default", "char", p, params) for p in PROMPTS]
-            )
-            out.append([r.token_ids for r in results])
-            await engine.close()
-        return out
-
-    plain, bound = asyncio.run(main())
-    assert plain == bound
-
-
 def test_engine_lru_keeps_at_most_max_loaded_models(models):
     async def main():
         engine = Engine(settings(max_loaded_models=1), DirectoryResolver(models))

@@ -32,6 +32,7 @@ from lmforge.errors import (
 )
 from lmforge.types import (
     Checkpoint,
+    Choice,
     Completion,
     CompletionChunk,
     Dataset,
@@ -62,6 +63,7 @@ __all__ = [
     "AsyncClient",
     "RetryPolicy",
     # results
+    "Choice",
     "Completion",
     "CompletionChunk",
     "Dataset",

@@ -289,6 +289,10 @@ def generate_request(
     stop: str | Sequence[str] | None = None,
     logprobs: bool = False,
     truncate_prompt: bool = False,
+    n: int | None = None,
+    request_id: str = "",
+    context_shift: bool = False,
+    variant: str = "",
 ) -> inference_pb2.GenerateRequest:
     """The request for `generate`/`stream`; None leaves a sampling parameter to the server."""
     if not isinstance(prompt, str):
@@ -304,10 +308,23 @@ def generate_request(
         seed=seed,
         stop=list(stop or ()),
         logprobs=logprobs,
+        n=n,
     )
     return inference_pb2.GenerateRequest(
-        model=ref(model), prompt=prompt, sampling=sampling, truncate_prompt=truncate_prompt
+        model=ref(model),
+        prompt=prompt,
+        sampling=sampling,
+        truncate_prompt=truncate_prompt,
+        request_id=request_id,
+        context_shift=context_shift,
+        variant=variant,
     )
+
+
+def abort_request(request_id: str) -> inference_pb2.AbortRequest:
+    if not isinstance(request_id, str) or not request_id:
+        raise ValueError("request_id must be a non-empty str (the one the request was sent with)")
+    return inference_pb2.AbortRequest(request_id=request_id)
 
 
 def _usage(msg: common_pb2.Usage) -> t.Usage:
@@ -327,6 +344,20 @@ def completion(msg: inference_pb2.GenerateResponse) -> t.Completion:
         finish_reason=finish_reason(msg.finish_reason),
         usage=_usage(msg.usage),
         timings=_timings(msg.timings),
+        request_id=msg.request_id,
+        choices=[
+            t.Choice(
+                index=c.index,
+                text=c.text,
+                token_ids=list(c.token_ids),
+                logprobs=[_f32(x) for x in c.logprobs],
+                finish_reason=finish_reason(c.finish_reason),
+                completion_tokens=c.completion_tokens,
+            )
+            for c in msg.choices
+        ],
+        cached_prompt_tokens=msg.cached_prompt_tokens,
+        context_shifts=msg.context_shifts,
     )
 
 
@@ -340,6 +371,9 @@ def completion_chunk(msg: inference_pb2.GenerateStreamResponse) -> t.CompletionC
         usage=_usage(msg.usage) if msg.final else None,
         timings=_timings(msg.timings) if msg.final else None,
         model_id=msg.model_id,
+        request_id=msg.request_id,
+        index=msg.index,
+        context_shifts=msg.context_shifts,
     )
 
 

@@ -411,9 +411,11 @@ class AsyncModels(_Resource):
             raise errors.from_rpc_error(e) from e
         return writer.finish()
 
-    async def info(self, model: str | Model, *, timeout: float | None = None) -> ModelInfo:
+    async def info(
+        self, model: str | Model, *, variant: str = "", timeout: float | None = None
+    ) -> ModelInfo:
         """How the inference server serves the model (it loads it if needed)."""
-        req = inference_pb2.GetModelInfoRequest(model=_convert.ref(model))
+        req = inference_pb2.GetModelInfoRequest(model=_convert.ref(model), variant=variant)
         return _convert.model_info(
             await self._client._call(self._client._inference.GetModelInfo, req, timeout=timeout)
         )
@@ -524,13 +526,18 @@ class AsyncClient:
         stop: str | Sequence[str] | None = None,
         logprobs: bool = False,
         truncate_prompt: bool = False,
+        n: int | None = None,
+        request_id: str = "",
+        context_shift: bool = False,
+        variant: str = "",
         timeout: float | None = None,
     ) -> Completion:
         """Generates a completion of `prompt` with `model`. See `Client.generate`."""
         req = _convert.generate_request(
             model, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-            logprobs=logprobs, truncate_prompt=truncate_prompt,
+            logprobs=logprobs, truncate_prompt=truncate_prompt, n=n, request_id=request_id,
+            context_shift=context_shift, variant=variant,
         )  # fmt: skip
         return _convert.completion(await self._call(self._inference.Generate, req, timeout=timeout))
 
@@ -548,13 +555,18 @@ class AsyncClient:
         stop: str | Sequence[str] | None = None,
         logprobs: bool = False,
         truncate_prompt: bool = False,
+        n: int | None = None,
+        request_id: str = "",
+        context_shift: bool = False,
+        variant: str = "",
         timeout: float | None = None,
     ) -> AsyncCompletionStream:
         """Text deltas as they are produced; closing the stream cancels the generation."""
         req = _convert.generate_request(
             model, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-            logprobs=logprobs, truncate_prompt=truncate_prompt,
+            logprobs=logprobs, truncate_prompt=truncate_prompt, n=n, request_id=request_id,
+            context_shift=context_shift, variant=variant,
         )  # fmt: skip
 
         def start(remaining: float | None) -> Any:
@@ -563,6 +575,11 @@ class AsyncClient:
             )
 
         return AsyncCompletionStream(start, Deadline(timeout), self._config.retry)
+
+    async def abort(self, request_id: str, *, timeout: float | None = None) -> bool:
+        """Ends the generation sent with `request_id`. See `Client.abort`."""
+        req = _convert.abort_request(request_id)
+        return (await self._call(self._inference.Abort, req, timeout=timeout)).aborted
 
     async def close(self) -> None:
         for channel in (self._api_channel, self._inference_channel):

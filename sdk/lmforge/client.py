@@ -416,11 +416,13 @@ class Models(_Resource):
             raise errors.from_rpc_error(e) from e
         return writer.finish()
 
-    def info(self, model: str | Model, *, timeout: float | None = None) -> ModelInfo:
+    def info(
+        self, model: str | Model, *, variant: str = "", timeout: float | None = None
+    ) -> ModelInfo:
         """How the inference server serves the model (it loads it if needed)."""
         from lmforge.v1 import inference_pb2
 
-        req = inference_pb2.GetModelInfoRequest(model=_convert.ref(model))
+        req = inference_pb2.GetModelInfoRequest(model=_convert.ref(model), variant=variant)
         return _convert.model_info(
             self._client._call(self._client._inference.GetModelInfo, req, timeout=timeout)
         )
@@ -517,17 +519,25 @@ class Client:
         stop: str | Sequence[str] | None = None,
         logprobs: bool = False,
         truncate_prompt: bool = False,
+        n: int | None = None,
+        request_id: str = "",
+        context_shift: bool = False,
+        variant: str = "",
         timeout: float | None = None,
     ) -> Completion:
         """Generates a completion of `prompt` with `model` (an id, "name@version" or "name").
 
         Sampling parameters left None take the server's defaults (64 tokens, temperature 1).
-        The same `seed` gives the same text.
+        The same `seed` gives the same text. `n` samples share one prefill (in `choices`);
+        `request_id` is echoed back and lets another caller `abort` the request;
+        `context_shift` keeps generating past the context by re-reading its recent half;
+        `variant` names a graph ("fp32", "int8", "int4") instead of the served default.
         """
         req = _convert.generate_request(
             model, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-            logprobs=logprobs, truncate_prompt=truncate_prompt,
+            logprobs=logprobs, truncate_prompt=truncate_prompt, n=n, request_id=request_id,
+            context_shift=context_shift, variant=variant,
         )  # fmt: skip
         return _convert.completion(self._call(self._inference.Generate, req, timeout=timeout))
 
@@ -545,6 +555,10 @@ class Client:
         stop: str | Sequence[str] | None = None,
         logprobs: bool = False,
         truncate_prompt: bool = False,
+        n: int | None = None,
+        request_id: str = "",
+        context_shift: bool = False,
+        variant: str = "",
         timeout: float | None = None,
     ) -> CompletionStream:
         """Like `generate`, but yields text deltas as they are produced.
@@ -558,7 +572,8 @@ class Client:
         req = _convert.generate_request(
             model, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-            logprobs=logprobs, truncate_prompt=truncate_prompt,
+            logprobs=logprobs, truncate_prompt=truncate_prompt, n=n, request_id=request_id,
+            context_shift=context_shift, variant=variant,
         )  # fmt: skip
 
         def start(remaining: float | None) -> Any:
@@ -567,6 +582,12 @@ class Client:
             )
 
         return CompletionStream(start, Deadline(timeout), self._config.retry)
+
+    def abort(self, request_id: str, *, timeout: float | None = None) -> bool:
+        """Ends the generation sent with `request_id` (for callers that cannot close its
+        stream); True when one of yours was running."""
+        req = _convert.abort_request(request_id)
+        return self._call(self._inference.Abort, req, timeout=timeout).aborted
 
     def close(self) -> None:
         self._api_channel.close()

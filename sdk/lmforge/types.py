@@ -359,6 +359,8 @@ class ModelInfo:
     vocab_size: int = 0
     eos_token_id: int = 0
     loaded: bool = False
+    #: The graph variant served ("fp32", "int8", "int4", "fp16").
+    variant: str = ""
 
 
 @dataclass
@@ -382,8 +384,21 @@ class Timings:
 
 
 @dataclass
+class Choice:
+    """One of the `n` samples of a completion (`Completion.choices`)."""
+
+    index: int
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: FinishReason = FinishReason.UNSPECIFIED
+    completion_tokens: int = 0
+
+
+@dataclass
 class Completion:
-    """The result of `client.generate`."""
+    """The result of `client.generate` (with n > 1, `text` and `token_ids` are sample 0's;
+    `choices` holds every sample)."""
 
     #: The model version that generated it.
     model_id: str
@@ -394,6 +409,14 @@ class Completion:
     finish_reason: FinishReason = FinishReason.UNSPECIFIED
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
+    #: The request's `request_id`, echoed.
+    request_id: str = ""
+    #: Every sample, when the request asked for n > 1.
+    choices: list[Choice] = field(default_factory=list)
+    #: Prompt tokens whose KV cache came from an earlier request (prefix reuse).
+    cached_prompt_tokens: int = 0
+    #: Times the context window was shifted (`context_shift=True`).
+    context_shifts: int = 0
 
 
 @dataclass
@@ -409,6 +432,11 @@ class CompletionChunk:
     usage: Usage | None = None
     timings: Timings | None = None
     model_id: str = ""
+    #: The request's `request_id`, echoed.
+    request_id: str = ""
+    #: Which of the request's `n` samples this delta belongs to.
+    index: int = 0
+    context_shifts: int = 0
 
 
 T = TypeVar("T")

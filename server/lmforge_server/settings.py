@@ -95,13 +95,16 @@ class Settings:
     train_spin: bool = False
     # Checkpoints kept per job: the newest this many, and the best by validation loss.
     keep_checkpoints: int = 3
-    # ONNX exporter: "dynamo", "legacy", or "auto" (legacy below 5M parameters, where
-    # dynamo's export took 40x longer here, 40 s against 1.4 s for 0.86M, and rivalled
-    # the training time; dynamo above).
+    # ONNX exporter: "auto" or "gqa", the graph builder (worker/lmforge_worker/graph.py):
+    # GroupQueryAttention over a KV cache the server writes in place, built from the
+    # weights in about a second for 10.7M parameters. torch.onnx's exporters ("dynamo",
+    # 40 s for 0.86M parameters here, and "legacy") wrote the concatenating-cache graph
+    # the server no longer serves, so they are no longer offered.
     onnx_exporter: str = "auto"
     # Export fails (and the job with it) when fp32 ONNX logits differ from PyTorch's by more.
     parity_limit: float = 1e-4
-    # Inference server.
+    # Inference server. Rows decoded together; also the KV-cache slots each loaded model
+    # preallocates (of its full context; CPU pages are committed only when written).
     max_batch_size: int = 16
     max_new_tokens_limit: int = 4096
     max_prompt_chars: int = 1 << 20
@@ -112,6 +115,8 @@ class Settings:
     # cores shared with other work.
     inference_spin: bool = False
     # ONNX Runtime intra-op threads per model (0: one per physical core, ORT's default).
+    # Measured on 2 cores (README, "Inference"): 2 threads without spinning was best or near
+    # it at batch 1 and at 16 streams; 1 thread lost at 16 streams.
     inference_threads: int = 0
     # Celery queue that training tasks go to.
     train_queue: str = "gpu"

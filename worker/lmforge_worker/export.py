@@ -1,18 +1,15 @@
-"""ONNX export with a KV cache, and the PyTorch <-> ONNX Runtime parity check.
+"""ONNX export with a static KV cache, and the PyTorch <-> ONNX Runtime parity check.
 
-The graph (names as onnxruntime-genai uses them):
-  inputs   input_ids [batch, seq] int64, attention_mask [batch, total] int64 (1 real, 0 left
-           padding; total = past + seq), position_ids [batch, seq] int64,
-           past_key_values.<i>.key / .value [batch, n_kv, past, head_dim] float
-  outputs  logits [batch, 1, vocab] (last position only; float32 even in the fp16 graph),
-           present.<i>.key / .value [batch, n_kv, past + seq, head_dim]
-Prefill passes an empty past (past = 0).
+The graph is built op by op from the weights (`lmforge_worker.graph`, which documents its
+inputs and outputs): attention is ONNX Runtime's GroupQueryAttention, whose KV cache the
+server preallocates per batch slot and ONNX Runtime writes in place.
 
 Beside the fp32 graph, quantised variants of it (`VARIANTS`): int8 and int4, weight-only
-MatMulNBits with 8- and 4-bit weights in blocks of 32 and int8 compute. Each is checked like fp32 (parity, recorded not enforced) and scored on the
-job's validation tokens (teacher-forced through the graph's own KV cache); one whose loss
-is more than QUALITY_GATE above fp32's is marked as failing the gate, and the server never
-serves it by default. The facts land in `variants.json` beside the graphs.
+MatMulNBits with 8- and 4-bit weights in blocks of 32 and int8 compute. Each is checked like
+fp32 (parity, recorded not enforced) and scored on the job's validation tokens
+(teacher-forced through the graph's own KV cache); one whose loss is more than QUALITY_GATE
+above fp32's is marked as failing the gate, and the server never serves it by default. The
+facts land in `variants.json` beside the graphs.
 """
 
 from __future__ import annotations
@@ -20,23 +17,26 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import threading
 import time
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
+from lmforge_worker.graph import (
+    MAX_IR_VERSION,
+    OPSET,
+    build_graph,
+    cache_head_dim,
+    input_names,
+    output_names,
+)
 from lmforge_worker.model import Llama, load_pretrained
 
-OPSET = 18
-# ONNX Runtime 1.31 loads IR version <= 13; onnx 1.23 writes 14 by default.
-MAX_IR_VERSION = 10
+__all__ = ["OPSET", "ParityError", "export_onnx", "input_names", "output_names"]
+
 FP32_PARITY_LIMIT = 1e-4
 PARITY_PROMPT_TOKENS = 16
 PARITY_DECODE_STEPS = 32
@@ -59,152 +59,12 @@ class ParityError(RuntimeError):
         self.limit = limit
 
 
-def input_names(n_layers: int) -> list[str]:
-    names = ["input_ids", "attention_mask", "position_ids"]
-    for i in range(n_layers):
-        names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-    return names
-
-
-def output_names(n_layers: int) -> list[str]:
-    names = ["logits"]
-    for i in range(n_layers):
-        names += [f"present.{i}.key", f"present.{i}.value"]
-    return names
-
-
-class _KVGraph(nn.Module):
-    """The model with a flat signature: what the exporters trace."""
-
-    def __init__(self, model: Llama):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
-        past = [(past_flat[i], past_flat[i + 1]) for i in range(0, len(past_flat), 2)]
-        logits, presents = self.model(
-            input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            past_key_values=past,
-            last_only=True,
-        )
-        flat = [t for kv in presents for t in kv]
-        return (logits.float(), *flat)
-
-
-# Attention as the exported graph computes it. torch's exporter decomposes
-# scaled_dot_product_attention into Transpose(K) -> Mul(sqrt(scale)) -> MatMul, which copies
-# and rescales the whole key cache every decode step (ONNX Runtime cannot fuse the transpose
-# through the Mul): 18% + 4.5% of a batch-16 step with a 128-token cache (10.7M model, CPU).
-# Scaling the (one-row) queries instead leaves Transpose -> MatMul, which ORT fuses into one
-# FusedMatMul(transB) that reads the cache in place. Same maths; parity is checked as before.
-_export_local = threading.local()
-_patch_lock = threading.Lock()
-_patch_depth = 0
-_sdpa = F.scaled_dot_product_attention
-
-
-def _sdpa_for_export(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-    plain = is_causal or dropout_p or kw or attn_mask is None or not attn_mask.is_floating_point()
-    if plain or not getattr(_export_local, "active", False):
-        return _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kw)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q * scale, k.transpose(-2, -1)) + attn_mask
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
-
-
-@contextlib.contextmanager
-def _export_attention():
-    """Routes this thread's scaled_dot_product_attention calls to `_sdpa_for_export`
-    (other threads, e.g. training, keep torch's own)."""
-    global _patch_depth
-    with _patch_lock:
-        _patch_depth += 1
-        F.scaled_dot_product_attention = _sdpa_for_export
-    _export_local.active = True
-    try:
-        yield
-    finally:
-        _export_local.active = False
-        with _patch_lock:
-            _patch_depth -= 1
-            if _patch_depth == 0:
-                F.scaled_dot_product_attention = _sdpa
-
-
-def _example_inputs(model: Llama, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    # Dynamic dims must not be 0 or 1 in the example (the exporter would specialise them).
-    cfg = model.config
-    B, S, P = 2, 3, 4
-    ids = torch.randint(0, cfg.vocab_size, (B, S))
-    mask = torch.ones(B, P + S, dtype=torch.int64)
-    pos = torch.arange(P, P + S).unsqueeze(0).expand(B, S).contiguous()
-    past = [
-        torch.randn(B, cfg.n_kv_heads, P, cfg.head_dim, dtype=dtype)
-        for _ in range(2 * cfg.n_layers)
-    ]
-    return (ids, mask, pos, *past)
-
-
-def _export_dynamo(graph: _KVGraph, example, path: Path, n_layers: int) -> None:
-    from torch.export import Dim
-
-    batch, seq, past, total = Dim("batch"), Dim("seq"), Dim("past"), Dim("total")
-    shapes: list[Any] = [{0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}]
-    # *past_flat is one positional group: its shapes go in one nested list.
-    shapes.append(tuple([{0: batch, 2: past}] * (2 * n_layers)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(
-            graph,
-            tuple(example),
-            dynamic_shapes=tuple(shapes),
-            input_names=input_names(n_layers),
-            output_names=output_names(n_layers),
-            opset_version=OPSET,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
-    prog.optimize()
-    prog.save(str(path), external_data=False)
-
-
-def _export_legacy(graph: _KVGraph, example, path: Path, n_layers: int) -> None:
-    axes: dict[str, dict[int, str]] = {
-        "input_ids": {0: "batch", 1: "seq"},
-        "attention_mask": {0: "batch", 1: "total"},
-        "position_ids": {0: "batch", 1: "seq"},
-        "logits": {0: "batch"},
-    }
-    for i in range(n_layers):
-        for kind in ("key", "value"):
-            axes[f"past_key_values.{i}.{kind}"] = {0: "batch", 2: "past"}
-            axes[f"present.{i}.{kind}"] = {0: "batch", 2: "past_seq"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            graph,
-            tuple(example),
-            str(path),
-            input_names=input_names(n_layers),
-            output_names=output_names(n_layers),
-            dynamic_axes=axes,
-            opset_version=17,
-            dynamo=False,
-        )
-
-
-# Exporter, by measurement (torch 2.13 CPU, 10.8M-parameter model, 2 cores, ORT 1.31):
-#   legacy (TorchScript): export 1.2 s, 950 nodes, decode 1.67 ms/token (batch 1), 3.84 (batch 8)
-#   dynamo (torch.export): export 7.9 s, 428 nodes, decode 1.62 ms/token (batch 1), 3.53 (batch 8)
-# Runtime is equal within noise (dynamo a few % ahead) and export runs once per trained
-# model, so we take dynamo: the compact graph, static logits shape [batch, 1, vocab], and
-# the exporter torch keeps developing (the legacy one is deprecated). "legacy" stays
-# selectable for models dynamo cannot trace.
-DEFAULT_EXPORTER = "dynamo"
-_EXPORTERS = {"dynamo": _export_dynamo, "legacy": _export_legacy}
+# Exporter, by measurement (torch 2.13 CPU, 10.7M-parameter model, 2 cores, ORT 1.31):
+# torch.onnx.export (dynamo) took 7.9 s and wrote attention as MatMul/Softmax over a cache
+# concatenated every step; the graph builder ("gqa") writes GroupQueryAttention, whose cache
+# is written in place (1.5x the tokens/s of the concatenating graph at batch 16 and 64).
+DEFAULT_EXPORTER = "gqa"
+_EXPORTERS = {"gqa": build_graph}
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -236,12 +96,15 @@ def _fp16_providers() -> list[str]:
     return choose_providers("auto")
 
 
-def _feeds(cfg, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> dict:
-    P, S = past[0].shape[2], ids.shape[1]
-    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, P : P + S]
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos.astype(np.int64)}
-    for name, t in zip(input_names(cfg.n_layers)[3:], past, strict=True):
-        feeds[name] = t
+def _feeds(cfg, ids: np.ndarray, past: list[np.ndarray]) -> dict:
+    """Inputs for `ids` [B, S] on top of a concatenating cache of P tokens per row."""
+    P, (B, S) = past[0].shape[2], ids.shape
+    feeds = {
+        "input_ids": ids,
+        "seqlens_k": np.full(B, P + S - 1, np.int32),
+        "total_sequence_length": np.array(P + S, np.int32),
+    }
+    feeds.update(zip(input_names(cfg.n_layers)[3:], past, strict=True))
     return feeds
 
 
@@ -270,19 +133,19 @@ def check_parity(
     n = max(1, min(prompt_tokens, cfg.context_length - decode_steps - 1))
     steps = max(0, min(decode_steps, cfg.context_length - n))
     ids = torch.randint(0, cfg.vocab_size, (1, n), generator=g)
-    past = [np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), dtype)] * (2 * cfg.n_layers)
-    mask = np.ones((1, n), np.int64)
+    past = [np.zeros((1, cfg.n_kv_heads, 0, cache_head_dim(cfg.head_dim)), dtype)] * (
+        2 * cfg.n_layers
+    )
 
     t_logits, t_past = model(ids, last_only=True)
-    out = sess.run(None, _feeds(cfg, ids.numpy(), mask, past))
+    out = sess.run(None, _feeds(cfg, ids.numpy(), past))
     prefill = float(np.abs(out[0].astype(np.float32) - t_logits.numpy()).max())
     decode, tokens_match = 0.0, True
     for _ in range(steps):
         nxt = t_logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
         tokens_match &= int(out[0][0, -1].argmax()) == int(nxt)
-        mask = np.ones((1, mask.shape[1] + 1), np.int64)
         t_logits, t_past = model(nxt, past_key_values=t_past)
-        out = sess.run(None, _feeds(cfg, nxt.numpy(), mask, list(out[1:])))
+        out = sess.run(None, _feeds(cfg, nxt.numpy(), list(out[1:])))
         decode = max(decode, float(np.abs(out[0].astype(np.float32) - t_logits.numpy()).max()))
     return {
         "max_abs_logit_diff": max(prefill, decode),
@@ -299,13 +162,11 @@ def _export_one(model: Llama, target: Path, *, dtype: torch.dtype, exporter: str
     """Exports to a temporary file beside `target`, checks it, returns its path and facts."""
     import onnx
 
-    cfg = model.config
     tmp = _tmp_beside(target)
     try:
         started = time.perf_counter()
-        graph = _KVGraph(model.to(dtype).eval())
-        with torch.no_grad(), _export_attention():
-            _EXPORTERS[exporter](graph, _example_inputs(model, dtype), tmp, cfg.n_layers)
+        np_dtype = np.float16 if dtype == torch.float16 else np.float32
+        _EXPORTERS[exporter](model.float().eval(), tmp, dtype=np_dtype)
         proto = onnx.load(str(tmp))
         if proto.ir_version > MAX_IR_VERSION:
             proto.ir_version = MAX_IR_VERSION
@@ -412,11 +273,12 @@ def graph_val_loss(path: Path, cfg, windows: np.ndarray) -> float:
     through its own KV cache (the graph emits last-position logits only)."""
     sess = _session(path)
     B, L = windows.shape[0], windows.shape[1] - 1
-    past = [np.zeros((B, cfg.n_kv_heads, 0, cfg.head_dim), np.float32)] * (2 * cfg.n_layers)
+    past = [np.zeros((B, cfg.n_kv_heads, 0, cache_head_dim(cfg.head_dim)), np.float32)] * (
+        2 * cfg.n_layers
+    )
     total = 0.0
     for t in range(L):
-        mask = np.ones((B, t + 1), np.int64)
-        out = sess.run(None, _feeds(cfg, windows[:, t : t + 1], mask, past))
+        out = sess.run(None, _feeds(cfg, windows[:, t : t + 1], past))
         past = list(out[1:])
         logits = out[0][:, -1].astype(np.float64)
         m = logits.max(axis=1, keepdims=True)
@@ -434,12 +296,14 @@ def decode_ms_per_token(path: Path, cfg, *, steps: int = 32, repeats: int = 3) -
     ids = np.arange(n, dtype=np.int64)[None] % cfg.vocab_size
     best = float("inf")
     for _ in range(repeats):
-        past = [np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), np.float32)] * (2 * cfg.n_layers)
-        out = sess.run(None, _feeds(cfg, ids, np.ones((1, n), np.int64), past))
+        past = [np.zeros((1, cfg.n_kv_heads, 0, cache_head_dim(cfg.head_dim)), np.float32)] * (
+            2 * cfg.n_layers
+        )
+        out = sess.run(None, _feeds(cfg, ids, past))
         t = time.perf_counter()
-        for i in range(steps):
+        for _ in range(steps):
             nxt = out[0][:, -1].argmax(-1)[:, None].astype(np.int64)
-            out = sess.run(None, _feeds(cfg, nxt, np.ones((1, n + i + 1), np.int64), out[1:]))
+            out = sess.run(None, _feeds(cfg, nxt, out[1:]))
         best = min(best, (time.perf_counter() - t) / steps * 1e3)
     return best
 

@@ -427,7 +427,7 @@ def _export_register(
             fp16=device.startswith("cuda"),
             parity_limit=settings.parity_limit,
             eval_tokens=_val_tokens(data_dir),
-            exporter=_exporter(settings.onnx_exporter, job.parameters.get("total", 0)),
+            exporter=_exporter(settings.onnx_exporter),
         )
         timings = {**hooks.timings, **timings, "export": time.monotonic() - t_export}
         _merge_metadata(tmp / "metadata.json", {"onnx": parity, "timings": timings})
@@ -489,10 +489,8 @@ def _val_tokens(data_dir: Path, limit: int = 1 << 16):
         return None
 
 
-def _exporter(setting: str, parameters: int) -> str:
-    if setting != "auto":
-        return setting
-    return "legacy" if parameters < 5_000_000 else "dynamo"
+def _exporter(setting: str) -> str:
+    return "gqa" if setting == "auto" else setting
 
 
 def _merge_metadata(path: Path, extra: dict) -> None:

@@ -24,6 +24,10 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         stop=args.stop or None,
         truncate_prompt=args.truncate_prompt,
+        n=args.n,
+        request_id=args.request_id,
+        context_shift=args.context_shift,
+        variant=args.variant,
     )
 
 
@@ -42,20 +46,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
             completion = client.generate(args.model, prompt, **_sampling(args))
             if args.json:
                 print_json(completion)
+            elif completion.choices:
+                for choice in completion.choices:
+                    print(f"--- sample {choice.index} ({choice.finish_reason.value}) ---")
+                    print(choice.text)
             else:
                 print(completion.text)
                 if sys.stderr.isatty():
                     print(_stats(completion), file=sys.stderr)
             return EXIT_OK
+        samples: dict[int, str] = {}
         with client.stream(args.model, prompt, **_sampling(args)) as stream:
             for delta in stream:
                 if args.json:
                     print_json(delta)
+                elif (args.n or 1) > 1:  # interleaved samples: each printed when it ends
+                    samples[delta.index] = samples.get(delta.index, "") + delta.text
+                    if delta.final:
+                        reason = delta.finish_reason.value if delta.finish_reason else ""
+                        print(f"--- sample {delta.index} ({reason}) ---")
+                        print(samples[delta.index])
                 else:
                     sys.stdout.write(delta.text)
                     sys.stdout.flush()
-        if not args.json:
+        if not args.json and (args.n or 1) <= 1:
             print()
             if stream.final and sys.stderr.isatty():
                 print(_stats(stream.final), file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_abort(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        aborted = client.abort(args.request_id)
+    if args.json:
+        print_json({"request_id": args.request_id, "aborted": aborted})
+    else:
+        print("aborted" if aborted else f"no generation of yours is running as {args.request_id!r}")
     return EXIT_OK

@@ -10,7 +10,7 @@ from lmforge import __version__
 from lmforge.cli.console import cmd_open
 from lmforge.cli.datasets import cmd_datasets
 from lmforge.cli.demo import cmd_demo
-from lmforge.cli.generate import cmd_generate
+from lmforge.cli.generate import cmd_abort, cmd_generate
 from lmforge.cli.health import cmd_health
 from lmforge.cli.jobs import cmd_jobs
 from lmforge.cli.models import cmd_models
@@ -225,6 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the end of a prompt longer than the context",
     )
     p.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
+    p.add_argument("--n", type=int, help="samples to generate from one prefill (default 1)")
+    p.add_argument("--request-id", default="", help="an id of yours, echoed; `abort` takes it")
+    p.add_argument(
+        "--context-shift",
+        action="store_true",
+        help="keep generating past the context by re-reading its most recent half",
+    )
+    p.add_argument(
+        "--variant", default="", help="the graph to run: fp32, int8, int4 (default: served)"
+    )
+    p.set_defaults(server="inference")
+
+    p = add("abort", "end a generation started with --request-id", cmd_abort)
+    p.add_argument("request_id", help="the --request-id the generation was started with")
     p.set_defaults(server="inference")
 
     p = add("open", "open the web console in a browser (prints its URL)", cmd_open)

@@ -93,13 +93,10 @@ class _Loaded:
 class Engine:
     """Loads models lazily (LRU of settings.max_loaded_models) and streams generations."""
 
-    def __init__(
-        self, settings: Settings, resolver: ModelResolver, *, io_binding: bool | None = None
-    ):
+    def __init__(self, settings: Settings, resolver: ModelResolver):
         self.settings = settings
         self.resolver = resolver
         self.providers = choose_providers(settings.inference_device)
-        self._io_binding = io_binding
         # Keyed by (model id, variant): a request may name a variant other than the default.
         self._loaded: collections.OrderedDict[tuple[str, str], _Loaded] = collections.OrderedDict()
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
@@ -147,7 +144,6 @@ class Engine:
                 OrtModel,
                 resolved.path,
                 providers=self.providers,
-                io_binding=self._io_binding,
                 spin=self.settings.inference_spin,
                 variant=variant,
                 threads=self.settings.inference_threads,

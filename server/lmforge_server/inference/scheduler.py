@@ -1,25 +1,27 @@
 """The batching scheduler: one thread per loaded model that runs its requests on ONNX Runtime.
 
+The KV cache is the model's `KVCache`: one preallocated slot of the full context per batch
+row. A request takes a free slot when it is admitted and gives it back when it ends; ONNX
+Runtime writes each step's keys and values into the slots in place. So joining or leaving
+the batch copies nothing, and a decode step costs the weights plus each row's own cache.
+
 Off the asyncio event loop, each turn of the loop:
-- prefills every waiting request that fits in the batch, together: prompts left-padded to
-  the longest and masked with `attention_mask`, one ONNX Runtime call for all of them
-  (`n` samples of one request share that prefill). A prompt that starts with a prefix
-  recently prefilled for this model reuses that prefix's KV cache (`PrefixCache`) and
-  prefills only the rest. A long prompt is prefilled PREFILL_CHUNK tokens per turn, so
-  the running streams get a token between its chunks instead of waiting for all of it;
-- runs one decode step of all active rows as one batch. Rows are left-padded to the
-  longest cache; padding is added only when a request joins and trimmed when the longest
-  one leaves, so a steady batch runs without copies.
+- prefills every waiting request that fits in the batch: requests in adjacent slots in one
+  ONNX Runtime call, right-padded (`n` samples of one request share that prefill, copied
+  into their slots). A prompt that starts with a prefix recently prefilled for this model
+  reuses that prefix's KV cache (`PrefixCache`) and prefills only the rest. While other
+  rows decode, a long prompt is prefilled PREFILL_CHUNK tokens per turn, so the running
+  streams get a token between its chunks instead of waiting for all of it;
+- runs one decode step of all active rows as one batch: slots 0 .. the highest active one
+  (a free slot in between runs a throwaway row that writes past its own end).
 A row that reaches the context with `context_shift` set leaves the batch and is prefilled
-again from the most recent half of its window (llama.cpp's context shift), then rejoins.
+again in its slot from the most recent half of its window (llama.cpp's context shift), then
+rejoins.
 
 Failures stay with their cause: a request whose sampling raises ends alone with "error";
 only an ONNX Runtime failure of the whole step fails the rows of that step.
 
-Batched against one by one (bench/bench_inference.py: 10.7M-parameter model, 2 CPU cores,
-64-token prompts, 128 tokens each): 1244 vs 575 tokens/s at 4 streams, 2381 vs 583 at 16;
-so decode steps are always batched, up to settings.max_batch_size rows. A step's deltas
-reach the event loop in one hand-over (one wake-up, not one per row).
+A step's deltas reach the event loop in one hand-over (one wake-up, not one per row).
 """
 
 from __future__ import annotations
@@ -47,8 +49,12 @@ QUEUE_PER_SLOT = 16
 # Prefix reuse: prompts at least this long are remembered, and a hit must share this many.
 MIN_PREFIX_TOKENS = 16
 PREFIX_CACHE_BYTES = 64 << 20
-# Prompt tokens prefilled per scheduler turn for a long prompt (chunked prefill).
-PREFILL_CHUNK = 128
+# Prompt tokens prefilled per scheduler turn for a long prompt while other rows decode
+# (chunked prefill; with nothing else running a prompt goes in whole). Measured (10.7M model,
+# 8 streams decoding while a 1,000-token prompt arrives, 2 loaded cores, interleaved runs):
+# inter-token p99 80-134 ms with 64 against 124-301 ms with 128 (16 and 32: 114-133 ms, and
+# a p50 twice as high, since most turns then carry a chunk).
+PREFILL_CHUNK = 64
 
 
 @dataclass
@@ -126,6 +132,8 @@ class Request:
     request_id: str = ""
     # Roll the window forward at the context instead of ending there.
     context_shift: bool = False
+    # The KV cache slot this sample holds while admitted (-1: none).
+    slot: int = -1
     submitted: float = field(default_factory=time.perf_counter)
     started: float = 0.0
     first_token: float = 0.0
@@ -192,13 +200,17 @@ def make_requests(
 
 @dataclass(eq=False)
 class Group:
-    """A request's samples (n of them), prefilled once from the same ids."""
+    """A request's samples (n of them), prefilled once from the same ids into the first
+    sample's slot (and copied to the others' once done)."""
 
     rows: list[Request]
     ids: list[int]
-    # Chunked prefill: the first `done` ids are in `cache` already ([1, H, done, D] each).
+    # The first `done` ids are in the first row's slot already (prefix reuse, chunks).
     done: int = 0
-    cache: list | None = None
+
+    @property
+    def slot(self) -> int:
+        return self.rows[0].slot
 
 
 # --- prefix reuse ---------------------------------------------------------------------------
@@ -271,15 +283,17 @@ class Scheduler:
         self.max_waiting = QUEUE_PER_SLOT * self.max_batch_size
         self.prefixes = prefix_cache if prefix_cache is not None else PrefixCache()
         self.prefill_chunk = max(1, prefill_chunk)
+        self.cache = model.new_cache(self.max_batch_size)
         self._cv = threading.Condition()
         self._waiting: collections.deque[Group] = collections.deque()
         self._closing = False
-        # The batch: one row per active sample, caches left-padded to a common length.
+        # Who holds each cache slot, and how many positions of it are filled.
+        self._holders: list[Request | None] = [None] * self.max_batch_size
+        self._lens = np.zeros(self.max_batch_size, np.int32)
+        # The batch: the samples being decoded (each in its own slot).
         self._rows: list[Request] = []
-        self._past: list = []
-        self._mask = np.zeros((0, 0), np.int64)
-        # Groups that hold batch slots outside the batch: rows that reached the context and
-        # are prefilled again (context_shift), and long prompts between prefill chunks.
+        # Groups that hold slots outside the batch: rows that reached the context and are
+        # prefilled again (context_shift), and long prompts between prefill chunks.
         self._carried: list[Group] = []
         # Deltas of the current step, handed over together (see _flush).
         self._outbox: list[tuple[Request, Delta]] = []
@@ -339,17 +353,16 @@ class Scheduler:
                     self._cv.wait()
                 if self._closing and not (self._waiting or self._rows or self._carried):
                     return
-                new, taken = list(self._carried), sum(len(g.rows) for g in self._carried)
+                new = list(self._carried)
                 self._carried = []
-                while self._waiting:
-                    want = len(self._waiting[0].rows)
-                    if len(self._rows) + taken + want > self.max_batch_size and (
-                        self._rows or taken
-                    ):
-                        break
+                free = [s for s, holder in enumerate(self._holders) if holder is None]
+                while self._waiting and len(self._waiting[0].rows) <= len(free):
                     group = self._waiting.popleft()
+                    for req in group.rows:
+                        req.slot = free.pop(0)
+                        self._holders[req.slot] = req
+                        self._lens[req.slot] = 0
                     new.append(group)
-                    taken += want
             try:
                 if new:
                     self._prefill(new)
@@ -362,8 +375,10 @@ class Scheduler:
                 for req in [*(r for g in new for r in g.rows), *self._rows]:
                     if not req.done:
                         self._finish(req, "error", error=e)
-                self._rows, self._past = [], []
-                self._mask = np.zeros((0, 0), np.int64)
+                self._rows, self._carried = [], []
+                for req in self._holders:
+                    if req is not None:
+                        self._release(req)
             finally:
                 self._flush()
 
@@ -398,93 +413,103 @@ class Scheduler:
                 req.started = req.started or now
                 if req.cancelled and not req.done:
                     self._finish(req, "cancelled")
-            if not all(r.done for r in g.rows):
+            if all(r.done for r in g.rows):
+                for req in g.rows:
+                    self._release(req)
+            else:
                 live.append(g)
-        # A prompt sharing a remembered prefix prefills alone on top of that prefix's cache,
-        # a long one a chunk per turn; the others prefill together, left-padded.
+        # A prompt sharing a remembered prefix prefills on top of that prefix's cache, a long
+        # one a chunk per turn; the others prefill together, right-padded.
         cold = []
         for g in live:
-            if g.cache is None and not g.rows[0].context_shifts:
+            if g.done == 0 and not g.rows[0].context_shifts:
                 k, past = self.prefixes.get(g.ids)
                 if past is not None:
-                    g.done, g.cache = k, [np.ascontiguousarray(a) for a in past]
+                    self.cache.write(g.slot, past)
+                    g.done = self._lens[g.slot] = k
                     for req in g.rows:
                         req.cached_prompt_tokens = k
-            if len(g.ids) - g.done > self.prefill_chunk:
+            # Chunks only when other rows wait for their tokens; else the whole prompt at once.
+            busy = bool(self._rows) or len(live) > 1
+            if busy and len(g.ids) - g.done > self.prefill_chunk:
                 self._run_chunk(g)
                 self._carried.append(g)
-            elif g.cache is not None:
-                self._run_prefill([g], past=g.cache, past_len=g.done)
+            elif g.done:
+                self._run_prefill([g])
             else:
                 cold.append(g)
-        if cold:
-            self._run_prefill(cold, past=None, past_len=0)
+        # One call per run of adjacent slots (groups admitted together usually are).
+        cold.sort(key=lambda g: g.slot)
+        run: list[Group] = []
+        for g in cold:
+            if run and g.slot != run[-1].slot + 1:
+                self._run_prefill(run)
+                run = []
+            run.append(g)
+        if run:
+            self._run_prefill(run)
 
     def _run_chunk(self, g: Group) -> None:
-        """Prefills the group's next `prefill_chunk` ids onto its cache (no token yet)."""
-        m, P = self.model, g.done
+        """Prefills the group's next `prefill_chunk` ids into its slot (no token yet)."""
+        P = g.done
         ids = np.asarray([g.ids[P : P + self.prefill_chunk]], np.int64)
-        mask = np.ones((1, P + ids.shape[1]), np.int64)
-        pos = np.arange(P, P + ids.shape[1], dtype=np.int64)[None]
-        _, present = m.run(ids, mask, pos, g.cache if g.cache is not None else m.empty_past(1))
+        end = P + ids.shape[1]
+        self.model.run(self.cache, ids, [end - 1], g.slot)
         self.prefill_calls += 1
-        g.cache, g.done = OrtModel.to_host(present), P + ids.shape[1]
+        g.done = self._lens[g.slot] = end
 
-    def _run_prefill(self, groups: list[Group], *, past: list | None, past_len: int) -> None:
+    def _run_prefill(self, groups: list[Group]) -> None:
+        """Prefills the rest of each group's ids into its slot (the groups' slots adjacent;
+        each either starts empty or has `done` ids already, then alone) and takes each
+        group's first tokens."""
         m = self.model
-        G = len(groups)
-        lens = [len(g.ids) - past_len for g in groups]
+        lens = [len(g.ids) - g.done for g in groups]
         S = max(lens)
-        ids = np.zeros((G, S), np.int64)
-        mask = np.zeros((G, past_len + S), np.int64)
+        ids = np.zeros((len(groups), S), np.int64)  # right-padded
         for i, (g, n) in enumerate(zip(groups, lens, strict=True)):
-            ids[i, S - n :] = g.ids[past_len:]
-            mask[i, :past_len] = 1
-            mask[i, past_len + S - n :] = 1
-        pos = (np.cumsum(mask, axis=1) - 1).clip(0)[:, past_len:]
-        logits, present = m.run(ids, mask, pos, past if past is not None else m.empty_past(G))
+            ids[i, :n] = g.ids[g.done :]
+        logits = m.run(self.cache, ids, [len(g.ids) - 1 for g in groups], groups[0].slot)
         self.prefill_calls += 1
-        self.prefilled_groups += G
-        cache = OrtModel.to_host(present) if G > 1 or len(groups[0].rows) > 1 else None
-        joins: list[tuple[Request, list]] = []
-        for i, (g, n) in enumerate(zip(groups, lens, strict=True)):
-            # This group's cache without the padding in front: [1, H, past_len + n, D].
-            if cache is None:
-                row_cache = list(present)
-            else:
-                pad = S - n
-                row_cache = [
-                    np.concatenate(
-                        [a[i : i + 1, :, :past_len], a[i : i + 1, :, past_len + pad :]], 2
-                    )
-                    if pad
-                    else a[i : i + 1]
-                    for a in cache
-                ]
-            if not g.rows[0].context_shifts:
-                host = OrtModel.to_host(row_cache) if cache is None else row_cache
-                self.prefixes.put(g.ids, host)
-            joins += [(r, row_cache) for r in g.rows if self._accept(r, logits[i])]
-        self._flush()  # first tokens go out now, not after the join's copying
-        self._join(joins)
+        self.prefilled_groups += len(groups)
+        joins: list[Request] = []
+        for i, g in enumerate(groups):
+            L, first = len(g.ids), g.slot
+            g.done = self._lens[first] = L
+            if not g.rows[0].context_shifts and L >= self.prefixes.min_tokens:
+                self.prefixes.put(g.ids, self.cache.read(first, L))
+            for req in g.rows[1:]:  # n samples: one prefill, copied into each slot
+                self.cache.copy(first, req.slot, L)
+                self._lens[req.slot] = L
+            for req in g.rows:
+                if not req.done and self._accept(req, logits[i]):
+                    joins.append(req)
+                elif req.done:
+                    self._release(req)
+        self._flush()  # first tokens go out now
+        self._rows += joins
 
     # -- decode
 
     def _decode_step(self) -> None:
-        B = len(self._rows)
-        ids = np.asarray([[r.generated[-1]] for r in self._rows], dtype=np.int64)
-        pos = np.asarray([[r.length - 1] for r in self._rows], dtype=np.int64)
-        mask = np.concatenate([self._mask, np.ones((B, 1), np.int64)], axis=1)
-        logits, present = self.model.run(ids, mask, pos, self._past)
-        self._past, self._mask = present, mask
+        """One token for every row: slots 0 .. the highest active one in one call."""
+        rows = self._rows
+        B = max(r.slot for r in rows) + 1
+        ids = np.zeros((B, 1), np.int64)
+        # A slot not in the batch (free, or a prompt between chunks) writes a throwaway row
+        # at its own end, which its next prefill overwrites.
+        seqlens = np.minimum(self._lens[:B], self.model.context_length - 1)
+        for r in rows:
+            ids[r.slot, 0] = r.generated[-1]
+        logits = self.model.run(self.cache, ids, seqlens, 0)
+        for r in rows:
+            self._lens[r.slot] += 1
         # Greedy rows need only the argmax: one numpy call for the batch, not one per row.
-        if any(r.sampler.plain_greedy for r in self._rows):
-            argmax = logits.argmax(axis=1).tolist()
-        else:
-            argmax = [None] * B
-        for row, req in enumerate(self._rows):
+        argmax = (
+            logits.argmax(axis=1).tolist() if any(r.sampler.plain_greedy for r in rows) else None
+        )
+        for req in rows:
             if not req.done:
-                self._accept(req, logits[row], argmax[row])
+                self._accept(req, logits[req.slot], None if argmax is None else argmax[req.slot])
 
     def _accept(self, req: Request, logits: np.ndarray, argmax: int | None = None) -> bool:
         """Samples the request's next token and streams it; False when the request ended.
@@ -587,37 +612,18 @@ class Scheduler:
 
     # -- the batch
 
-    def _join(self, joins: list[tuple[Request, list]]) -> None:
-        """Adds prefilled samples' caches [1, H, L, D] as new rows, left-padding to the
-        longest: one copy of the batch's cache for all of them, not one per row."""
-        if not joins:
-            return
-        if (
-            not self._rows and len(joins) == 1
-        ):  # the batch is this row: no copy (device values stay)
-            req, present = joins[0]
-            self._rows, self._past = [req], list(present)
-            first = present[0]
-            length = first.shape[2] if isinstance(first, np.ndarray) else first.shape()[2]
-            self._mask = np.ones((1, length), np.int64)
-            return
-        parts = [OrtModel.to_host(self._past)] if self._rows else []
-        masks = [self._mask] if self._rows else []
-        for _, cache in joins:
-            parts.append(OrtModel.to_host(cache))
-            masks.append(np.ones((1, parts[-1][0].shape[2]), np.int64))
-        T = max(p[0].shape[2] for p in parts)
-        self._past = [
-            np.concatenate([_left_pad(p[layer], T - p[layer].shape[2]) for p in parts], axis=0)
-            for layer in range(len(parts[0]))
-        ]
-        self._mask = np.concatenate([_left_pad_mask(m, T - m.shape[1]) for m in masks], axis=0)
-        self._rows += [req for req, _ in joins]
+    def _release(self, req: Request) -> None:
+        """Gives the sample's slot back (nothing is copied or cleared)."""
+        if req.slot >= 0 and self._holders[req.slot] is req:
+            self._holders[req.slot] = None
+            self._lens[req.slot] = 0
+        req.slot = -1
 
     def _drop_finished(self) -> None:
-        """Removes finished or cancelled rows, and rows at the context that shift it, and
-        the padding nobody needs any more."""
+        """Removes finished or cancelled rows (freeing their slots), and rows at the context
+        that shift it."""
         ctx = self.model.context_length
+        keep = []
         for req in self._rows:
             if req.cancelled and not req.done:
                 self._finish(req, "cancelled")
@@ -625,34 +631,14 @@ class Scheduler:
                 self._finish(req, "length")  # max_new keeps this from happening; a guard
             elif not req.done and req.length > ctx:
                 # Feeding the last token would pass the context: prefill the recent half again.
-                keep = max(1, ctx // 2)
-                req.window_start = len(req.prompt_ids) + len(req.generated) - keep
+                n = max(1, ctx // 2)
+                req.window_start = len(req.prompt_ids) + len(req.generated) - n
                 req.context_shifts += 1
+                self._lens[req.slot] = 0
                 self._carried.append(Group([req], req.window()))
-        shifting = {id(g.rows[0]) for g in self._carried}
-        keep = [i for i, r in enumerate(self._rows) if not r.done and id(r) not in shifting]
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            self._rows, self._past = [], []
-            self._mask = np.zeros((0, 0), np.int64)
-            return
-        past = OrtModel.to_host(self._past)
-        mask = self._mask[keep]
-        start = int(np.argmax(mask.any(axis=0)))  # first column some row still uses
-        self._past = [np.ascontiguousarray(a[keep][:, :, start:]) for a in past]
-        self._mask = np.ascontiguousarray(mask[:, start:])
-        self._rows = [self._rows[i] for i in keep]
-
-
-def _left_pad(a: np.ndarray, n: int) -> np.ndarray:
-    if n == 0:
-        return a
-    pad = np.zeros((a.shape[0], a.shape[1], n, a.shape[3]), a.dtype)
-    return np.concatenate([pad, a], axis=2)
-
-
-def _left_pad_mask(m: np.ndarray, n: int) -> np.ndarray:
-    if n == 0:
-        return m
-    return np.concatenate([np.zeros((m.shape[0], n), m.dtype), m], axis=1)
+                continue
+            if req.done:
+                self._release(req)
+            else:
+                keep.append(req)
+        self._rows = keep

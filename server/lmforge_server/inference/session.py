@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge_server.inference.errors import ModelNotReady
 from lmforge_server.specs import EOS_TOKEN
 
 CPU_EP, CUDA_EP = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -101,13 +102,70 @@ def choose_variant(variants: list[dict], name: str = "", *, cuda: bool) -> dict:
     return min(passing, key=lambda v: v["decode_ms_per_token"])
 
 
+class KVCache:
+    """The KV cache: per layer, key and value buffers [slots, n_kv, context, head_dim],
+    allocated once. Slot s holds one sequence's keys and values at positions [0, length);
+    ONNX Runtime writes new rows into it in place (GroupQueryAttention with the same buffer
+    bound as past and present), so nothing is ever copied to grow, join or leave a batch.
+
+    On the CPU the buffers are numpy arrays from np.zeros, whose pages the OS commits only
+    when written: an unused slot, or the unused end of one, costs no memory. On CUDA they
+    are torch tensors on the device (torch brings CUDA into the process there, see
+    `choose_providers`).
+    """
+
+    def __init__(
+        self, n_buffers: int, slots: int, n_kv: int, context: int, head_dim: int, dtype, device: str
+    ):
+        self.device = device
+        self.slots, self.context = slots, context
+        self.dtype = np.dtype(dtype)
+        shape = (slots, n_kv, context, head_dim)
+        if device == "cuda":
+            import torch
+
+            tdtype = torch.float16 if self.dtype == np.float16 else torch.float32
+            self.buffers = [
+                torch.zeros(shape, dtype=tdtype, device="cuda") for _ in range(n_buffers)
+            ]
+            self._ptrs = [b.data_ptr() for b in self.buffers]
+        else:
+            self.buffers = [np.zeros(shape, self.dtype) for _ in range(n_buffers)]
+            self._ptrs = [b.ctypes.data for b in self.buffers]
+        self.slot_bytes = n_kv * context * head_dim * self.dtype.itemsize
+        self.slot_shape = (n_kv, context, head_dim)
+
+    def ptr(self, buffer: int, slot: int) -> int:
+        return self._ptrs[buffer] + slot * self.slot_bytes
+
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Slot `dst` gets slot `src`'s first `length` positions (n samples of one prompt)."""
+        for b in self.buffers:
+            b[dst, :, :length] = b[src, :, :length]
+
+    def read(self, slot: int, length: int) -> list[np.ndarray]:
+        """Host copies [1, n_kv, length, head_dim] of the slot's first `length` positions."""
+        if self.device == "cuda":
+            return [b[slot : slot + 1, :, :length].cpu().numpy() for b in self.buffers]
+        return [b[slot : slot + 1, :, :length].copy() for b in self.buffers]
+
+    def write(self, slot: int, arrays: list[np.ndarray]) -> None:
+        """The slot's first positions get `arrays` ([1, n_kv, k, head_dim] each)."""
+        for b, a in zip(self.buffers, arrays, strict=True):
+            k = a.shape[2]
+            if self.device == "cuda":
+                import torch
+
+                b[slot, :, :k] = torch.from_numpy(np.ascontiguousarray(a[0])).to(b.device)
+            else:
+                b[slot, :, :k] = a[0]
+
+
 class OrtModel:
     """An exported model: its ORT session, tokenizer and shapes.
 
-    `run` takes numpy inputs and the past cache (numpy arrays, or the device values a
-    previous `run` returned) and gives last-position logits [B, V] as numpy and the present
-    cache. With IO binding (CUDA) the cache stays on the device between steps; `to_host`
-    brings it back when the batch changes shape.
+    `new_cache` makes a KV cache for it (`KVCache`, slots of the full context, on the
+    session's device); `run` runs rows on a range of those slots and gives their logits.
     """
 
     def __init__(
@@ -115,7 +173,6 @@ class OrtModel:
         path: Path,
         *,
         providers: list[str],
-        io_binding: bool | None = None,
         spin: bool = False,
         variant: str = "",
         threads: int = 0,
@@ -151,9 +208,6 @@ class OrtModel:
                 chosen = choose_variant(self.variants, "fp32", cuda=False)
                 onnx_file, self.variant, self.dtype = path / chosen["file"], "fp32", "fp32"
                 self.session = ort.InferenceSession(str(onnx_file), so, providers=[CPU_EP])
-        # IO binding: +6-11% on a 124M model but -7-12% on 10M on CPU (Python overhead), and
-        # on CUDA it keeps the cache on the GPU; so on for CUDA, off for CPU by default.
-        self.io_binding = (self.provider == CUDA_EP) if io_binding is None else io_binding
         self.device = "cuda" if self.provider == CUDA_EP else "cpu"
 
         config = json.loads((path / "config.json").read_text())
@@ -163,6 +217,11 @@ class OrtModel:
         self.eos_token_id = int(config.get("eos_token_id", eos) if eos is None else eos)
 
         inputs = {i.name: i for i in self.session.get_inputs()}
+        if "seqlens_k" not in inputs:
+            raise ModelNotReady(
+                f"model {path.name!r} was exported before the static KV cache (its graph takes "
+                f"{sorted(inputs)[:3]}); export it again to serve it"
+            )
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs()][1:]
         first = inputs[self.past_names[0]]
@@ -176,33 +235,44 @@ class OrtModel:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        shape = (batch, self.n_kv_heads, 0, self.head_dim)
-        return [np.zeros(shape, self.cache_dtype) for _ in self.past_names]
+    def new_cache(self, slots: int) -> KVCache:
+        """A KV cache for this model with `slots` sequence slots of the full context."""
+        return KVCache(
+            len(self.past_names),
+            slots,
+            self.n_kv_heads,
+            self.context_length,
+            self.head_dim,
+            self.cache_dtype,
+            self.device,
+        )
 
-    def run(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list):
-        if not self.io_binding:
-            feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
-            feeds.update(zip(self.past_names, past, strict=True))
-            out = self.session.run(None, feeds)
-            return out[0][:, -1, :].astype(np.float32, copy=False), out[1:]
-        import onnxruntime as ort
+    def run(
+        self, cache: KVCache, input_ids: np.ndarray, seqlens_k: np.ndarray, first_slot: int = 0
+    ) -> np.ndarray:
+        """Runs rows `input_ids` [B, S] on `cache`'s slots first_slot .. first_slot + B - 1 and
+        gives each row's last-token logits [B, V] (float32).
 
+        Row b's new tokens go to positions seqlens_k[b] + 1 - S .. seqlens_k[b] of its slot
+        (a first prompt, in an empty slot, may be right-padded: it holds seqlens_k[b] + 1
+        real tokens). The slots' buffers are bound as past and present alike: ONNX Runtime
+        writes the new rows in place and reads the rest where it lies.
+        """
+        B = input_ids.shape[0]
+        # Bound inputs are read in place at run time: each array must outlive the run (held
+        # by these locals; a temporary freed after binding gave garbage tokens).
+        ids = np.ascontiguousarray(input_ids, np.int64)
+        seqlens_k = np.ascontiguousarray(seqlens_k, np.int32)
+        total = np.array(int(seqlens_k.max()) + 1, np.int32)
         io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", input_ids)
-        io.bind_cpu_input("attention_mask", mask)
-        io.bind_cpu_input("position_ids", positions)
-        for name, value in zip(self.past_names, past, strict=True):
-            if isinstance(value, np.ndarray):
-                value = ort.OrtValue.ortvalue_from_numpy(value, self.device, 0)
-            io.bind_ortvalue_input(name, value)
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("seqlens_k", seqlens_k)
+        io.bind_cpu_input("total_sequence_length", total)
         io.bind_output("logits", "cpu")
-        for name in self.present_names:
-            io.bind_output(name, self.device)
+        shape = (B, *cache.slot_shape)
+        for i, (past, present) in enumerate(zip(self.past_names, self.present_names, strict=True)):
+            ptr = cache.ptr(i, first_slot)
+            io.bind_input(past, self.device, 0, cache.dtype, shape, ptr)
+            io.bind_output(present, self.device, 0, cache.dtype, shape, ptr)
         self.session.run_with_iobinding(io)
-        out = io.get_outputs()
-        return out[0].numpy()[:, -1, :].astype(np.float32, copy=False), list(out[1:])
-
-    @staticmethod
-    def to_host(cache: list) -> list[np.ndarray]:
-        return [c if isinstance(c, np.ndarray) else c.numpy() for c in cache]
+        return io.get_outputs()[0].numpy()[:, -1, :].astype(np.float32, copy=False)
