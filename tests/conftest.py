@@ -52,6 +52,71 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
     return Settings(**base)
 
 
+BUCKET = "lmforge-test"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free loopback port, with one bucket (the way s3fs's own tests
+    run against a real S3 protocol endpoint). In a process of its own: in this one it would
+    compete for the GIL with the test driving the servers."""
+    pytest.importorskip("boto3")
+    import subprocess
+    import sys
+    import urllib.request
+
+    from lmforge_server.redis_server import free_port
+
+    port = free_port("127.0.0.1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "moto did not start"
+                time.sleep(0.1)
+        # s3fs.mkdir sends a LocationConstraint that moto rejects in us-east-1: use boto3.
+        s3_client(url).create_bucket(Bucket=BUCKET)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+def store_settings(request, backend: str) -> dict:
+    """Settings overrides for an artifact store on `backend`: "local" (the data directory's
+    default) or "s3" (a fresh prefix in the moto server's bucket)."""
+    if backend == "local":
+        return {}
+    return dict(
+        artifacts=f"s3://{BUCKET}/{uuid.uuid4().hex}",
+        s3_endpoint_url=request.getfixturevalue("s3_endpoint"),
+        s3_region="us-east-1",
+        s3_access_key_id="testing",
+        s3_secret_access_key="testing",
+    )
+
+
 @pytest.fixture
 def redis_server(tmp_path) -> Iterator[RedisServer]:
     with RedisServer(tmp_path / "redis") as server:
@@ -173,6 +238,42 @@ def tiny_shakespeare(api, small_dataset):
     job = api.create(small_dataset.id, model_name="tiny-shakespeare", max_steps=60)
     events = api.events(job.id)
     return job, events, api.get(job.id)
+
+
+def model_dir(stack: Stack, model_id: str) -> Path:
+    """The local directory of a registered model's published files (read through the
+    stack's artifact store, as the inference server reads it)."""
+    from lmforge_server.artifacts import ArtifactStore
+    from lmforge_server.store import Store
+
+    rec = Store.from_url(stack.settings.redis_url).model(model_id)
+    return ArtifactStore.from_settings(stack.settings).local_dir(rec.path)
+
+
+def stored_checkpoints(stack: Stack, job_id: str) -> dict[int, str]:
+    """{step: store key} of the job's checkpoints in the stack's artifact store."""
+    from lmforge_server.artifacts import ArtifactStore
+
+    store = ArtifactStore.from_settings(stack.settings).objects
+    found = {}
+    for obj in store.list(f"jobs/{job_id}/checkpoints"):
+        parts = obj.key.split("/")
+        if parts[-1] == "manifest.json" and parts[-2].startswith("step-"):
+            found[int(parts[-2].removeprefix("step-"))] = "/".join(parts[:-1])
+    return dict(sorted(found.items()))
+
+
+def stored_checkpoint_file(stack: Stack, job_id: str, step: int) -> Path:
+    """The local file of the job's checkpoint at `step`, read through the artifact store."""
+    from lmforge_server.artifacts import ArtifactStore
+
+    key = stored_checkpoints(stack, job_id)[step]
+    return ArtifactStore.from_settings(stack.settings).checkpoint_file(key)
+
+
+def job_scratch(stack: Stack, job_id: str) -> Path:
+    """The worker's local work space of a job (per-attempt data, best weights, checkpoints)."""
+    return stack.settings.data_dir / "scratch" / "jobs" / job_id
 
 
 def unique(prefix: str = "r") -> str:

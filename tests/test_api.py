@@ -61,19 +61,23 @@ def test_upload_over_the_size_limit_is_resource_exhausted(api, stack):
     assert str(limit) in e.value.details()
 
 
-def test_upload_streaming_past_the_limit_is_stopped(tmp_path):
-    from conftest import make_settings
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_upload_streaming_past_the_limit_is_stopped(request, tmp_path, backend):
+    from conftest import make_settings, store_settings
 
+    from lmforge_server.artifacts import ArtifactStore
     from lmforge_server.stack import Stack
 
-    with Stack(make_settings(tmp_path, max_upload_bytes=1000), inference=False, worker=False) as s:
+    settings = make_settings(tmp_path, max_upload_bytes=1000, **store_settings(request, backend))
+    with Stack(settings, inference=False, worker=False) as s:
         with grpc.insecure_channel(s.api_addr) as channel:
             with pytest.raises(grpc.RpcError) as e:
                 Api(channel).upload(b"x" * 5000, chunk=100)
     assert _code(e) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "1000 bytes" in e.value.details()
-    # Nothing half-written stays in the artifact store.
-    assert not [p for p in (tmp_path / "artifacts" / "datasets").rglob("*") if p.is_file()]
+    # Nothing half-written stays in the artifact store, nor in the server's upload space.
+    assert ArtifactStore.from_settings(settings).objects.list() == []
+    assert not [p for p in (tmp_path / "scratch").rglob("*") if p.is_file()]
 
 
 def test_upload_must_start_with_a_header(api):

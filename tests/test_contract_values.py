@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
-from conftest import SMALL_CORPUS, unique
+from conftest import SMALL_CORPUS, job_scratch, model_dir, unique
 
 from lmforge.v1 import training_pb2 as S
 from lmforge_worker.training import lr_at
@@ -70,8 +70,8 @@ def run(api, stack):
         events=events,
         model=model,
         name=name,
-        model_dir=stack.settings.artifacts_dir / "models" / done.model_id,
-        job_dir=stack.settings.artifacts_dir / "jobs" / done.id,
+        model_dir=model_dir(stack, done.model_id),
+        job_dir=job_scratch(stack, done.id),
     )
 
 
@@ -202,12 +202,12 @@ def test_the_exported_model_is_the_best_evaluations_weights(api, run, stack):
         pytest.skip(
             f"this run's last evaluation was its best: {[(e.step, e.val_loss) for e in evals]}"
         )
-    model_dir = stack.settings.artifacts_dir / "models" / done.model_id
-    meta = json.loads((model_dir / "metadata.json").read_text())
+    exported_dir = model_dir(stack, done.model_id)
+    meta = json.loads((exported_dir / "metadata.json").read_text())
     assert meta["metrics"]["best_step"] == best.step == done.progress.best_step
-    exported = load_file(str(model_dir / "model.safetensors"))
-    job_dir = stack.settings.artifacts_dir / "jobs" / done.id
-    assert (model_dir / "model.safetensors").read_bytes() == (
+    exported = load_file(str(exported_dir / "model.safetensors"))
+    job_dir = job_scratch(stack, done.id)
+    assert (exported_dir / "model.safetensors").read_bytes() == (
         job_dir / f"attempt-{done.attempt}" / "best.safetensors"
     ).read_bytes()
     # The last step's weights (the final checkpoint) are not what was exported.
@@ -218,7 +218,7 @@ def test_the_exported_model_is_the_best_evaluations_weights(api, run, stack):
     ), "exported the last weights"
     # The ONNX graph carries the best weights: every matrix is an initializer (or its
     # transpose, as the exporter lays out MatMul weights), by value.
-    graph = onnx.load(str(model_dir / "model.onnx")).graph
+    graph = onnx.load(str(exported_dir / "model.onnx")).graph
     inits = [numpy_helper.to_array(t) for t in graph.initializer]
     for name, w in exported.items():
         if w.ndim == 2:
@@ -530,7 +530,7 @@ def test_fine_tuning_starts_from_the_base_models_weights(api, run, stack):
     done = api.wait_terminal(job.id)
     assert done.state == S.JOB_STATE_SUCCEEDED, done.error
     base = load_file(str(run.model_dir / "model.safetensors"))
-    tuned_dir = stack.settings.artifacts_dir / "models" / done.model_id
+    tuned_dir = model_dir(stack, done.model_id)
     tuned = load_file(str(tuned_dir / "model.safetensors"))
     assert tuned.keys() == base.keys()
     for name, w in base.items():
@@ -631,4 +631,5 @@ def test_cancel_during_export_ends_cancelled_with_no_model_files(api, run, stack
     assert events[-1].terminal and events[-1].message == "cancelled during export"
     model = api.models.GetModel(S.GetModelRequest(id=done.model_id))
     assert model.state == S.MODEL_STATE_ABANDONED and not model.files
-    assert not (stack.settings.artifacts_dir / "models" / done.model_id).exists()
+    exported = stack.settings.artifacts_dir / "models" / done.model_id
+    assert not exported.exists() or not any(p.is_file() for p in exported.rglob("*"))

@@ -89,7 +89,7 @@ def lmforge_services(compose: dict) -> dict[str, dict]:
     return {n: s for n, s in compose["services"].items() if s.get("image") == "lmforge:latest"}
 
 
-def test_compose_runs_redis_api_inference_and_a_gpu_worker_from_one_image(compose):
+def test_compose_runs_redis_api_inference_and_gpu_workers_from_one_image(compose):
     services = lmforge_services(compose)
     roles = {" ".join(s["command"][:2]) for s in services.values()}
     assert roles == {"serve api", "serve inference", "worker", "serve http"}
@@ -102,7 +102,48 @@ def test_compose_runs_redis_api_inference_and_a_gpu_worker_from_one_image(compos
         assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
         check_env_names(list(service["environment"]), f"compose {name}")
         assert service["environment"]["LMFORGE_REDIS_URL"] == "redis://redis:6379/0"
-        assert "lmforge-data:/data" in service["volumes"]
+
+
+def test_compose_processes_share_nothing_but_redis_and_the_minio_store(compose):
+    """Artifacts go through MinIO: no lmforge container mounts a volume another one does,
+    and each waits for the bucket to exist."""
+    services = lmforge_services(compose)
+    for name, service in services.items():
+        env = service["environment"]
+        assert not service.get("volumes"), name
+        assert env["LMFORGE_ARTIFACTS"].startswith("s3://"), name
+        bucket = env["LMFORGE_ARTIFACTS"].removeprefix("s3://").split("/")[0]
+        host, _, port = env["LMFORGE_S3_ENDPOINT_URL"].removeprefix("http://").partition(":")
+        assert env["LMFORGE_S3_ACCESS_KEY_ID"] and env["LMFORGE_S3_SECRET_ACCESS_KEY"]
+        assert service["depends_on"]["minio-bucket"]["condition"] == (
+            "service_completed_successfully"
+        )
+    minio = compose["services"][host]
+    assert minio["command"][:2] == ["server", "/data"] and int(port) == 9000
+    assert any(v.split(":")[0] in compose["volumes"] for v in minio["volumes"])
+    assert f"store/{bucket}" in " ".join(compose["services"]["minio-bucket"]["command"])
+
+
+def test_compose_runs_several_workers_and_two_inference_replicas_behind_one_address(compose):
+    services = lmforge_services(compose)
+    workers = [s for s in services.values() if s["command"] == ["worker"]]
+    gpus = [
+        d["device_ids"][0]
+        for w in workers
+        for d in w["deploy"]["resources"]["reservations"]["devices"]
+    ]
+    assert len(workers) >= 2 and len(set(gpus)) == len(gpus), gpus  # one GPU each, distinct
+    inference = compose["services"]["inference"]
+    assert inference["deploy"]["replicas"] == 2
+    (published,) = inference["ports"]
+    host_ports, _, container = published.partition(":")
+    first, _, last = host_ports.partition("-")
+    assert int(last) - int(first) + 1 == 2 and int(container) == 50052
+    # The gateway reaches every replica by one name, balanced per call by gRPC.
+    from lmforge._connection import channel_target
+
+    target, options = channel_target(services["gateway"]["environment"]["LMFORGE_INFERENCE_ADDR"])
+    assert target == "dns:///inference:50052" and ("grpc.lb_policy_name", "round_robin") in options
 
 
 def test_compose_redis_keeps_an_append_only_file_on_a_volume(compose):
@@ -126,7 +167,8 @@ def test_compose_health_checks_ask_the_grpc_health_service_on_the_listening_port
         assert test[:3] == ["CMD", "lmforge", "health"], name
         lmforge_command_is_real(test[2:])
         assert port_of(test[3]) == port
-        assert f"{port}:{port}" in service["ports"]
+        published = [p.partition(":") for p in service["ports"]]
+        assert any(int(c) == port and h.split("-")[0] == str(port) for h, _, c in published)
 
 
 def test_compose_worker_reserves_one_nvidia_gpu(compose):
@@ -208,7 +250,11 @@ def test_k8s_probes_use_grpc_health_on_the_listening_port(manifests):
                 assert c["livenessProbe"]["grpc"]["port"] == expected[role]
                 assert [p["containerPort"] for p in c["ports"]] == [expected[role]]
             if role == "worker":
-                assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+                env = {e["name"]: e["value"] for e in c["env"]}
+                # One Deployment per GPU class: queue "gpu" has 1 GPU, "gpu-xN" has N.
+                queue = env["LMFORGE_TRAIN_QUEUE"]
+                gpus = int(queue.partition("-x")[2] or 1)
+                assert c["resources"]["limits"]["nvidia.com/gpu"] == gpus, queue
 
 
 # ---------------------------------------------------------------- keys (issue 8)
@@ -233,3 +279,27 @@ def test_deployed_servers_on_public_addresses_read_keys_from_a_mounted_secret(co
             mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
             volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
             assert volume["secret"]["secretName"] and not volume["secret"].get("optional")
+
+
+def test_k8s_uses_the_s3_store_and_no_shared_volume(manifests):
+    config = next(d for d in manifests if d["kind"] == "ConfigMap")["data"]
+    assert config["LMFORGE_ARTIFACTS"].startswith("s3://") and config["LMFORGE_S3_REGION"]
+    assert not [d for d in manifests if d["kind"] == "PersistentVolumeClaim"]
+    for name, workload in workloads(manifests).items():
+        spec = workload["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            if c["image"] != "lmforge:latest" or c["args"] == ["serve", "http"]:
+                continue  # the gateway is a client of the servers: no artifacts
+            assert {"secretRef": {"name": "lmforge-s3"}} in c["envFrom"], name
+            data = next(m for m in c.get("volumeMounts", []) if m["mountPath"] == "/data")
+            volume = next(v for v in spec["volumes"] if v["name"] == data["name"])
+            assert "emptyDir" in volume, name
+    workers = {n: w for n, w in workloads(manifests).items() if n.startswith("lmforge-worker-")}
+    queues = {
+        e["value"]
+        for w in workers.values()
+        for c in w["spec"]["template"]["spec"]["containers"]
+        for e in c["env"]
+        if e["name"] == "LMFORGE_TRAIN_QUEUE"
+    }
+    assert queues == {"gpu", "gpu-x4"} and set(workers) == {f"lmforge-worker-{q}" for q in queues}

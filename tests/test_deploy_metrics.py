@@ -52,12 +52,15 @@ def test_dashboard_queries_only_metrics_that_exist():
 def test_compose_prometheus_scrapes_each_process_on_its_metrics_port():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-    targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}  # fmt: skip
+    targets = {t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]}  # fmt: skip
+    # Replicas of one service are found by DNS (every address the name has).
+    targets |= {f"{n}:{sd['port']}" for job in config["scrape_configs"] for sd in job.get("dns_sd_configs", []) for n in sd["names"]}  # fmt: skip
     services = compose["services"]
     expected = {
         "api": "LMFORGE_API_METRICS_ADDR",
         "inference": "LMFORGE_INFERENCE_METRICS_ADDR",
         "worker-gpu0": "LMFORGE_WORKER_METRICS_ADDR",
+        "worker-gpu1": "LMFORGE_WORKER_METRICS_ADDR",
         "gateway": "LMFORGE_HTTP_ADDR",
     }
     for service, var in expected.items():

@@ -92,24 +92,39 @@ def test_a_worker_whose_lease_was_taken_over_stops_writing(tmp_path):
 
 
 def test_checkpoints_are_pruned_only_behind_a_promoted_one(redis_server, tmp_path):
+    from lmforge_server.artifacts import ArtifactStore
+    from lmforge_server.objectstore import LocalObjectStore
     from lmforge_worker.runner import _Heartbeat, _Hooks
 
     store = st.Store.from_url(redis_server.url)
     store.create_job(_job("job_f2"), max_active=10)
     job = store.acquire("job_f2", "worker-a", ttl_s=60, device="cpu")
-    hooks = _Hooks(store, job, "worker-a", _Heartbeat(store, "job_f2", 1, "worker-a", 60))
+    artifacts = ArtifactStore(
+        LocalObjectStore(tmp_path / "store"), tmp_path / "cache", 1 << 30, tmp_path / "tmp"
+    )
+    beat = _Heartbeat(store, "job_f2", 1, "worker-a", 60)
+    hooks = _Hooks(store, job, "worker-a", beat, artifacts)
+    hooks.keep_checkpoints = 1  # the newest only (no evaluation ran: no best to keep)
     ckpts = tmp_path / "attempt-1"
     ckpts.mkdir()
     paths = {s: ckpts / f"step-{s:08d}.pt" for s in (10, 20, 30)}
-    for p in paths.values():
-        p.write_bytes(b"checkpoint")
+    for s, p in paths.items():
+        p.write_bytes(b"checkpoint %d" % s)
+    keys = {s: artifacts.checkpoint_key("job_f2", 1, s) for s in paths}
 
+    def stored(step: int) -> bool:
+        return artifacts.objects.open_manifest(keys[step]) is not None
+
+    hooks.on_checkpoint(10, paths[10])
     hooks.on_checkpoint(20, paths[20])
-    assert store.job("job_f2").checkpoint == str(paths[20])
+    assert store.job("job_f2").checkpoint == keys[20]
+    assert artifacts.checkpoint_file(keys[20]).read_bytes() == b"checkpoint 20"
+    assert (stored(10), stored(20)) == (False, True)
     assert sorted(p.name for p in ckpts.iterdir()) == [paths[20].name, paths[30].name]
 
     store.r.delete(f"{st.P}lease:job_f2")  # the lease is gone: step 30 cannot be promoted
     hooks.on_checkpoint(30, paths[30])
     assert hooks.beat.lost.is_set()
-    assert store.job("job_f2").checkpoint == str(paths[20])
-    assert paths[20].exists(), "the job's resume point was deleted"
+    assert store.job("job_f2").checkpoint == keys[20]
+    assert stored(20), "the job's resume point was deleted"
+    assert paths[20].exists()

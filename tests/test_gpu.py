@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from _tiny_models import CORPUS, build_cycle_model_dir, tiny_config
-from conftest import SMALL_CORPUS, Api, make_settings
+from conftest import SMALL_CORPUS, Api, make_settings, model_dir
 from test_training import Recorder, tiny_spec
 
 from lmforge.v1 import inference_pb2, inference_pb2_grpc, training_pb2
@@ -247,7 +247,7 @@ def test_a_job_trains_on_the_gpu_and_serves_on_cuda_through_the_service(tmp_path
         assert any(" on cuda (" in m for m in logs), logs
         model = api.models.GetModel(training_pb2.GetModelRequest(id="gpu-tiny@latest"))
         assert {"model.onnx", "model_fp16.onnx"} <= set(model.files)
-        meta_path = Path(stack.settings.artifacts_dir) / "models" / model.id / "metadata.json"
+        meta_path = model_dir(stack, model.id) / "metadata.json"
         fp16 = json.loads(meta_path.read_text())["onnx"]["files"]["model_fp16.onnx"]
         assert fp16["parity"].get("provider") == CUDA_EP, fp16
 

@@ -145,57 +145,67 @@ def test_a_poison_job_killing_its_worker_every_attempt_ends_failed(tmp_path):
         )
 
 
-def test_a_zombie_attempt_never_replaces_the_registered_models_files(store_and_settings, tmp_path):
+def _local_artifacts(root):
     from lmforge_server.artifacts import ArtifactStore
+    from lmforge_server.objectstore import LocalObjectStore
 
+    return ArtifactStore(LocalObjectStore(root / "store"), root / "cache", 1 << 30, root / "tmp")
+
+
+def test_a_zombie_attempt_never_replaces_the_registered_models_files(store_and_settings, tmp_path):
     store, settings, ds = store_and_settings
-    artifacts = ArtifactStore(tmp_path / "artifacts")
+    artifacts = _local_artifacts(tmp_path)
     job = _job(store, ds)
-    target = artifacts.model_dir(job.model_id)
     zombie = store.acquire(job.id, "zombie", ttl_s=0.2, device="cpu")
     time.sleep(0.3)  # the zombie stalls (GC pause, SIGSTOP); its lease lapses
     assert store.recover_orphan(job.id, settings.max_attempts) == st.QUEUED
     holder = store.acquire(job.id, "holder", ttl_s=30, device="cpu")
     assert (zombie.attempt, holder.attempt) == (1, 2)
 
-    def export(attempt: int, text: str):
-        with artifacts.staging_dir(target, attempt) as tmp:
-            (tmp / "model.onnx").write_text(text)
-            return artifacts.publish(tmp, target, attempt)
+    def export(attempt: int, text: str) -> str:
+        staged = tmp_path / f"export-{attempt}"
+        staged.mkdir(exist_ok=True)
+        (staged / "model.onnx").write_text(text)
+        return artifacts.put_model(job.model_id, attempt, staged)
 
-    # The zombie publishes first: it gets the model's directory, but cannot register it.
+    def served(key: str) -> str:
+        return (artifacts.local_dir(key) / "model.onnx").read_text()
+
+    # The zombie publishes first, under its attempt's key, but cannot register it.
     by_zombie = export(1, "zombie")
-    assert by_zombie == target
     with pytest.raises(st.LeaseLost):
         store.finish(job.id, 1, "zombie", st.SUCCEEDED, "zombie done")
-    # The holder's export goes beside it and is the one registered.
+    # The holder's export goes under its own key and is the one registered.
     by_holder = export(2, "holder")
-    assert by_holder != target and (by_holder / "model.onnx").read_text() == "holder"
+    assert by_holder != by_zombie and served(by_holder) == "holder"
     model = dataclasses.replace(store.model(job.model_id), state=st.MODEL_READY)
-    model.path = str(by_holder)
+    model.path = by_holder
     store.finish(job.id, 2, "holder", st.SUCCEEDED, "done", model=model)
-    artifacts.remove_other_exports(target, keep=by_holder)
-    assert not target.exists()
-    # A zombie that exports after the model is READY lands in its own directory.
+    artifacts.remove_other_exports(job.model_id, keep=by_holder)
+    assert artifacts.objects.open_manifest(by_zombie) is None
+    # A zombie that exports after the model is READY never touches the registered files.
     late = export(1, "zombie again")
-    assert late != by_holder and (by_holder / "model.onnx").read_text() == "holder"
-    assert store.model(job.model_id).path == str(by_holder)
+    assert late != by_holder and served(by_holder) == "holder"
+    assert store.model(job.model_id).path == by_holder
     assert store.job(job.id).state == st.SUCCEEDED
 
 
-def test_staging_left_by_a_killed_earlier_attempt_is_removed(tmp_path):
-    from lmforge_server.artifacts import ArtifactStore
+def test_an_export_cut_short_is_never_served_and_is_swept(tmp_path):
+    from lmforge_server.objectstore import MANIFEST_NAME
 
-    artifacts = ArtifactStore(tmp_path)
-    target = artifacts.model_dir("mdl_x")
-    with artifacts.staging_dir(target, 1) as killed:
-        (killed / "model.onnx").write_text("half")
-        # SIGKILL skips the cleanup: keep the directory under another staging name.
-        left = killed.rename(killed.parent / killed.name.replace("-mdl_x", "0-mdl_x"))
-    with artifacts.staging_dir(target, 2) as tmp:
-        assert not left.exists()
-        published = artifacts.publish(tmp, target, 2)
-    assert [p.name for p in target.parent.iterdir()] == ["mdl_x"] and published == target
+    artifacts = _local_artifacts(tmp_path)
+    staged = tmp_path / "export"
+    staged.mkdir()
+    (staged / "model.onnx").write_text("whole")
+    key = artifacts.put_model("mdl_x", 1, staged)
+    # A writer killed after its files but before its manifest: only the manifest is missing.
+    (tmp_path / "store" / key / MANIFEST_NAME).unlink()
+    with pytest.raises(FileNotFoundError):
+        _local_artifacts(tmp_path).local_dir(key)
+    [left] = artifacts.objects.list(key)
+    version = left.key.split("/")[3]
+    assert artifacts.objects.sweep(older_than_s=0) == [f"{key}/{version}"]
+    assert artifacts.objects.list(key) == []
 
 
 @pytest.mark.slow
@@ -272,14 +282,14 @@ class _ReplyDropper:
                 client.sendall(data)
 
 
-def test_a_progress_event_whose_reply_was_lost_is_written_exactly_once(redis_server):
+def test_a_progress_event_whose_reply_was_lost_is_written_exactly_once(redis_server, tmp_path):
     proxy = _ReplyDropper(redis_server.port)
     store = st.Store.from_url(f"redis://127.0.0.1:{proxy.port}/0")
     ds = st.DatasetRecord("d" * 64, "default", "d", "d" * 64, 1, 1, 1, 0.0, "/nowhere")
     store.put_dataset(ds)
     job = store.acquire(_job(store, ds).id, "w1", ttl_s=60, device="cpu")
     beat = runner._Heartbeat(store, job.id, job.attempt, "w1", ttl_s=60)  # never started
-    hooks = runner._Hooks(store, job, "w1", beat)
+    hooks = runner._Hooks(store, job, "w1", beat, _local_artifacts(tmp_path))
     hooks.on_progress({"step": 1})
     proxy.armed.set()
     hooks.on_progress({"step": 2})  # committed in Redis; the reply is lost on the way back

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import select
 import signal
@@ -16,10 +15,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import BUCKET, s3_client
 
 from lmforge_server.artifact_cache import (
     ArtifactCache,
@@ -36,38 +35,7 @@ from lmforge_server.objectstore import (
 )
 from lmforge_server.settings import Settings
 
-BUCKET = "lmforge-test"
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server on a free loopback port, with one bucket."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    # s3fs.mkdir sends a LocationConstraint that moto rejects in us-east-1: use boto3.
-    s3_client(url).create_bucket(Bucket=BUCKET)
-    assert boto3
-    yield url
-    server.stop()
-
-
-def s3_client(endpoint: str):
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -85,3 +85,21 @@ def test_page_cursor_follows_tokens_to_the_end():
     assert (cursor.token, cursor.done) == ("t2", False)
     cursor.advance(Page(items=[2], next_page_token=""))
     assert cursor.done
+
+
+def test_several_addresses_are_one_target_balanced_round_robin():
+    from lmforge._connection import CHANNEL_OPTIONS, ConnectionConfig, channel_target
+
+    balanced = ("grpc.lb_policy_name", "round_robin")
+    assert channel_target("10.0.0.1:50051") == ("10.0.0.1:50051", CHANNEL_OPTIONS)
+    target, options = channel_target("10.0.0.1:50051, 10.0.0.2:50051")
+    assert target == "ipv4:10.0.0.1:50051,10.0.0.2:50051" and balanced in options
+    assert channel_target("[::1]:1,[::1]:2")[0] == "ipv6:[::1]:1,[::1]:2"
+    assert channel_target("localhost:1,127.0.0.1:2")[0] == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    target, options = channel_target("dns:///lmforge-inference-headless:50052")
+    assert target == "dns:///lmforge-inference-headless:50052" and balanced in options
+    with pytest.raises(ValueError, match="dns:///name:port"):
+        channel_target("api-1:50051,api-2:50051")
+    # Sync and async clients take a list or one string with commas alike.
+    config = ConnectionConfig.resolve(api_addr=["10.0.0.1:1", "10.0.0.2:1"], env={})
+    assert config.api_addr == "10.0.0.1:1,10.0.0.2:1"

@@ -13,7 +13,15 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import CORPUS, SMALL_CORPUS, unique
+from conftest import (
+    CORPUS,
+    SMALL_CORPUS,
+    job_scratch,
+    model_dir,
+    stored_checkpoint_file,
+    stored_checkpoints,
+    unique,
+)
 
 from lmforge import Client
 from lmforge.cli import main as cli_main
@@ -25,11 +33,12 @@ S = training_pb2
 
 def _final_weights(stack, job_id: str) -> dict[str, torch.Tensor]:
     """The model weights of the job's last checkpoint (the one written at its end)."""
-    ckpts = sorted(
-        (stack.settings.artifacts_dir / "jobs" / job_id / "checkpoints").rglob("step-*.pt"),
-        key=lambda p: (p.name, p.parent.name),
-    )
-    return load_checkpoint(ckpts[-1])["model"]
+    from lmforge_server.artifacts import ArtifactStore
+
+    *_, last = stored_checkpoints(stack, job_id).values()
+    return load_checkpoint(ArtifactStore.from_settings(stack.settings).checkpoint_file(last))[
+        "model"
+    ]
 
 
 def _abort_code(fn, *args):
@@ -117,7 +126,7 @@ def test_metrics_rows_equal_the_progress_and_eval_events(api, small_dataset, sta
     # The worker's TensorBoard event files (Settings.tensorboard) hold the same numbers.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    runs = stack.settings.artifacts_dir / "jobs" / job.id / "tensorboard"
+    runs = job_scratch(stack, job.id) / "tensorboard"
     acc = EventAccumulator(str(runs / "attempt-1"))
     acc.Reload()
 
@@ -230,7 +239,7 @@ def test_downloaded_model_opens_in_transformers_with_the_logits_of_our_model(
     model = api.models.GetModel(S.GetModelRequest(id=name))
     written = sorted(Path(p).name for p in out.getvalue().split())
     assert written == sorted(model.files) and "model.onnx" in written
-    served = stack.settings.artifacts_dir / "models" / model.id
+    served = model_dir(stack, model.id)
     for f in written:
         assert (tmp_path / "m" / f).read_bytes() == (served / f).read_bytes(), f
 
@@ -269,8 +278,7 @@ def test_checkpoints_keep_the_best_and_newest_and_start_new_jobs(api, small_data
         assert c.train_loss == losses[c.step] and c.val_loss == evals[c.step].val_loss
         assert c.val_bits_per_byte == evals[c.step].val_bits_per_byte
         assert c.created_at.ToNanoseconds() > job.created_at.ToNanoseconds()
-    on_disk = (stack.settings.artifacts_dir / "jobs" / job.id / "checkpoints").rglob("*.pt")
-    assert sorted(int(p.stem.split("-")[1]) for p in on_disk) == [c.step for c in kept]
+    assert list(stored_checkpoints(stack, job.id)) == [c.step for c in kept]
 
     fresh = api.create(small_dataset.id, max_steps=5, log_interval=1)
     tuned = api.create(small_dataset.id, init_from=f"{job.id}:80", max_steps=5, log_interval=1)
@@ -334,9 +342,7 @@ def test_a_kept_checkpoint_exports_as_a_model_version_and_progress_estimates_the
     from lmforge_server.specs import JobSpec
     from lmforge_worker.model import Llama, hf_state_dict
 
-    ckpt_path = next(
-        (stack.settings.artifacts_dir / "jobs" / job.id / "checkpoints").rglob("step-00000040.pt")
-    )
+    ckpt_path = stored_checkpoint_file(stack, job.id, 40)
     ckpt = load_checkpoint(ckpt_path)
     net = Llama(JobSpec.from_dict(ckpt["spec"]).model)
     net.load_state_dict(ckpt["model"])
@@ -520,9 +526,7 @@ def test_lora_trains_only_the_adapters_and_exports_the_merged_model(
         client.models.download(base_job.model_id, tmp_path / "base")
         client.models.download(done.model_id, tmp_path / "lora")
     base = load_file(tmp_path / "base" / "model.safetensors")
-    ckpt_path = next(
-        (stack.settings.artifacts_dir / "jobs" / job.id / "checkpoints").rglob("step-00000030.pt")
-    )
+    ckpt_path = stored_checkpoint_file(stack, job.id, 30)
     ckpt = load_checkpoint(ckpt_path)
     state = ckpt["model"]
     adapters = {k for k in state if ".lora_" in k}

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import SMALL_CORPUS, Api, make_settings
+from conftest import SMALL_CORPUS, Api, make_settings, store_settings
+from conftest import model_dir as stored_model_dir
 
 from lmforge.v1 import training_pb2
 from lmforge_server.stack import Child, Stack
@@ -46,7 +47,7 @@ def test_training_job_succeeds_with_falling_loss_and_registers_a_model(
     model = api.models.GetModel(S.GetModelRequest(id="tiny-shakespeare@latest"))
     assert model.id == done.model_id and model.state == S.MODEL_STATE_READY
     assert model.parameters.total == job.parameters.total
-    model_dir = Path(stack.settings.artifacts_dir) / "models" / model.id
+    model_dir = stored_model_dir(stack, model.id)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "metadata.json"):
         assert (model_dir / name).is_file(), name
         assert name in model.files
@@ -104,8 +105,11 @@ def _checkpoint_steps(events) -> list[int]:
 
 
 @pytest.mark.fault
-def test_killed_worker_job_resumes_from_its_last_checkpoint_on_a_new_worker(tmp_path):
-    settings = make_settings(tmp_path)
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_killed_worker_job_resumes_from_its_last_checkpoint_on_a_new_worker(
+    request, tmp_path, backend
+):
+    settings = make_settings(tmp_path, **store_settings(request, backend))
     with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
         api = Api(ch)
         ds = api.upload(SMALL_CORPUS.encode())
@@ -220,7 +224,7 @@ def test_fine_tuning_starts_from_a_registered_model_and_deleting_it_removes_its_
     assert first_loss < base_first - 0.5, (first_loss, base_first)
 
     child = api.models.GetModel(S.GetModelRequest(id="ft-child"))
-    model_dir = Path(stack.settings.artifacts_dir) / "models" / child.id
+    model_dir = stored_model_dir(stack, child.id)
     assert model_dir.is_dir()
     api.models.DeleteModel(S.DeleteModelRequest(id="ft-child@1"))
     assert not model_dir.exists()

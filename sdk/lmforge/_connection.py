@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,48 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+Addresses = str | Sequence[str]
+
+
+def _join(addrs: Addresses | None) -> str | None:
+    if addrs is None or isinstance(addrs, str):
+        return addrs
+    return ",".join(addrs)
+
+
+def _ip_literal(addr: str) -> str | None:
+    """ "ipv4" or "ipv6" when `addr` is an IP literal with a port; None otherwise."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    host = "127.0.0.1" if host == "localhost" else host.removeprefix("[").removesuffix("]")
+    try:
+        return f"ipv{ipaddress.ip_address(host).version}"
+    except ValueError:
+        return None
+
+
+def channel_target(addr: str) -> tuple[str, list[tuple[str, int | str]]]:
+    """The gRPC target and channel options for `addr`: one address, or several separated by
+    commas (replicas of one service). Several are balanced round robin by gRPC itself, so a
+    call, a retry or a resumed watch goes to a replica that is up; they must be IP literals
+    (one host name with several DNS records: `dns:///name:port`, balanced the same way)."""
+    addrs = [a.strip() for a in addr.split(",") if a.strip()]
+    if len(addrs) <= 1 and not addr.startswith("dns:"):
+        return addr, CHANNEL_OPTIONS
+    balanced = [*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
+    if len(addrs) == 1:
+        return addrs[0], balanced
+    kinds = {_ip_literal(a) for a in addrs}
+    if None in kinds or len(kinds) != 1:
+        raise ValueError(
+            f"several addresses ({addr!r}) must all be IPv4 or all IPv6 literals with ports; "
+            "for host names use one DNS name with several records (dns:///name:port)"
+        )
+    hosts = [a.replace("localhost:", "127.0.0.1:") for a in addrs]
+    return f"{kinds.pop()}:{','.join(hosts)}", balanced
+
+
 @dataclass(frozen=True)
 class ConnectionConfig:
     api_addr: str
@@ -51,8 +94,8 @@ class ConnectionConfig:
     def resolve(
         cls,
         *,
-        api_addr: str | None = None,
-        inference_addr: str | None = None,
+        api_addr: Addresses | None = None,
+        inference_addr: Addresses | None = None,
         api_key: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         tls_ca_file: str | os.PathLike[str] | None = None,
@@ -63,8 +106,10 @@ class ConnectionConfig:
     ) -> ConnectionConfig:
         """Arguments first, then LMFORGE_API_ADDR, LMFORGE_INFERENCE_ADDR, LMFORGE_API_KEY,
         LMFORGE_TLS_CA_FILE, LMFORGE_TLS_CLIENT_CERT_FILE and LMFORGE_TLS_CLIENT_KEY_FILE,
-        then the local defaults."""
+        then the local defaults. An address may name several replicas (a list, or one string
+        with commas): calls are spread over them and fail over (see `channel_target`)."""
         env = os.environ if env is None else env
+        api_addr, inference_addr = _join(api_addr), _join(inference_addr)
         return cls(
             api_addr=api_addr or env.get("LMFORGE_API_ADDR") or DEFAULT_API_ADDR,
             inference_addr=inference_addr

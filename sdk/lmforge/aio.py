@@ -13,7 +13,7 @@ import grpc
 import grpc.aio
 
 from lmforge import _convert, errors
-from lmforge._connection import CHANNEL_OPTIONS, DEFAULT_TIMEOUT, ConnectionConfig
+from lmforge._connection import DEFAULT_TIMEOUT, Addresses, ConnectionConfig, channel_target
 from lmforge._download import ModelDirWriter
 from lmforge._paging import PageCursor
 from lmforge._progress import JobProgressBar
@@ -45,10 +45,11 @@ T = TypeVar("T")
 
 
 def _channel(config: ConnectionConfig, addr: str) -> grpc.aio.Channel:
+    target, options = channel_target(addr)
     creds = config.credentials()
     if creds is None:
-        return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-    return grpc.aio.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, creds, options=options)
 
 
 class AsyncPager(Generic[T]):
@@ -433,8 +434,8 @@ class AsyncClient:
     def __init__(
         self,
         *,
-        api_addr: str | None = None,
-        inference_addr: str | None = None,
+        api_addr: Addresses | None = None,
+        inference_addr: Addresses | None = None,
         api_key: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         tls_ca_file: str | None = None,

@@ -12,7 +12,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from lmforge import _convert, errors
-from lmforge._connection import CHANNEL_OPTIONS, DEFAULT_TIMEOUT, ConnectionConfig
+from lmforge._connection import DEFAULT_TIMEOUT, Addresses, ConnectionConfig, channel_target
 from lmforge._download import ModelDirWriter
 from lmforge._paging import PageCursor
 from lmforge._progress import JobProgressBar
@@ -44,10 +44,11 @@ T = TypeVar("T")
 
 
 def _channel(config: ConnectionConfig, addr: str) -> grpc.Channel:
+    target, options = channel_target(addr)
     creds = config.credentials()
     if creds is None:
-        return grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
-    return grpc.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, creds, options=options)
 
 
 class Pager(Generic[T]):
@@ -447,8 +448,8 @@ class Client:
     def __init__(
         self,
         *,
-        api_addr: str | None = None,
-        inference_addr: str | None = None,
+        api_addr: Addresses | None = None,
+        inference_addr: Addresses | None = None,
         api_key: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         tls_ca_file: str | None = None,

@@ -15,7 +15,6 @@ import logging
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -270,8 +269,8 @@ class DatasetService(_Base, training_pb2_grpc.DatasetServiceServicer):
     async def DeleteDataset(self, request, context):
         dataset_id = datasets.check_dataset_id(request.id)
         rec = await self.call(self.store.delete_dataset, self.owner, dataset_id)
-        # Other owners' copies of the same bytes live in their own folders.
-        await self.call(self.artifacts.remove, Path(rec.path).parent)
+        # Other owners' copies of the same bytes live under keys of their own.
+        await self.call(self.artifacts.remove_dataset, rec.path)
         return training_pb2.DeleteDatasetResponse()
 
 
@@ -396,12 +395,12 @@ class ModelService(_Base, training_pb2_grpc.ModelServiceServicer):
         ref = jobs.check_id("id", request.id)
         rec = await self.call(self.store.delete_model, self.owner, ref)
         if rec.path:
-            await self.call(self.artifacts.remove, Path(rec.path))
+            await self.call(self.artifacts.remove, rec.path)
         return training_pb2.DeleteModelResponse()
 
     async def DownloadModel(self, request, context):
         ref = jobs.check_id("id", request.id)
-        paths = await self.call(downloads.model_files, self.store, self.owner, ref)
+        paths = await self.call(downloads.model_files, self.store, self.artifacts, self.owner, ref)
         chunks = downloads.file_chunks(paths)
         while (chunk := await self.call(next, chunks, None)) is not None:
             yield training_pb2.ModelFileChunk(**chunk)
@@ -427,7 +426,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     async_redis = aredis.Redis.from_url(
         settings.redis_url, decode_responses=True, max_connections=settings.max_concurrent_rpcs
     )
-    artifacts = ArtifactStore(settings.artifacts_dir)
+    artifacts = ArtifactStore.from_settings(settings)
     celery = make_celery(settings)
     pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="api-redis")
     server = grpc.aio.server(
@@ -464,7 +463,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     await asyncio.get_running_loop().run_in_executor(pool, store.r.ping)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reaper_task = asyncio.create_task(reaper.run(settings, store, celery, pool))
+    reaper_task = asyncio.create_task(reaper.run(settings, store, celery, pool, artifacts))
     log.info("API server listening on %s", settings.api_addr)
     try:
         if stop is None:

@@ -26,8 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmforge_server.artifacts import TMP_PREFIX, write_file_atomic
-from lmforge_server.objectstore import CHUNK, Manifest, ManifestEntry, ObjectStore
+from lmforge_server.objectstore import (
+    CHUNK,
+    TMP_PREFIX,
+    Manifest,
+    ManifestEntry,
+    ObjectStore,
+    write_file_atomic,
+)
 
 if TYPE_CHECKING:
     from lmforge_server.settings import Settings

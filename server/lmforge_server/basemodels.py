@@ -28,20 +28,21 @@ def _is_path(ref: str) -> bool:
     return ref.startswith(("/", "file:", ".", "~")) or "/" in ref or "\\" in ref
 
 
-def allowed_dir(ref: str, roots: list[str], artifacts_dir: Path) -> Path:
-    """The resolved directory `ref` names when it lies under an allowed root; else
-    PermissionDenied (the same message whatever the reason)."""
+def allowed_dir(ref: str, roots: list[str], private_dirs: list[Path]) -> Path:
+    """The resolved directory `ref` names when it lies under an allowed root and under none
+    of `private_dirs` (the service's own: artifacts, caches, scratch); else PermissionDenied
+    (the same message whatever the reason)."""
     raw = ref.removeprefix("file://") if ref.startswith("file://") else ref
     if not raw.startswith("/") or "\x00" in raw:
         raise errors.PermissionDenied(REFUSED)
     try:
         path = Path(os.path.realpath(raw, strict=True))
-        store_root = Path(os.path.realpath(artifacts_dir))
+        private = [Path(os.path.realpath(d)) for d in private_dirs]
         resolved_roots = [Path(os.path.realpath(r, strict=True)) for r in roots if r]
     except (OSError, ValueError):
         raise errors.PermissionDenied(REFUSED) from None
     inside = any(path == r or path.is_relative_to(r) for r in resolved_roots)
-    if not inside or path == store_root or path.is_relative_to(store_root):
+    if not inside or any(path == p or path.is_relative_to(p) for p in private):
         raise errors.PermissionDenied(REFUSED)
     try:
         if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
@@ -112,13 +113,13 @@ def _check_hf_fields(raw: dict) -> None:
 
 
 def resolve(
-    store: st.Store, owner: str, ref: str, roots: list[str], artifacts_dir: Path
+    store: st.Store, owner: str, ref: str, roots: list[str], private_dirs: list[Path]
 ) -> tuple[specs.ModelConfig, str]:
     """The model config and weights directory that `init_from` names for `owner`."""
     if len(ref) > MAX_REF:
         raise errors.InvalidArgument(f"{FIELD}: at most {MAX_REF} characters")
     if _is_path(ref):
-        path = allowed_dir(ref, roots, artifacts_dir)
+        path = allowed_dir(ref, roots, private_dirs)
         return config_of(path), str(path)
     if checkpoints.REF_RE.match(ref):
         try:

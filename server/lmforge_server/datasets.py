@@ -1,9 +1,10 @@
 """Dataset ingestion: an upload stream (a header, then chunks) to a content-addressed
-file in the artifact store and a dataset record.
+artifact in the artifact store and a dataset record.
 
 Hashing, UTF-8 decoding and writing run in a thread pool, never on the event loop. Nothing
-half-written stays behind: the file is written under a temporary name and renamed only
-once the content matched the header's SHA-256.
+half-written stays behind: the upload is received into a local temporary file and
+published to the store (streamed, then its manifest) only once the content matched the
+header's SHA-256.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ async def ingest(
     """Consumes an upload stream of UploadDatasetRequest messages; returns the record."""
     limit = quota.max_upload_bytes
     loop = asyncio.get_running_loop()
-    tmp_dir = artifacts.path("datasets", owner)
+    tmp_dir = artifacts.scratch_dir / "uploads"
     await loop.run_in_executor(pool, lambda: tmp_dir.mkdir(parents=True, exist_ok=True))
     tmp = tmp_dir / f"{TMP_PREFIX}{st.new_id('upload')}"
     header = None
@@ -128,11 +129,10 @@ async def ingest(
             raise errors.InvalidArgument(
                 f"size_bytes: header says {header.size_bytes}, received {sink.size}"
             )
-        final = artifacts.dataset_dir(owner, digest) / "data.txt"
 
         def commit() -> st.DatasetRecord:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp.replace(final)
+            sink.file.close()
+            key = artifacts.put_dataset(owner, digest, tmp)
             rec = st.DatasetRecord(
                 id=digest,
                 owner=owner,
@@ -142,7 +142,7 @@ async def ingest(
                 num_chars=sink.num_chars,
                 num_distinct_chars=len(sink.chars),
                 created_at=time.time(),
-                path=str(final),
+                path=key,
             )
             return store.put_dataset(
                 rec, max_datasets=quota.max_datasets, max_bytes=quota.max_bytes

@@ -8,12 +8,14 @@ from pathlib import Path
 
 from lmforge_server import errors
 from lmforge_server import store as st
+from lmforge_server.artifacts import ArtifactStore
 
 CHUNK_BYTES = 1 << 20
 
 
-def model_files(store: st.Store, owner: str, ref: str) -> list[Path]:
-    """The files of the owner's model `ref`, in name order.
+def model_files(store: st.Store, artifacts: ArtifactStore, owner: str, ref: str) -> list[Path]:
+    """The files of the owner's model `ref`, in name order (fetched from the artifact store
+    into this server's cache when the store is remote).
 
     Raises NotFound for a model the owner does not have, Conflict for one not READY.
     """
@@ -22,7 +24,7 @@ def model_files(store: st.Store, owner: str, ref: str) -> list[Path]:
         raise st.Conflict(
             f"model {errors.shown(ref)} is {rec.state.lower()}; only ready models download"
         )
-    root = Path(rec.path)
+    root = artifacts.local_dir(rec.path)
     # Names come from the registry, written by the worker; keep to plain files in the dir.
     return [root / n for n in sorted(rec.files) if "/" not in n and (root / n).is_file()]
 

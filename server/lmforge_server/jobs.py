@@ -18,6 +18,7 @@ from typing import Any
 
 from lmforge_server import basemodels, checkpoints, errors, specs, validation
 from lmforge_server import store as st
+from lmforge_server.artifacts import ArtifactStore
 from lmforge_server.labels import check_labels
 from lmforge_server.settings import Settings
 from lmforge_server.taskqueue import enqueue_training
@@ -93,9 +94,11 @@ def validate(
         spec, dataset, validation.throughputs(store), val_set, settings.fallback_training_flops
     )
     if spec.training.init_from:
-        tokenizer = _init_tokenizer(store, owner, spec.training.init_from)
-        corpora = [Path(d.path) for d in (dataset, val_set) if d is not None]
+        # Read through this server's view of the artifact store (its cache, when remote).
+        artifacts = ArtifactStore.from_settings(settings)
         try:
+            tokenizer = _init_tokenizer(artifacts, store, owner, spec.training.init_from)
+            corpora = [artifacts.dataset_file(d.path) for d in (dataset, val_set) if d]
             validation.add_lost_characters(report, tokenizer, corpora)
         except Exception as e:  # tokenizers raises its own Exception type
             # The tokenizer file is the worker's or the operator's, not the client's.
@@ -103,14 +106,17 @@ def validate(
     return spec, report
 
 
-def _init_tokenizer(store: st.Store, owner: str, init_from: str) -> Path:
-    """The tokenizer.json the job will use: init_from's (resolved) directory's, or that of
-    the attempt that wrote the checkpoint "<job id>:<step>"."""
+def _init_tokenizer(artifacts: ArtifactStore, store: st.Store, owner: str, init_from: str) -> Path:
+    """The tokenizer.json the job will use: init_from's (resolved) model's, or the one
+    published with the checkpoint "<job id>:<step>"."""
     if checkpoints.REF_RE.match(init_from):
         _, ckpt = checkpoints.resolve(store, owner, init_from)
-        path = Path(ckpt.path)  # <job>/checkpoints/attempt-N/step-*.pt
+        path = artifacts.checkpoint_file(ckpt.path)
+        if (path.parent / "data").is_dir():
+            return path.parent / "data" / "tokenizer.json"
+        # Written before checkpoints carried their tokenizer: its attempt's work directory.
         return path.parents[2] / path.parent.name / "data" / "tokenizer.json"
-    return Path(init_from) / "tokenizer.json"
+    return artifacts.local_dir(init_from) / "tokenizer.json"
 
 
 def create(
@@ -196,7 +202,11 @@ def _resolve_spec(settings, store, owner, req: CreateRequest, dataset) -> specs.
     base_model = None
     if training.get("init_from"):
         base_model, training["init_from"] = basemodels.resolve(
-            store, owner, training["init_from"], settings.base_model_dirs, settings.artifacts_dir
+            store,
+            owner,
+            training["init_from"],
+            settings.base_model_dirs,
+            _private_dirs(settings),
         )
     try:
         return specs.resolve(
@@ -210,6 +220,12 @@ def _resolve_spec(settings, store, owner, req: CreateRequest, dataset) -> specs.
         raise errors.InvalidArgument(f"spec.{e}") from None
     except (TypeError, ValueError, ArithmeticError) as e:
         raise errors.InvalidArgument(f"spec: {str(e)[:200]}") from None
+
+
+def _private_dirs(settings) -> list[Path]:
+    """Where this host keeps the service's files: init_from may not name a directory there."""
+    dirs = [settings.artifact_cache_dir, settings.data_dir / "scratch"]
+    return dirs if "://" in settings.artifacts else [settings.artifacts_dir, *dirs]
 
 
 def parameter_count(spec: specs.JobSpec) -> specs.ParameterCount:

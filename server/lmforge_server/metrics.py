@@ -90,6 +90,12 @@ LEASE_RENEWALS = Counter(
     "lmforge_lease_renewals_total", "Job lease renewals by the worker's heartbeat, by result.",
     ["result"],
 )  # fmt: skip
+ARTIFACT_DOWNLOADS = Counter(
+    "lmforge_artifact_downloads_total",
+    "Files downloaded from the artifact store into this process's local cache, by kind "
+    "(datasets, jobs, models); a cache hit downloads none.",
+    ["kind"],
+)
 
 
 class _Live(Collector):

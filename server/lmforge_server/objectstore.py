@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from lmforge_server.artifacts import TMP_PREFIX
-
 if TYPE_CHECKING:
     from lmforge_server.settings import Settings
 
+# Names of files being written: never read, removed by the next writer or the sweep.
+TMP_PREFIX = ".tmp-"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 CHUNK = 1 << 20
@@ -110,6 +110,22 @@ class ObjectInfo:
     size: int
     # Seconds since the epoch when the backend reports it.
     mtime: float | None = None
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` so a reader sees the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; other services read these files
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _bad_parts(path: str) -> bool:

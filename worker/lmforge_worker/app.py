@@ -28,7 +28,7 @@ log = logging.getLogger("lmforge.worker")
 def build_app(settings: Settings) -> Celery:
     app = make_celery(settings)
     store = Store.from_url(settings.redis_url, retention_s=settings.job_retention_s)
-    artifacts = ArtifactStore(settings.artifacts_dir)
+    artifacts = ArtifactStore.from_settings(settings)
 
     @app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)
     def train(job_id: str) -> str | None:

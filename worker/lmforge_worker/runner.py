@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -110,9 +111,18 @@ class _Hooks:
     """
 
     def __init__(
-        self, store: st.Store, job: st.JobRecord, token: str, beat: _Heartbeat, peak_flops=0.0
+        self,
+        store: st.Store,
+        job: st.JobRecord,
+        token: str,
+        beat: _Heartbeat,
+        artifacts: ArtifactStore,
+        peak_flops=0.0,
     ):
         self.store, self.job, self.token, self.beat = store, job, token, beat
+        self.artifacts = artifacts
+        # The attempt's data directory (tokenizer), published with each checkpoint.
+        self.data_dir: Path | None = None
         model, training = job.spec.get("model", {}), job.spec.get("training", {})
         self._tokens_per_step = (
             training.get("batch_size", 0)
@@ -204,46 +214,56 @@ class _Hooks:
         self._write(progress, "EVAL", msg)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
+        # Into the artifact store first: a resumed attempt may run on another machine.
         try:
-            self.store.promote_checkpoint(
-                self.job.id, self.job.attempt, self.token, str(path), step
+            key = self.artifacts.put_checkpoint(
+                self.job.id, self.job.attempt, step, path, self.data_dir
             )
+        except Exception as e:  # the store is unreachable: the previous checkpoint stays
+            log.warning("job %s: checkpoint at step %s not uploaded: %s", self.job.id, step, e)
+            return
+        try:
+            self.store.promote_checkpoint(self.job.id, self.job.attempt, self.token, key, step)
         except st.LeaseLost:
             self.beat.lost.set()
             return
         except redis.RedisError as e:  # the previous checkpoint stays the resume point
             log.warning("job %s: checkpoint at step %s not promoted: %s", self.job.id, step, e)
             return
-        # Only a promoted checkpoint is a resume point: until one is, the last promoted file
+        # Only a promoted checkpoint is a resume point: until one is, the last promoted one
         # must stay (a Redis outage or a lost lease leaves the job pointing at it). Past
-        # that, the registry keeps the best and the newest settings.keep_checkpoints.
+        # that, the registry keeps the best and the newest settings.keep_checkpoints. The
+        # local files are only staging for the upload.
+        for old in path.parent.glob("step-*.pt"):
+            if old.name < path.name:
+                old.unlink(missing_ok=True)
         try:
-            self._keep(step, path)
+            self._keep(step, key)
         except st.LeaseLost:
             self.beat.lost.set()
         except redis.RedisError as e:
             log.warning("job %s: checkpoint at step %s not registered: %s", self.job.id, step, e)
 
-    def _keep(self, step: int, path: Path) -> None:
+    def _keep(self, step: int, key: str) -> None:
         """Registers the checkpoint, then deletes those past retention (best + newest N)."""
         val_loss, val_bpb, val_step = self.last_eval
         ckpt = checkpoints.Checkpoint(
-            step, str(path), self.train_loss, val_loss, val_bpb, val_step, time.time()
+            step, key, self.train_loss, val_loss, val_bpb, val_step, time.time()
         )
         job, token = self.job, self.token
         checkpoints.record(self.store, job.id, job.attempt, token, ckpt)
         kept = checkpoints.all_of(self.store, job.id)
         stale = checkpoints.to_drop(kept, self.keep_checkpoints)
         checkpoints.drop(self.store, job.id, job.attempt, token, [c.step for c in stale])
-        for c in stale:
-            if c.path != str(path):
-                Path(c.path).unlink(missing_ok=True)
-        # Files behind this one that never made the registry (their promotion failed)
-        # are no resume point any more.
-        registered = {c.path for c in kept}
-        for old in path.parent.glob("step-*.pt"):
-            if old.name < path.name and str(old) not in registered:
-                old.unlink(missing_ok=True)
+        # And checkpoints behind this one that never made the registry (their promotion
+        # failed) are no resume point any more.
+        gone = [c.path for c in stale if c.path != key]
+        try:
+            for ref in gone:
+                self.artifacts.remove(ref)
+            self.artifacts.remove_checkpoints_before(key, keep={c.path for c in kept})
+        except Exception as e:  # orphans in the store, not a failed job
+            log.warning("job %s: old checkpoints not removed: %s", job.id, e)
 
     def on_log(self, message: str) -> None:
         self._write({}, "LOG", message)
@@ -267,7 +287,7 @@ def run_job(
         return None
     beat = _Heartbeat(store, job_id, job.attempt, token, settings.lease_ttl_s)
     beat.start()
-    hooks = _Hooks(store, job, token, beat, settings.training_peak_flops)
+    hooks = _Hooks(store, job, token, beat, artifacts, settings.training_peak_flops)
     hooks.keep_checkpoints = settings.keep_checkpoints
     try:
         t_import = time.monotonic()
@@ -310,23 +330,30 @@ def _train_export_register(
             settings, store, artifacts, job, token, device, hooks, training, export_onnx
         )
     spec = JobSpec.from_dict(job.spec)
-    # Each attempt has its own work directory (data, best weights): a zombie attempt that
-    # lost its lease never writes into the files of the attempt that holds it.
-    work_dir = artifacts.job_dir(job.id) / f"attempt-{job.attempt}"
-    checkpoint_dir = artifacts.job_dir(job.id) / "checkpoints" / f"attempt-{job.attempt}"
-    resume_from = Path(job.checkpoint) if job.checkpoint else None
+    # Each attempt has its own local work directory (data, best weights, checkpoints before
+    # they are uploaded): a zombie attempt that lost its lease never writes into the files
+    # of the attempt that holds it. What outlives the attempt goes to the artifact store.
+    job_scratch = artifacts.scratch_dir / "jobs" / job.id
+    work_dir = job_scratch / f"attempt-{job.attempt}"
+    checkpoint_dir = job_scratch / "checkpoints" / f"attempt-{job.attempt}"
+    hooks.data_dir = work_dir / "data"  # its tokenizer goes with every checkpoint
+    resume_from = artifacts.checkpoint_file(job.checkpoint) if job.checkpoint else None
     init_dir = None
     if settings.tensorboard:
-        hooks.open_event_log(artifacts.job_dir(job.id) / "tensorboard" / f"attempt-{job.attempt}")
+        hooks.open_event_log(job_scratch / "tensorboard" / f"attempt-{job.attempt}")
+    # Also on a resume: the tokenizer comes from there if the data was never built (the
+    # weights come from the checkpoint: train loads init weights only when not resuming).
     if checkpoints.REF_RE.match(spec.training.init_from):
-        # Also on a resume: the tokenizer comes from there if the data was never built.
         _, ckpt = checkpoints.resolve(store, job.owner, spec.training.init_from)
-        init_dir = training.checkpoint_model_dir(Path(ckpt.path), work_dir / "init")
-    elif spec.training.init_from and resume_from is None:
-        init_dir = Path(spec.training.init_from)
+        ckpt_file = artifacts.checkpoint_file(ckpt.path)
+        init_dir = training.checkpoint_model_dir(
+            ckpt_file, work_dir / "init", data_dir=_checkpoint_data(ckpt_file)
+        )
+    elif spec.training.init_from:
+        init_dir = artifacts.local_dir(spec.training.init_from)
     result = training.train(
         spec,
-        Path(job.dataset_path),
+        artifacts.dataset_file(job.dataset_path),
         work_dir,
         checkpoint_dir,
         hooks,
@@ -334,7 +361,11 @@ def _train_export_register(
         resume_from=resume_from,
         init_weights_dir=init_dir,
         torch_threads=settings.torch_threads,
-        val_corpus_path=Path(job.validation_dataset_path) if job.validation_dataset_path else None,
+        val_corpus_path=(
+            artifacts.dataset_file(job.validation_dataset_path)
+            if job.validation_dataset_path
+            else None
+        ),
     )
     # Progress kept during a Redis outage comes before the end; a short outage is waited
     # out here rather than giving the job back.
@@ -383,9 +414,13 @@ def _export_checkpoint(
         _, ckpt = checkpoints.resolve(store, job.owner, job.export_of)
     except st.NotFound as e:
         raise ValueError(f"checkpoint {job.export_of}: {e.message}") from None
-    path = Path(ckpt.path)  # <job>/checkpoints/attempt-N/step-*.pt
-    if not path.is_file():
+    try:
+        path = artifacts.checkpoint_file(ckpt.path)
+    except FileNotFoundError:
+        path = None
+    if path is None or not path.is_file():
         raise ValueError(f"checkpoint {job.export_of} was deleted before it could be exported")
+    data_dir = _checkpoint_data(path)
     metadata = {
         "job_id": job.id,
         "model_id": job.model_id,
@@ -403,8 +438,8 @@ def _export_checkpoint(
     evaluated = ckpt.val_step == ckpt.step
     return _export_register(
         settings, store, artifacts, job, token, device, hooks, export_onnx,
-        write_files=lambda tmp: training.checkpoint_model_dir(path, tmp, metadata),
-        data_dir=path.parents[2] / path.parent.name / "data",
+        write_files=lambda tmp: training.checkpoint_model_dir(path, tmp, metadata, data_dir),
+        data_dir=data_dir or path.parents[2] / path.parent.name / "data",
         val_metrics=(ckpt.val_loss, ckpt.val_bits_per_byte) if evaluated else (0.0, 0.0),
         timings={},
     )  # fmt: skip
@@ -417,10 +452,12 @@ def _export_register(
     """Export (fenced by the lease), parity gate, registration: for trained weights and
     for an exported checkpoint alike. `write_files(tmp)` writes the Hugging Face files."""
     store.set_state(job.id, job.attempt, token, st.EXPORTING, "exporting to ONNX")
-    model_dir = artifacts.model_dir(job.model_id)
     best_val_loss, best_val_bpb = val_metrics
     t_export = time.monotonic()
-    with artifacts.staging_dir(model_dir, job.attempt) as tmp:
+    tmp = artifacts.scratch_dir / "jobs" / job.id / f"attempt-{job.attempt}" / "export"
+    shutil.rmtree(tmp, ignore_errors=True)  # an export of this attempt cut short earlier
+    tmp.mkdir(parents=True)
+    try:
         write_files(tmp)
         parity = export_onnx(
             tmp,
@@ -432,7 +469,11 @@ def _export_register(
         timings = {**hooks.timings, **timings, "export": time.monotonic() - t_export}
         _merge_metadata(tmp / "metadata.json", {"onnx": parity, "timings": timings})
         files = sorted(p.name for p in tmp.iterdir())
-        published = artifacts.publish(tmp, model_dir, job.attempt)
+        # Every attempt publishes under a key of its own: a zombie never replaces the files
+        # of the attempt that registers them.
+        published = artifacts.put_model(job.model_id, job.attempt, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     hooks.on_log("timings: " + " ".join(f"{k}={v:.2f}" for k, v in timings.items()))
     if hooks.should_stop() == "cancel":
         artifacts.remove(published)
@@ -448,7 +489,7 @@ def _export_register(
         state=st.MODEL_READY,
         spec=job.spec,
         parameters=job.parameters,
-        path=str(published),
+        path=published,
         created_at=prev.created_at,
         metrics={
             "val_loss": best_val_loss,
@@ -474,8 +515,15 @@ def _export_register(
     except st.LeaseLost:
         artifacts.remove(published)
         raise
-    artifacts.remove_other_exports(model_dir, keep=published)
+    artifacts.remove_other_exports(job.model_id, keep=published)
     return st.SUCCEEDED
+
+
+def _checkpoint_data(ckpt_file: Path) -> Path | None:
+    """The tokenizer directory published with a checkpoint (None for one written before
+    checkpoints carried it: its attempt's work directory is then beside it)."""
+    data_dir = ckpt_file.parent / "data"
+    return data_dir if data_dir.is_dir() else None
 
 
 def _val_tokens(data_dir: Path, limit: int = 1 << 16):

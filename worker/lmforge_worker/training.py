@@ -552,11 +552,14 @@ def train(
 
 
 def checkpoint_model_dir(
-    ckpt_path: Path, out_dir: Path, metadata: dict[str, Any] | None = None
+    ckpt_path: Path,
+    out_dir: Path,
+    metadata: dict[str, Any] | None = None,
+    data_dir: Path | None = None,
 ) -> Path:
     """A Hugging Face-layout directory (weights, config, tokenizer) of a checkpoint's model,
-    for `init_from`; the tokenizer is its attempt's (`<job dir>/attempt-N/data` for a
-    checkpoint in `<job dir>/checkpoints/attempt-N/`)."""
+    for `init_from`; the tokenizer is its attempt's: `data_dir`, or else
+    `<job dir>/attempt-N/data` for a checkpoint in `<job dir>/checkpoints/attempt-N/`."""
     ckpt = load_checkpoint(Path(ckpt_path))
     spec = JobSpec.from_dict(ckpt["spec"])
     model = Llama(spec.model)
@@ -565,7 +568,8 @@ def checkpoint_model_dir(
         add_lora(model, t.lora_rank, t.lora_alpha, t.lora_dropout, t.lora_target_list)
     model.load_state_dict(ckpt["model"])  # hf_state_dict below merges the adapters
     ckpt_path = Path(ckpt_path)
-    data_dir = ckpt_path.parents[2] / ckpt_path.parent.name / "data"
+    if data_dir is None:
+        data_dir = ckpt_path.parents[2] / ckpt_path.parent.name / "data"
     info = json.loads((data_dir / "meta.json").read_text())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,12 +25,16 @@ def _common(json_flag: bool = True) -> argparse.ArgumentParser:
     """Flags every command takes, before or after the subcommand's name."""
     p = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     p.add_argument(
-        "--api", metavar="ADDR", help="API server (env LMFORGE_API_ADDR; default 127.0.0.1:50051)"
+        "--api",
+        metavar="ADDR",
+        help="API server, or replicas as IP:PORT,IP:PORT (env LMFORGE_API_ADDR; "
+        "default 127.0.0.1:50051)",
     )
     p.add_argument(
         "--inference",
         metavar="ADDR",
-        help="inference server (env LMFORGE_INFERENCE_ADDR; default 127.0.0.1:50052)",
+        help="inference server, or replicas as IP:PORT,IP:PORT or dns:///NAME:PORT "
+        "(env LMFORGE_INFERENCE_ADDR; default 127.0.0.1:50052)",
     )
     p.add_argument(
         "--api-key", metavar="KEY", help="sent as 'authorization: Bearer KEY' (env LMFORGE_API_KEY)"
@@ -64,7 +68,9 @@ def _server_flags(p: argparse.ArgumentParser, *, bind: bool = True) -> None:
         help="an existing Redis (env LMFORGE_REDIS_URL; default: start one in the data dir)",
     )
     p.add_argument(
-        "--artifacts", help="artifact store (env LMFORGE_ARTIFACTS; default DATA_DIR/artifacts)"
+        "--artifacts",
+        help="artifact store: a directory or s3://bucket/prefix (env LMFORGE_ARTIFACTS; "
+        "default DATA_DIR/artifacts; S3 endpoint, region and keys from LMFORGE_S3_*)",
     )
     p.add_argument("--device", help="training device: auto, cpu, cuda[:N] (env LMFORGE_DEVICE)")
     _security_flags(p, bind=bind)

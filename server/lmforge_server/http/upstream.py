@@ -11,7 +11,7 @@ import grpc.aio
 from google.protobuf import json_format
 from starlette.requests import Request
 
-from lmforge._connection import CHANNEL_OPTIONS
+from lmforge._connection import channel_target
 from lmforge.v1 import inference_pb2_grpc, training_pb2_grpc
 
 # Unary calls that take longer than this are a server in trouble, not a slow answer.
@@ -27,7 +27,8 @@ class Upstream:
         inference_addr: str,
         credentials: grpc.ChannelCredentials | None = None,
     ):
-        """`credentials`: TLS to the servers (None: plaintext)."""
+        """`credentials`: TLS to the servers (None: plaintext). Either address may name
+        several replicas ("ip:port,ip:port" or "dns:///name:port"), balanced round robin."""
         self._api = _channel(api_addr, credentials)
         self._inference = _channel(inference_addr, credentials)
         self.datasets = training_pb2_grpc.DatasetServiceStub(self._api)
@@ -41,9 +42,10 @@ class Upstream:
 
 
 def _channel(addr: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    target, options = channel_target(addr)
     if credentials is None:
-        return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-    return grpc.aio.secure_channel(addr, credentials, options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 def metadata(request: Request) -> tuple[tuple[str, str], ...]:

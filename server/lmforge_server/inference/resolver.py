@@ -1,15 +1,20 @@
 """Which model a request means: an owner's reference to a model directory and its state.
 
-The Redis model registry (lmforge_server.store) provides `resolve`; `DirectoryResolver`
-serves a plain directory of exported models (tests, `lmforge serve inference --models`).
+The Redis model registry (lmforge_server.store) provides `resolve`, and `StoredResolver`
+turns its artifact key into a local directory (downloaded once into this process's
+cache, verified); `DirectoryResolver` serves a plain directory of exported models (tests,
+`lmforge serve inference --models`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from lmforge_server.artifacts import ArtifactStore
 
 ModelState = Literal["TRAINING", "READY", "ABANDONED"]
 
@@ -58,3 +63,21 @@ class DirectoryResolver:
             state=meta.get("state", "READY"),
             path=path,
         )
+
+
+class StoredResolver:
+    """A registry whose records name artifacts in the store: a READY model's files are
+    fetched into this process's cache on first use (blocking; called in a thread)."""
+
+    def __init__(self, registry: ModelResolver, artifacts: ArtifactStore):
+        self.registry, self.artifacts = registry, artifacts
+
+    def resolve(self, owner: str, ref: str) -> ResolvedModel:
+        resolved = self.registry.resolve(owner, ref)
+        if resolved.state != "READY":
+            return resolved
+        try:
+            return replace(resolved, path=self.artifacts.local_dir(str(resolved.path)))
+        except FileNotFoundError:
+            # Its files are gone from the store: the engine finds nothing it can serve.
+            return replace(resolved, path=self.artifacts.scratch_dir / "absent" / resolved.model_id)

@@ -31,11 +31,16 @@ GRACE_S = 5.0
 
 
 def default_resolver(settings: Settings) -> ModelResolver:
-    """The model registry in Redis when one is configured, else <artifacts>/models/<id>/."""
+    """The model registry in Redis (models from the artifact store) when one is configured,
+    else <artifacts>/models/<id>/."""
     if settings.redis_url:
+        from lmforge_server.artifacts import ArtifactStore
+        from lmforge_server.inference.resolver import StoredResolver
         from lmforge_server.store import Store
 
-        return Store.from_url(settings.redis_url)
+        return StoredResolver(
+            Store.from_url(settings.redis_url), ArtifactStore.from_settings(settings)
+        )
     return DirectoryResolver(settings.artifacts_dir / "models")
 
 
