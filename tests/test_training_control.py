@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import time
 from pathlib import Path
 
@@ -432,6 +433,14 @@ def test_validate_only_reports_the_job_without_running_it(api, small_dataset, st
     assert "the validation split would hold 4 tokens" in problems
     assert "read the train split" in problems
     assert [j.id for j in api.jobs.ListJobs(S.ListJobsRequest()).jobs] == before
+    for dataset_id, code in ((small_dataset.id, 0), (tiny.id, 1)):  # 1: problems found
+        out = io.StringIO()
+        argv = ["--api", api_addr, "--json", "train", dataset_id, "--preset", "tiny"]
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+            cli_main([*argv, "--validate-only"])
+        assert exit_.value.code == code
+        assert json.loads(out.getvalue())["corpus_tokens"] in (len(SMALL_CORPUS), 42)
+    assert [j.id for j in api.jobs.ListJobs(S.ListJobsRequest()).jobs] == before
 
 
 def test_a_validation_dataset_of_the_users_own_replaces_the_split(api, small_dataset):
@@ -486,7 +495,7 @@ def test_lora_trains_only_the_adapters_and_exports_the_merged_model(
     import numpy as np
     import onnxruntime as ort
     from safetensors.torch import load_file
-    from test_export import run
+    from test_export import empty, run
 
     from lmforge_server.specs import JobSpec
     from lmforge_worker.model import Llama, add_lora, hf_state_dict, load_pretrained
@@ -544,14 +553,12 @@ def test_lora_trains_only_the_adapters_and_exports_the_merged_model(
     model, cfg = load_pretrained(tmp_path / "lora")
     ids = np.array([[5, 9, 2, 14, 3, 7, 11, 1]], dtype=np.int64)
     with torch.no_grad():
-        expected = model.eval()(torch.from_numpy(ids))[0].numpy()
+        expected, _ = model.eval()(torch.from_numpy(ids), last_only=True)
     sess = ort.InferenceSession(
         str(tmp_path / "lora" / "model.onnx"), providers=["CPUExecutionProvider"]
     )
-    empty = np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), dtype=np.float32)
-    logits, _ = run(sess, cfg, ids, np.ones_like(ids), [empty] * (2 * cfg.n_layers))
-    # The graph emits the last position's logits (what decoding needs).
-    assert np.abs(logits[:, -1] - expected[:, -1]).max() < 1e-4
+    logits, _ = run(sess, cfg, ids, [ids.shape[1]], empty(cfg, 1))
+    assert np.abs(logits - expected.numpy()).max() < 1e-4
 
 
 def test_lora_settings_are_checked_and_counted_before_training(api, tiny_shakespeare):
