@@ -18,6 +18,7 @@ import yaml
 
 from lmforge.cli import build_parser
 from lmforge_server.settings import Settings
+from lmforge_server.taskqueue import queue_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -250,11 +251,10 @@ def test_k8s_probes_use_grpc_health_on_the_listening_port(manifests):
                 assert c["livenessProbe"]["grpc"]["port"] == expected[role]
                 assert [p["containerPort"] for p in c["ports"]] == [expected[role]]
             if role == "worker":
-                env = {e["name"]: e["value"] for e in c["env"]}
-                # One Deployment per GPU class: queue "gpu" has 1 GPU, "gpu-xN" has N.
-                queue = env["LMFORGE_TRAIN_QUEUE"]
-                gpus = int(queue.partition("-x")[2] or 1)
-                assert c["resources"]["limits"]["nvidia.com/gpu"] == gpus, queue
+                # One Deployment per GPU class: it reads the queue of its class and device
+                # count ("gpu", "gpu-x4") and has exactly that many GPUs.
+                queue, devices = _worker_queue(c)
+                assert c["resources"]["limits"]["nvidia.com/gpu"] == devices, queue
 
 
 # ---------------------------------------------------------------- keys (issue 8)
@@ -281,6 +281,13 @@ def test_deployed_servers_on_public_addresses_read_keys_from_a_mounted_secret(co
             assert volume["secret"]["secretName"] and not volume["secret"].get("optional")
 
 
+def _worker_queue(container: dict) -> tuple[str, int]:
+    """The Celery queue a worker container reads, and its device count, from its env."""
+    env = {e["name"]: e["value"] for e in container["env"]}
+    devices = int(env.get("LMFORGE_WORKER_DEVICES", 1))
+    return queue_for(env["LMFORGE_TRAIN_QUEUE"], devices), devices
+
+
 def test_k8s_uses_the_s3_store_and_no_shared_volume(manifests):
     config = next(d for d in manifests if d["kind"] == "ConfigMap")["data"]
     assert config["LMFORGE_ARTIFACTS"].startswith("s3://") and config["LMFORGE_S3_REGION"]
@@ -296,10 +303,8 @@ def test_k8s_uses_the_s3_store_and_no_shared_volume(manifests):
             assert "emptyDir" in volume, name
     workers = {n: w for n, w in workloads(manifests).items() if n.startswith("lmforge-worker-")}
     queues = {
-        e["value"]
+        _worker_queue(c)[0]
         for w in workers.values()
         for c in w["spec"]["template"]["spec"]["containers"]
-        for e in c["env"]
-        if e["name"] == "LMFORGE_TRAIN_QUEUE"
     }
     assert queues == {"gpu", "gpu-x4"} and set(workers) == {f"lmforge-worker-{q}" for q in queues}
