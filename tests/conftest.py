@@ -45,6 +45,8 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
         # a job is requeued and resumed. Poison-job tests set max_attempts themselves.
         max_attempts=20,
         torch_threads=1,
+        # Tests read an attempt's best weights and checkpoints in the worker's scratch.
+        keep_scratch=True,
         device="cpu",
         inference_device="cpu",
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 from conftest import SMALL_CORPUS, make_settings, store_settings
 
@@ -16,7 +19,7 @@ from lmforge_server.stack import Stack
 def test_datasets_and_models_are_published_in_the_store_and_leave_it_when_deleted(
     request, tmp_path, backend
 ):
-    settings = make_settings(tmp_path, **store_settings(request, backend))
+    settings = make_settings(tmp_path, keep_scratch=False, **store_settings(request, backend))
     with (
         Stack(settings) as stack,
         lmforge.Client(api_addr=stack.api_addr, inference_addr=stack.inference_addr) as client,
@@ -39,6 +42,13 @@ def test_datasets_and_models_are_published_in_the_store_and_leave_it_when_delete
         # The job's resume point is in the store too.
         [checkpoint] = [o for o in store.list(f"jobs/{job.id}") if o.key.endswith(".pt")]
         assert "/step-00000010/" in checkpoint.key
+        # The worker's local work for the job is gone once the attempt ended (it is all in
+        # the store); the job's end is written just before the worker removes it.
+        scratch = tmp_path / "scratch" / "jobs" / job.id
+        deadline = time.monotonic() + 60
+        while _files(scratch) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _files(scratch) == []
         out = client.generate(model.id, "ROMEO:", max_tokens=8, temperature=0.0)
         assert out.usage.completion_tokens >= 1
 
@@ -46,3 +56,7 @@ def test_datasets_and_models_are_published_in_the_store_and_leave_it_when_delete
         assert store.list(f"models/{model.id}") == []
         client.datasets.delete(dataset.id)
         assert store.list(f"datasets/default/{dataset.id}") == []
+
+
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]

@@ -138,9 +138,13 @@ class Settings:
     # Training FLOP/s that validate_only's time estimate assumes for "cpu" until a worker
     # has measured its own (2e10: about what the 2-core CI machine sustains on tiny models).
     fallback_training_flops: float = 2e10
-    # Workers also write TensorBoard event files under <artifacts>/jobs/<id>/tensorboard/
-    # (needs the `tensorboard` package: lmforge[tensorboard]).
+    # Workers also write TensorBoard event files under <data_dir>/scratch/jobs/<id>/tensorboard/
+    # on the worker's own disk (needs the `tensorboard` package: lmforge[tensorboard]).
     tensorboard: bool = False
+    # Keep an attempt's local work directory on the worker (tokenised data, best weights,
+    # checkpoints before upload, export staging) after the attempt ends. Off: it is removed,
+    # since everything that outlives an attempt is in the artifact store; on: for debugging.
+    keep_scratch: bool = False
 
     @property
     def artifacts_dir(self) -> Path:

@@ -323,6 +323,20 @@ def run_job(
         metrics.forget_job(job_id)
         with contextlib.suppress(redis.RedisError):
             store.release(job_id, job.attempt, token)
+        if not settings.keep_scratch:
+            _remove_attempt_scratch(artifacts, job)
+
+
+def _remove_attempt_scratch(artifacts: ArtifactStore, job: st.JobRecord) -> None:
+    """Deletes this attempt's local work directory once it has ended, however it ended:
+    what a later attempt or a reader needs is in the artifact store, and a fleet worker's
+    disk would otherwise fill with every job's data and checkpoints. TensorBoard files stay."""
+    job_scratch = artifacts.scratch_dir / "jobs" / job.id
+    for path in (
+        job_scratch / f"attempt-{job.attempt}",
+        job_scratch / "checkpoints" / f"attempt-{job.attempt}",
+    ):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _train_export_register(
