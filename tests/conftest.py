@@ -38,6 +38,12 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
         data_dir=data_dir,
         api_addr="127.0.0.1:0",
         inference_addr="127.0.0.1:0",
+        # Free ports for the gateway and the metrics endpoints too: a fixed default port is
+        # taken by whatever else runs on the machine (another suite, a developer's stack).
+        http_addr="127.0.0.1:0",
+        api_metrics_addr="127.0.0.1:0",
+        inference_metrics_addr="127.0.0.1:0",
+        worker_metrics_addr="127.0.0.1:0",
         # Long enough that a heartbeat starved on a loaded CI machine keeps its lease.
         lease_ttl_s=5.0,
         reaper_interval_s=0.5,
