@@ -9,7 +9,7 @@ import io
 import json
 
 import pytest
-from test_inference_server import ServerThread, models, settings  # noqa: F401
+from test_inference_server import DecodeGate, ServerThread, models, settings  # noqa: F401
 
 from lmforge import Client, FinishReason, InvalidArgumentError
 from lmforge.aio import AsyncClient
@@ -18,10 +18,24 @@ from lmforge_server.inference.resolver import DirectoryResolver
 
 
 @pytest.fixture(scope="module")
-def addr(models):  # noqa: F811
+def server(models):  # noqa: F811
     s = ServerThread(settings(), DirectoryResolver(models))
-    yield s.address
+    yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def addr(server):
+    return server.address
+
+
+@contextlib.contextmanager
+def held(server, client):
+    """The "cyc" model's forward passes held after its first few: a stream started inside
+    is certainly still running when the test aborts it (open the gate after the abort)."""
+    client.generate("cyc", "a", max_tokens=1)  # loaded, so the gate can wrap it
+    with DecodeGate(server, "cyc", allow=8) as gate:
+        yield gate
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +72,15 @@ def test_context_shift_keeps_generating_past_the_context(client):
     assert done.finish_reason == FinishReason.LENGTH
 
 
-def test_abort_ends_a_stream_started_with_its_request_id(client):
-    stream = client.stream("cyc", "a", max_tokens=3000, temperature=0, request_id="sdk-abort")
-    with stream:
-        first = next(iter(stream))
-        assert first.request_id == "sdk-abort"
-        assert client.abort("sdk-abort") is True
-        last = [d for d in stream][-1]
+def test_abort_ends_a_stream_started_with_its_request_id(server, client):
+    with held(server, client) as gate:
+        stream = client.stream("cyc", "a", max_tokens=3000, temperature=0, request_id="sdk-abort")
+        with stream:
+            first = next(iter(stream))
+            assert first.request_id == "sdk-abort"
+            assert client.abort("sdk-abort") is True
+            gate.open()
+            last = [d for d in stream][-1]
     assert last.final and last.finish_reason == FinishReason.CANCELLED
     assert last.usage.completion_tokens < 3000
     assert client.abort("sdk-abort") is False  # nothing of that id runs any more
@@ -72,8 +88,8 @@ def test_abort_ends_a_stream_started_with_its_request_id(client):
         client.abort("")
 
 
-def test_async_client_has_the_same_inference_surface(addr):
-    async def main_():
+def test_async_client_has_the_same_inference_surface(server, client, addr):
+    async def main_(gate):
         async with AsyncClient(inference_addr=addr) as c:
             done = await c.generate(
                 "char", "JULIET:", max_tokens=5, temperature=0, n=2, request_id="aio-n"
@@ -86,9 +102,11 @@ def test_async_client_has_the_same_inference_surface(addr):
                     deltas.append(d)
                     if len(deltas) == 1:
                         assert await c.abort("aio-abort") is True
+                        gate.open()
             return done, info, deltas
 
-    done, info, deltas = asyncio.run(main_())
+    with held(server, client) as gate:
+        done, info, deltas = asyncio.run(main_(gate))
     assert done.request_id == "aio-n" and len(done.choices) == 2
     assert info.variant == "fp32"
     assert deltas[-1].finish_reason == FinishReason.CANCELLED

@@ -601,14 +601,22 @@ class Store:
         state: str,
         message: str = "",
         model: ModelRecord | None = None,
-    ) -> None:
-        """Ends the job (SUCCEEDED registers `model` READY in the same transaction)."""
+    ) -> str:
+        """Ends the job (SUCCEEDED registers `model` READY in the same transaction) and
+        returns the state written: a cancel accepted (CANCELLING) before this transaction
+        wins over SUCCEEDED, so a client told "cancelling" never sees the job succeed."""
+        ended = [state]
 
         def write(pipe, job):
-            self._finish_cmd(pipe, job, state, message, model)
+            if state == SUCCEEDED and job.state == CANCELLING:
+                ended[0] = CANCELLED
+                self._finish_cmd(pipe, job, CANCELLED, "cancelled during export")
+            else:
+                self._finish_cmd(pipe, job, state, message, model)
             pipe.delete(f"{P}lease:{job_id}")
 
         self.fenced(job_id, attempt, token, write)
+        return ended[0]
 
     def requeue(self, job_id, attempt, token, message: str) -> None:
         """The holder gives the job back (worker shutdown): QUEUED, lease released."""

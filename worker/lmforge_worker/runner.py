@@ -535,10 +535,13 @@ def _export_register(
     )
     try:
         # Fenced: only the lease holder registers its export.
-        store.finish(job.id, job.attempt, token, st.SUCCEEDED, msg, model=model)
+        ended = store.finish(job.id, job.attempt, token, st.SUCCEEDED, msg, model=model)
     except st.LeaseLost:
         artifacts.remove(published)
         raise
+    if ended == st.CANCELLED:  # the cancel came after the last look above
+        artifacts.remove(published)
+        return st.CANCELLED
     artifacts.remove_other_exports(job.model_id, keep=published)
     return st.SUCCEEDED
 
