@@ -65,6 +65,24 @@ def test_an_attempt_whose_lease_was_taken_over_cannot_write(redis_server):
 
 
 @pytest.mark.fault
+def test_a_cancel_accepted_during_export_wins_over_the_exports_success(redis_server):
+    store = st.Store.from_url(redis_server.url)
+    store.create_job(_job("job_f3"), max_active=10)
+    job = store.acquire("job_f3", "worker-a", ttl_s=60, device="cpu")
+    store.set_state("job_f3", job.attempt, "worker-a", st.EXPORTING, "exporting")
+    assert store.request_cancel("default", "job_f3").state == st.CANCELLING
+    # The export finished after its last look at the cancel flag: the client was told
+    # CANCELLING, so the job must not end SUCCEEDED with a READY model.
+    model = st.ModelRecord(
+        id="mdl_job_f3", owner="default", name="fenced", version=1, job_id="job_f3",
+        state=st.MODEL_READY, spec={}, parameters={}, path="models/x", created_at=time.time(),
+    )  # fmt: skip
+    ended = store.finish("job_f3", job.attempt, "worker-a", st.SUCCEEDED, "ready", model=model)
+    assert ended == st.CANCELLED
+    assert store.job("job_f3").state == st.CANCELLED
+    assert store.r.hget(f"{st.P}model:mdl_job_f3", "state") == st.MODEL_ABANDONED
+
+
 def test_a_worker_whose_lease_was_taken_over_stops_writing(tmp_path):
     settings = make_settings(tmp_path)
     with Stack(settings, inference=False) as stack, grpc.insecure_channel(stack.api_addr) as ch:
