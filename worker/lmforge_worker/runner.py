@@ -327,15 +327,18 @@ def run_job(
             _remove_attempt_scratch(artifacts, job)
 
 
+def _attempt_dirs(artifacts: ArtifactStore, job: st.JobRecord) -> tuple[Path, Path]:
+    """This attempt's local work directory and its checkpoint directory (scratch)."""
+    job_scratch = artifacts.scratch_dir / "jobs" / job.id
+    attempt = f"attempt-{job.attempt}"
+    return job_scratch / attempt, job_scratch / "checkpoints" / attempt
+
+
 def _remove_attempt_scratch(artifacts: ArtifactStore, job: st.JobRecord) -> None:
     """Deletes this attempt's local work directory once it has ended, however it ended:
     what a later attempt or a reader needs is in the artifact store, and a fleet worker's
     disk would otherwise fill with every job's data and checkpoints. TensorBoard files stay."""
-    job_scratch = artifacts.scratch_dir / "jobs" / job.id
-    for path in (
-        job_scratch / f"attempt-{job.attempt}",
-        job_scratch / "checkpoints" / f"attempt-{job.attempt}",
-    ):
+    for path in _attempt_dirs(artifacts, job):
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -350,14 +353,12 @@ def _train_export_register(
     # Each attempt has its own local work directory (data, best weights, checkpoints before
     # they are uploaded): a zombie attempt that lost its lease never writes into the files
     # of the attempt that holds it. What outlives the attempt goes to the artifact store.
-    job_scratch = artifacts.scratch_dir / "jobs" / job.id
-    work_dir = job_scratch / f"attempt-{job.attempt}"
-    checkpoint_dir = job_scratch / "checkpoints" / f"attempt-{job.attempt}"
+    work_dir, checkpoint_dir = _attempt_dirs(artifacts, job)
     hooks.data_dir = work_dir / "data"  # its tokenizer goes with every checkpoint
     resume_from = artifacts.checkpoint_file(job.checkpoint) if job.checkpoint else None
     init_dir = None
     if settings.tensorboard:
-        hooks.open_event_log(job_scratch / "tensorboard" / f"attempt-{job.attempt}")
+        hooks.open_event_log(work_dir.parent / "tensorboard" / work_dir.name)
     # Also on a resume: the tokenizer comes from there if the data was never built (the
     # weights come from the checkpoint: train loads init weights only when not resuming).
     if checkpoints.REF_RE.match(spec.training.init_from):
@@ -478,7 +479,7 @@ def _export_register(
     store.set_state(job.id, job.attempt, token, st.EXPORTING, "exporting to ONNX")
     best_val_loss, best_val_bpb = val_metrics
     t_export = time.monotonic()
-    tmp = artifacts.scratch_dir / "jobs" / job.id / f"attempt-{job.attempt}" / "export"
+    tmp = _attempt_dirs(artifacts, job)[0] / "export"
     shutil.rmtree(tmp, ignore_errors=True)  # an export of this attempt cut short earlier
     tmp.mkdir(parents=True)
     try:
