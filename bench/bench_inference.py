@@ -8,12 +8,16 @@ last tenth). Printed, in one run:
      (a) GenerateStream through gRPC (server process, the variant it serves by default),
      (b) the in-process Engine for every variant, beside its weight-bandwidth floor,
      (c) PyTorch eager with a KV cache, (d) transformers `generate` (the baseline);
-  3. aggregate tokens/s through gRPC at 1, 4, 16 and 64 concurrent streams;
+     time to first token again as the median of interleaved repetitions of (a) and (d),
+     each on a prompt of its own (a repeated prompt would hit the prefix cache);
+  3. aggregate tokens/s through gRPC at 1, 4, 16 and 64 concurrent streams, then what a
+     decode step costs ONNX Runtime per variant at 1, 16 and 64 rows (one thread, CPU
+     time, by op type) and the arithmetic that bounds 16 streams against one;
   4. prefix reuse: time to first token for a shared 200-token prefix + 10 new tokens,
-     against a cold prompt of the same length;
+     against a cold prompt of the same length (medians of interleaved repetitions);
   5. inter-token latency p99 of 8 running streams while a 1,000-token prompt arrives,
-     chunked prefill against the whole prompt at once (in-process Engine, the same
-     weights with a 2,048-token context);
+     chunked prefill against the whole prompt at once, alternated (in-process Engine,
+     the same weights with a 2,048-token context);
   6. with --gpt2: the GPT-2-small shape (12 x 768, vocab 50257, ~124M) at batch 1, fp32
      and int8/int4 against the bandwidth floor (its export takes minutes here).
 
@@ -48,12 +52,14 @@ from lmforge_server.inference.sampling import SamplingParams
 from lmforge_server.inference.scheduler import PREFILL_CHUNK
 from lmforge_server.settings import Settings
 from lmforge_worker.export import decode_ms_per_token, export_onnx
+from lmforge_worker.graph import cache_head_dim
 from lmforge_worker.model import Llama, load_pretrained, save_pretrained
 from lmforge_worker.tokenization import build_tokenizer, save_tokenizer
 
 CORPUS = Path(specs.__file__).parent / "data" / "tinyshakespeare.txt"
 PROMPT_TOKENS, NEW_TOKENS = 64, 128
 CONCURRENCY = (1, 4, 16, 64)
+ITL_REPEATS = 3
 
 
 def read_bandwidth_gbs() -> float:
@@ -62,6 +68,41 @@ def read_bandwidth_gbs() -> float:
     x.sum()
     best = min(_timed(lambda: x.sum()) for _ in range(5))
     return x.numel() * 4 / best / 1e9
+
+
+def one_core_rates() -> tuple[float, float, float]:
+    """(memory read GB/s, fp32 GEMM GFLOP/s, int8 GEMM GOP/s) on one core, to set against
+    ONNX Runtime's one-thread step costs: the best of 5 runs each (a 512 MB sum, a 1,024^3
+    torch product, a 256 x 1,024 x 1,024 ORT MatMulInteger u8 x s8, the kernel MatMulNBits'
+    int8 compute and dynamic int8 use)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bandwidth = read_bandwidth_gbs()
+        a = torch.randn(1024, 1024)
+        a @ a
+        fp32 = 2 * 1024**3 / min(_timed(lambda: a @ a) for _ in range(5)) / 1e9
+    finally:
+        torch.set_num_threads(threads)
+    w = numpy_helper.from_array(np.ones((1024, 1024), np.int8), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [256, 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [256, 1024])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = {"x": np.ones((256, 1024), np.uint8)}
+    sess.run(None, x)
+    int8 = 2 * 256 * 1024**2 / min(_timed(lambda: sess.run(None, x)) for _ in range(5)) / 1e9
+    return bandwidth, fp32, int8
 
 
 def _timed(fn) -> float:
@@ -239,9 +280,16 @@ def run(root: Path, repeats: int) -> None:
         f"memory read bandwidth {bandwidth:.1f} GB/s"
     )
     path, prompts, facts = build_model(root)
-    tok = build_tokenizer("char", CORPUS.read_text())
+    text = CORPUS.read_text()
+    tok = build_tokenizer("char", text)
     ids = [torch.tensor([tok.encode(p).ids]) for p in prompts]
     variants = {v["variant"]: v for v in facts["variants"]}
+    # A prompt no path has seen, for each timed run: a repeated one would hit the server's
+    # prefix cache and time a 64-token prefill as a 1-token one.
+    unseen = (text[400_000 + 1_000 * i : 400_000 + 1_000 * i + PROMPT_TOKENS] for i in range(600))
+
+    def fresh() -> str:
+        return next(unseen)
 
     # (d) transformers: TTFT = generate 1 token; per token = (128 tokens - 1 token) / 127.
     hf = LlamaForCausalLM.from_pretrained(path).eval()
@@ -262,7 +310,7 @@ def run(root: Path, repeats: int) -> None:
         out = {}
         for name in variants:
             await engine_stream(engine, prompts[0], name)
-            runs = [await engine_stream(engine, prompts[0], name) for _ in range(repeats)]
+            runs = [await engine_stream(engine, fresh(), name) for _ in range(repeats)]
             out[name] = tuple(min(r[i] for r in runs) for i in range(2))
         await engine.close()
         threads = {}
@@ -289,14 +337,21 @@ def run(root: Path, repeats: int) -> None:
             stub = inference_pb2_grpc.InferenceServiceStub(ch)
             info = stub.GetModelInfo(inference_pb2.GetModelInfoRequest(model="baby"))
             grpc_stream(stub, prompts[0])
-            a_ttft, a_tok, a_n = best(lambda: grpc_stream(stub, prompts[0]), repeats)
-            a_conc = {}
-            for c in CONCURRENCY:
-                a_conc[c] = max(grpc_concurrent(stub, prompts[:c]) for _ in range(repeats))
-            prefix = prefix_figures(stub, CORPUS.read_text(), repeats)
+            a_ttft, a_tok, a_n = best(lambda: grpc_stream(stub, fresh()), repeats)
+            # Rounds over every concurrency, so a change of the machine's load between
+            # points lands in every point alike; the median round per point.
+            rounds: dict[int, list[float]] = {c: [] for c in CONCURRENCY}
+            for _ in range(repeats):
+                for c in CONCURRENCY:
+                    rounds[c].append(grpc_concurrent(stub, prompts[:c]))
+            a_conc = {c: float(np.median(r)) for c, r in rounds.items()}
+            reps = max(7, repeats)
+            prefix = prefix_figures(stub, CORPUS.read_text(), reps)
+            ttft_a, ttft_d = ttft_interleaved(stub, hf, tok, CORPUS.read_text(), reps)
     finally:
         proc.terminate()
         proc.wait(30)
+    costs = step_costs(path, list(variants))
 
     served = info.variant
     floor = {n: v["bytes"] / (bandwidth * 1e9) for n, v in variants.items()}
@@ -316,9 +371,16 @@ def run(root: Path, repeats: int) -> None:
             f"{name:44} {ttft * 1e3:8.2f} {ttft / d_ttft:6.2f} {tok_s * 1e3:9.2f} "
             f"{d_tok / tok_s:6.2f} {fl * 1e3:9.2f}"
         )
+    med_a, med_d = float(np.median(ttft_a)), float(np.median(ttft_d))
+    print(
+        f"time to first token, median of {len(ttft_a)} interleaved repetitions, a new "
+        f"{PROMPT_TOKENS}-token prompt each: (a) gRPC {med_a * 1e3:.2f} ms "
+        f"[{min(ttft_a) * 1e3:.2f}-{max(ttft_a) * 1e3:.2f}], (d) transformers "
+        f"{med_d * 1e3:.2f} ms [{min(ttft_d) * 1e3:.2f}-{max(ttft_d) * 1e3:.2f}]"
+    )
     print(
         f"target: (a) >= 4x (d) per token: {d_tok / a_tok:.2f}x; "
-        f"TTFT <= 0.5x (d): {a_ttft / d_ttft:.2f}x"
+        f"TTFT <= 0.5x (d): {med_a / med_d:.2f}x (medians)"
     )
     print("\nvariants (validation loss on the corpus' last tenth; gate: <= 1% over fp32)")
     print(f"{'':8} {'MB':>7} {'val loss':>9} {'vs fp32':>8} {'gate':>5} {'export ms/tok':>14}")
@@ -335,19 +397,28 @@ def run(root: Path, repeats: int) -> None:
             f"{n} thread(s): {one * 1e3:.2f} ms/token at batch 1, {many:.0f} tokens/s at 16 streams"
         )
 
-    print("\n3. aggregate tokens/s through gRPC (served variant; max_batch_size 64)")
+    print(
+        "\n3. aggregate tokens/s through gRPC (served variant; max_batch_size 64; median of "
+        f"{repeats} rounds over all four)"
+    )
     print("".join(f"{f'{c} streams':>16}" for c in CONCURRENCY))
     print("".join(f"{a_conc[c]:9.0f} ({a_conc[c] / a_conc[1]:4.1f}x)" for c in CONCURRENCY))
     print(f"target: 16 streams >= 8x one stream: {a_conc[16] / a_conc[1]:.1f}x")
+    print_step_costs(costs, variants, served)
+    print_scaling_bound(path, costs, served, variants)
 
     cold, warm, cached = prefix
     print("\n4. prefix reuse: 200-token shared prefix + 10 new tokens (time to first token)")
     print(
         f"cold {cold * 1e3:.2f} ms, reused {warm * 1e3:.2f} ms ({cached} tokens from the "
-        f"cache): {warm / cold:.2f}x of cold (target <= 0.3x)"
+        f"cache; medians of {max(7, repeats)} interleaved): {warm / cold:.2f}x of cold "
+        "(target <= 0.3x)"
     )
     itl = itl_figures(root, CORPUS.read_text())
-    print("\n5. inter-token latency of 8 running streams while a 1,000-token prompt arrives")
+    print(
+        "\n5. inter-token latency of 8 running streams while a 1,000-token prompt arrives "
+        f"(the gaps overlapping its prefill; {ITL_REPEATS} alternated runs each)"
+    )
     for name, (p50, p99, worst) in itl.items():
         label = (
             f"chunked prefill ({PREFILL_CHUNK} per turn)"
@@ -362,10 +433,71 @@ def run(root: Path, repeats: int) -> None:
         print(f"note: the gRPC stream produced {a_n} tokens")
 
 
+def print_step_costs(costs: dict, variants: dict, served: str) -> None:
+    rows = sorted({B for _, B in costs})
+    print(
+        "\nONNX Runtime cost of one decode step (one intra-op thread, CPU ms; rows at 128 "
+        "tokens), and its split by op type"
+    )
+    for name in variants:
+        one = costs[name, rows[0]][0]
+        cells = []
+        for B in rows:
+            ms, split = costs[name, B]
+            mm = sum(v for k, v in split.items() if k.startswith("MatMul"))
+            gqa = split.get("GroupQueryAttention", 0.0)
+            cells.append(
+                f"{B:2} rows {ms:6.2f} ms ({B * one / ms:4.1f}x rows/s; MatMul {mm:4.0%}, "
+                f"attention {gqa:4.0%})"
+            )
+        print(f"{name:6}{' (served)' if name == served else '':9} " + "  ".join(cells))
+
+
+def print_scaling_bound(path: Path, costs: dict, served: str, variants: dict) -> None:
+    """The arithmetic that bounds 16 streams against one, per core (ORT's step costs above
+    are one thread's)."""
+    bandwidth, fp32, int8 = one_core_rates()
+    rate = fp32 if served == "fp32" else int8  # int8/int4 graphs compute in int8
+    cfg = json.loads((path / "config.json").read_text())
+    L, d, n_layers = 128, cfg["hidden_size"], cfg["num_hidden_layers"]
+    kv_heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = cache_head_dim(cfg.get("head_dim", d // cfg["num_attention_heads"]))
+    params = sum(
+        v.numel() for k, v in load_pretrained(path)[0].state_dict().items() if "embed" not in k
+    )
+    flops = 2 * params + 4 * n_layers * d * L  # per token: the matmuls, then QK and AV
+    kv = 2 * n_layers * kv_heads * head_dim * L * 4  # fp32 keys and values read per row
+    weights = variants[served]["bytes"]
+    print(
+        f"\nwhat bounds 16 streams against one ({served}, rows at {L} tokens), per core: "
+        f"{bandwidth:.1f} GB/s read, fp32 GEMM {fp32:.0f} GFLOP/s, int8 GEMM {int8:.0f} GOP/s "
+        "measured"
+    )
+    floor = {}
+    for B in (1, 16, 64):
+        mem = (weights + B * kv) / (bandwidth * 1e9)
+        comp = B * flops / (rate * 1e9)
+        floor[B] = max(mem, comp)
+        print(
+            f"  {B:2} rows: {B * flops / 1e6:7.1f} MFLOP, {(weights + B * kv) / 1e6:6.1f} MB "
+            f"(weights {weights / 1e6:.1f} + cache {B * kv / 1e6:.1f}): floor "
+            f"{floor[B] * 1e3:.2f} ms (memory {mem * 1e3:.2f}, compute {comp * 1e3:.2f}); "
+            f"ORT measured {costs[served, B][0]:.2f} ms"
+        )
+    t1, t16 = costs[served, 1][0] * 1e-3, costs[served, 16][0] * 1e-3
+    print(
+        f"  16 rows / 1 row, tokens/s: {16 * floor[1] / floor[16]:.1f}x with both at their "
+        f"floors; {16 * t1 / floor[16]:.1f}x with 16 rows at theirs against one row as "
+        f"measured; {16 * t1 / t16:.1f}x as measured"
+    )
+
+
 def itl_figures(root: Path, text: str) -> dict[str, tuple[float, float, float]]:
     """p50, p99 and max inter-token gap (s) of 8 running streams while a 1,000-token prompt
-    arrives, with chunked prefill and with the whole prompt prefilled at once. The stall a
-    whole prefill causes is one gap per stream, below p99's reach: the max shows it."""
+    arrives (the gaps overlapping its prefill, from its arrival to its first token), with
+    chunked prefill and with the whole prompt prefilled at once (ITL_REPEATS runs of each,
+    alternated, gaps pooled). Counting every gap of the streams' lives instead buries the
+    whole prefill's one stall per stream below p99's reach."""
     long_dir = root / "models" / "baby-long"
     if not long_dir.exists():
         shutil.copytree(root / "models" / "baby", long_dir)
@@ -377,14 +509,14 @@ def itl_figures(root: Path, text: str) -> dict[str, tuple[float, float, float]]:
         export_onnx(long_dir, variants=())  # the graph's rotary tables cover 2,048 positions
     long_prompt = text[200_000:201_000]
 
-    async def one(chunked: bool) -> tuple[float, float, float]:
+    async def one(chunked: bool) -> list[float]:
         engine = Engine(Settings(inference_device="cpu"), DirectoryResolver(root / "models"))
         await engine.complete("default", "baby-long", "A", SamplingParams(max_new_tokens=1))
         (loaded,) = engine._loaded.values()
         if not chunked:
             loaded.scheduler.prefill_chunk = 1 << 30
-        gaps: list[float] = []
-        started = asyncio.Event()
+        spans: list[tuple[float, float]] = []
+        window = [float("inf"), float("inf")]  # the long prompt's arrival and first token
 
         async def stream(i: int) -> None:
             params = SamplingParams(max_new_tokens=150, temperature=0)
@@ -392,25 +524,103 @@ def itl_figures(root: Path, text: str) -> dict[str, tuple[float, float, float]]:
             last = None
             async for _ in engine.generate("default", "baby-long", prompt, params):
                 now = time.perf_counter()
-                if last is not None and started.is_set():
-                    gaps.append(now - last)
+                if last is not None:
+                    spans.append((last, now))
                 last = now
 
         async def arrival() -> None:
             await asyncio.sleep(0.3)
-            started.set()
+            window[0] = time.perf_counter()
             params = SamplingParams(max_new_tokens=1)
             await engine.complete("default", "baby-long", long_prompt, params)
+            window[1] = time.perf_counter()
 
         await asyncio.gather(*[stream(i) for i in range(8)], arrival())
         await engine.close()
-        return float(np.percentile(gaps, 50)), float(np.percentile(gaps, 99)), max(gaps)
+        # The gaps that overlap the long prompt's prefill: what its arrival did to the others.
+        return [b - a for a, b in spans if b > window[0] and a < window[1]]
 
-    return {"chunked": asyncio.run(one(True)), "whole": asyncio.run(one(False))}
+    pooled: dict[str, list[float]] = {"chunked": [], "whole": []}
+    for _ in range(ITL_REPEATS):
+        for name in pooled:
+            pooled[name] += asyncio.run(one(name == "chunked"))
+    return {
+        name: (float(np.percentile(g, 50)), float(np.percentile(g, 99)), max(g))
+        for name, g in pooled.items()
+    }
+
+
+def ttft_interleaved(stub, hf, tok, text: str, repeats: int) -> tuple[list[float], list[float]]:
+    """Time to first token (s) of (a) gRPC and (d) transformers for a 64-token prompt,
+    alternated (which goes first alternates too); each repetition on a prompt new to both,
+    so the server's prefix cache never serves it."""
+    a, d = [], []
+    for r in range(repeats):
+        prompt = text[300_000 + 1_000 * r : 300_000 + 1_000 * r + PROMPT_TOKENS]
+        ids = torch.tensor([tok.encode(prompt).ids])
+        assert ids.shape[1] == PROMPT_TOKENS
+        first, second = (a, d) if r % 2 == 0 else (d, a)
+        for out in (first, second):
+            if out is a:
+                a.append(grpc_stream(stub, prompt, n=1)[0])
+            else:
+                d.append(hf_generate(hf, ids, 1))
+    return a, d
+
+
+def step_costs(path: Path, variants: list[str], rows=(1, 16, 64), length: int = 128) -> dict:
+    """What one decode step costs ONNX Runtime, per variant and batch size: CPU ms (one
+    intra-op thread, so the calling thread's CPU time is the whole cost, whatever else this
+    machine runs) and its split by op type (ORT's profiler), rows at `length` tokens."""
+    import onnxruntime as ort
+
+    from lmforge_server.inference.session import SlotGraph
+
+    out = {}
+    for name in variants:
+        file = {"fp32": "model.onnx"}.get(name, f"model_{name}.onnx")
+        for B in rows:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = 1
+            so.log_severity_level = 3
+            so.enable_profiling = True
+            so.profile_file_prefix = str(path.parent / f"profile-{name}-{B}")
+            graph = SlotGraph(
+                ort.InferenceSession(str(path / file), so, providers=["CPUExecutionProvider"])
+            )
+            cache = graph.new_cache(B, 256)
+            ids = np.random.default_rng(0).integers(0, 60, (B, length - 1))
+            graph.run(cache, ids, np.full(B, length - 2, np.int32))
+            one = np.ones((B, 1), np.int64)
+            lens = np.full(B, length - 1, np.int32)
+            graph.run(cache, one, lens)
+            steps = max(5, 80 // B)
+            t = time.thread_time()
+            for _ in range(steps):
+                graph.run(cache, one, lens)
+            cpu_ms = (time.thread_time() - t) / steps * 1e3
+            profile = Path(graph.session.end_profiling())
+            events = json.loads(profile.read_text())
+            profile.unlink()
+            runs = [e for e in events if e.get("name") == "model_run"]
+            start = runs[1]["ts"] + runs[1]["dur"]  # after the prefill and the warm-up step
+            ops: dict[str, float] = {}
+            for e in events:
+                if (
+                    e.get("cat") == "Node"
+                    and e["name"].endswith("_kernel_time")
+                    and e["ts"] >= start
+                ):
+                    op = e["args"]["op_name"]
+                    ops[op] = ops.get(op, 0.0) + e["dur"]
+            total = sum(ops.values()) or 1.0
+            out[name, B] = (cpu_ms, {k: v / total for k, v in ops.items()})
+    return out
 
 
 def prefix_figures(stub, text: str, repeats: int) -> tuple[float, float, int]:
-    """(cold TTFT s, TTFT s with the prefix cached, tokens reused), best of `repeats`."""
+    """(cold TTFT s, TTFT s with the prefix cached, tokens reused), medians of `repeats`
+    interleaved repetitions, each on a prefix of its own."""
 
     def ttft(prompt: str) -> tuple[float, int]:
         req = inference_pb2.GenerateRequest(
@@ -430,7 +640,7 @@ def prefix_figures(stub, text: str, repeats: int) -> tuple[float, float, int]:
         ttft(prefix + text[base + 300 : base + 310])  # the first prompt with this prefix
         t, cached = ttft(prefix + text[base + 400 : base + 410])
         warms.append(t)
-    return min(colds), min(warms), cached
+    return float(np.median(colds)), float(np.median(warms)), cached
 
 
 def gpt2(root: Path, repeats: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ def run(api_addr: str, steps: int) -> None:
         events = []
         for ev in jobs.WatchJob(training_pb2.WatchJobRequest(id=job.id)):
             events.append(ev)
-            if ev.type == training_pb2.JOB_EVENT_TYPE_EVAL:
+            if ev.type == training_pb2.JOB_EVENT_TYPE_EVAL or ev.message.startswith("training "):
                 print(f"  {ev.message}", flush=True)
             if ev.terminal:
                 break
@@ -82,6 +83,7 @@ def run(api_addr: str, steps: int) -> None:
     print(f"val bits per byte    {p.val_bits_per_byte:.4f}")
     print(f"tokens/s (training)  {p.tokens_per_second:,.0f}")
     print(f"wall time            {wall:.1f} s (job creation to SUCCEEDED, export included)")
+    print(f"load average         {' '.join(f'{x:.2f}' for x in os.getloadavg())} (at the end)")
     created = job.created_at.ToNanoseconds() / 1e9
     reached = next(
         (
@@ -130,13 +132,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--api", help="address of a running API server")
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument(
+        "--torch-threads", type=int, default=0, help="the worker's torch threads (0: its default)"
+    )
+    parser.add_argument("--train-spin", action="store_true", help="Settings.train_spin")
     args = parser.parse_args()
+    print(f"load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.api:
         run(args.api, args.steps)
         return
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
-            data_dir=Path(tmp), api_addr="127.0.0.1:0", inference_addr="127.0.0.1:0"
+            data_dir=Path(tmp),
+            api_addr="127.0.0.1:0",
+            inference_addr="127.0.0.1:0",
+            torch_threads=args.torch_threads,
+            train_spin=args.train_spin,
         )
         with Stack(settings, inference=False) as stack:
             run(stack.api_addr, args.steps)

@@ -270,3 +270,68 @@ def test_too_many_active_jobs_is_resource_exhausted_until_one_ends(tmp_path):
             assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
             api.jobs.CancelJob(training_pb2.CancelJobRequest(id=first.id))
             assert api.create(ds.id).state == training_pb2.JOB_STATE_QUEUED
+
+
+def test_a_unary_call_is_answered_while_an_upload_is_being_hashed_and_written(
+    redis_server, tmp_path, monkeypatch
+):
+    """Hashing and writing an upload run in the server's thread pool, never on its event
+    loop: with the upload's write held mid-stream by a gate, a unary call on the same
+    server is still answered, before the gate opens (an ordering, not a timing)."""
+    import asyncio
+    import shutil
+    import tempfile
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import make_settings
+
+    from lmforge_server import api as api_server
+    from lmforge_server import datasets
+
+    held, release = threading.Event(), threading.Event()
+    gate = {"timed_out": False}
+    write = datasets._Sink.write
+
+    def gated_write(self, chunk):
+        if not held.is_set():  # the first chunk waits at the gate
+            held.set()
+            # On the event loop this blocks every call; the gate gives up so the test ends.
+            if not release.wait(15):
+                gate["timed_out"] = True
+        return write(self, chunk)
+
+    monkeypatch.setattr(datasets._Sink, "write", gated_write)
+    # The server runs in this process (its event loop in a thread) so the gate reaches it,
+    # on a unix socket of its own (no free port to pick, nothing to race for).
+    sock_dir = tempfile.mkdtemp(prefix="lmf-")  # short: a socket path has ~107 bytes
+    addr = f"unix:{sock_dir}/api.sock"
+    settings = make_settings(tmp_path, redis_url=redis_server.url, api_addr=addr)
+    running: dict = {}
+
+    async def serve():
+        running["loop"], running["stop"] = asyncio.get_running_loop(), asyncio.Event()
+        await api_server.serve(settings, stop=running["stop"])
+
+    server = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    server.start()
+    try:
+        # Reconnect every 50 ms while the server starts (gRPC's default backoff is 1 s).
+        fast = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 50)]
+        with grpc.insecure_channel(addr, fast) as channel, ThreadPoolExecutor(1) as pool:
+            grpc.channel_ready_future(channel).result(timeout=60)
+            api = Api(channel)
+            data = b"to be hashed off the loop\n" * 4000
+            upload = pool.submit(api.upload, data, "gated", None, 16 << 10)
+            assert held.wait(60), "the upload never reached its first write"
+            api.datasets.ListDatasets(training_pb2.ListDatasetsRequest(), timeout=60)
+            answered_while_held = not release.is_set() and not gate["timed_out"]
+            release.set()
+            assert answered_while_held, "a unary call waited for the upload's hashing and writing"
+            assert upload.result().id == hashlib.sha256(data).hexdigest()
+    finally:
+        release.set()
+        if "loop" in running:
+            running["loop"].call_soon_threadsafe(running["stop"].set)
+        server.join(30)
+        shutil.rmtree(sock_dir, ignore_errors=True)

@@ -15,6 +15,9 @@ from lmforge_server.stack import Stack
 
 # The directory backend's side of this runs in test_training_service.py on the session's
 # stack (model files, deletion); here S3, on a stack of its own.
+# A whole stack that trains, exports and serves over S3: about 9 CPU seconds. The fast
+# subset keeps the store's own tests (test_objectstore.py) and an upload to S3 (test_api.py).
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["s3"])
 def test_datasets_and_models_are_published_in_the_store_and_leave_it_when_deleted(
     request, tmp_path, backend

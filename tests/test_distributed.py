@@ -18,6 +18,10 @@ from lmforge_worker.training import train
 
 torch.set_num_threads(1)
 
+# Every test here starts torchrun and two rank processes that each import torch: 6-13 CPU
+# seconds a test (over half of the fast subset's time on its own). CI runs them.
+pytestmark = pytest.mark.slow
+
 # Logged every step; two micro-batches a step so DDP's no_sync path is in the curve too.
 SHORT = dict(max_steps=12, log_interval=1, eval_interval=6, checkpoint_interval=6, batch_size=8)
 SHORT["grad_accum_steps"] = 2

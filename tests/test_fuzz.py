@@ -1,6 +1,7 @@
 """The net under both servers: a seeded fuzz over every RPC of the API and inference
 servers with random, boundary and malformed values and raw garbage bytes. Zero UNKNOWN,
-zero INTERNAL, no server process dies, no request outlives its deadline."""
+zero INTERNAL, no server process dies, no request outlives its deadline (by the servers' own
+record of their handlers' durations, not only the client's)."""
 
 from __future__ import annotations
 
@@ -233,6 +234,31 @@ def _call(channel, kind: str, path: str, payloads: list[bytes], metadata):
         channel.unary_unary(path, **kw)(payloads[0], metadata=metadata, timeout=DEADLINE_S)
 
 
+def _handler_durations(addr: str, server: str, within_s: float):
+    """From a server's /metrics: ({method: calls timed}, {method: calls that took at most
+    within_s}), read off the request-duration histogram (within_s must be a bucket bound)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    counts, in_time = {}, {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "lmforge_grpc_request_duration_seconds":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("server") != server:
+                continue
+            method = sample.labels["method"]
+            if sample.name.endswith("_count"):
+                counts[method] = sample.value
+            elif sample.name.endswith("_bucket") and float(sample.labels["le"]) == within_s:
+                in_time[method] = sample.value
+    assert counts and set(in_time) == set(counts), (counts, in_time)
+    return counts, in_time
+
+
 def test_fuzz_every_rpc_never_unknown_never_internal_never_late(fuzz_stack):
     rng = random.Random(SEED)
     methods = list(_methods())
@@ -289,6 +315,18 @@ def test_fuzz_every_rpc_never_unknown_never_internal_never_late(fuzz_stack):
     print(sorted(by_method.items()))
     assert not bad, bad[:10]
     assert not late, late[:10]
+    # The same, server-side: the client gives up at its deadline whatever the server does,
+    # so each server's own record of its handlers' durations must say they ended in time.
+    handled = 0
+    for server, addr in (
+        ("api", fuzz_stack.settings.api_metrics_addr),
+        ("inference", fuzz_stack.settings.inference_metrics_addr),
+    ):
+        counts, in_time = _handler_durations(addr, server, DEADLINE_S + SLACK_S)
+        over = {m: counts[m] - in_time.get(m, 0) for m in counts if counts[m] > in_time.get(m, 0)}
+        assert not over, f"{server}: calls that ran past their deadline, by method: {over}"
+        handled += sum(counts.values())
+    assert handled > REQUESTS // 2, handled  # most calls reached a handler and were timed
     for child in fuzz_stack.children:
         assert child.alive(), f"{child.role} died:\n{child.log_tail()}"
     assert sum(codes.values()) == REQUESTS

@@ -44,7 +44,7 @@ class Alone:
         if self.torch_model is not None:
             logits, _ = self.torch_model(torch.tensor([ids]), last_only=True)
             return logits[0, -1].numpy()
-        m = self.model
+        m = self.model.graph
         empty = np.zeros((1, m.n_kv_heads, 0, m.head_dim), np.float32)
         feeds = {
             "input_ids": np.asarray([ids], np.int64),
@@ -101,6 +101,40 @@ def test_every_variant_on_the_slot_cache_matches_each_sequence_alone(outlier_mod
     model.run(cache, np.array([long[:12]]), [11], 2)
     logits = model.run(cache, np.array([long[12:]]), [len(long) - 1], 2)
     assert close(logits[0], alone(long)), (variant, "chunked")
+
+
+def test_decode_steps_of_changing_batch_sizes_each_match_the_sequence_alone(outlier_model):  # noqa: F811
+    """Decode steps reuse an IO binding per batch size (its inputs and logits rewritten in
+    place): steps of 3, 1 and 2 rows interleaved on one cache must each see their own
+    tokens and lengths, never those a binding of another size last held (they share one set of arrays per cache)."""
+    model = OrtModel(outlier_model, providers=[CPU_EP])
+    alone = Alone(outlier_model, model)
+    cache = model.new_cache(3)
+    seqs = [model.encode(p) for p in ("ROMEO: wh", "JULIET: O Romeo", "First Citizen:")]
+    lens = [len(s) for s in seqs]
+    ids = np.zeros((3, max(lens)), np.int64)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = s
+    model.run(cache, ids, [n - 1 for n in lens], 0)
+    for B in (3, 1, 2, 3, 1, 1, 2):
+        nxt = [int(alone(s).argmax()) for s in seqs[:B]]
+        out = model.run(cache, np.array([[t] for t in nxt]), [len(s) for s in seqs[:B]], 0)
+        got = out.copy()
+        for s, t in zip(seqs, nxt, strict=False):
+            s.append(t)
+        for r in range(B):
+            assert close(got[r], alone(seqs[r])), (B, r, len(seqs[r]))
+
+
+def test_rows_past_the_cache_slots_are_refused_before_ort_writes_there(outlier_model):  # noqa: F811
+    model = OrtModel(outlier_model, providers=[CPU_EP])
+    cache = model.new_cache(2)
+    ids = model.encode("ROMEO:")
+    with pytest.raises(ValueError, match="outside 2 slots"):
+        model.run(cache, np.array([ids, ids]), [len(ids) - 1] * 2, 1)
+    with pytest.raises(ValueError, match="outside 2 slots"):
+        model.run(cache, np.array([[1], [2], [3]]), [0, 0, 0], 0)
+    assert np.abs(cache.buffers[0]).max() == 0
 
 
 def test_a_prompt_between_chunks_below_a_running_row_keeps_its_cache(outlier_model):  # noqa: F811

@@ -20,8 +20,6 @@ from lmforge_worker.model import (
     save_pretrained,
 )
 
-torch.set_num_threads(2)
-
 BASE = ModelConfig(
     n_layers=2,
     n_heads=4,

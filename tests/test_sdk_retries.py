@@ -147,6 +147,21 @@ def test_a_stream_that_already_gave_text_is_not_restarted(flaky, flavour):
     assert seen == ["he"] and servicer.calls == {"stream": 1}
 
 
+@pytest.mark.parametrize("flaky", [{"failures": 1000}], indirect=True)
+def test_the_clis_timeout_bounds_a_streamed_generation_and_its_restarts(flaky, capsys):
+    from lmforge.cli import main
+
+    servicer, addr = flaky
+    try:
+        code = main(["--inference", addr, "--timeout", "0.3", "generate", "m", "hi"])
+    except SystemExit as e:
+        code = e.code
+    assert code == 1
+    assert "Traceback" not in (err := capsys.readouterr().err) and "restarting" in err
+    # The 0.3 s deadline ended the restarts, not the default policy's 5 tries.
+    assert 1 <= servicer.calls["stream"] < 5
+
+
 @pytest.mark.parametrize("flaky", [{"failures": 0}], indirect=True)
 def test_arguments_win_over_the_environment(flaky, monkeypatch, capsys):
     import contextlib

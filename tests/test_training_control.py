@@ -79,6 +79,43 @@ def test_pause_then_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
     assert done.progress.best_val_loss == api.get(straight.id).progress.best_val_loss
 
 
+@pytest.mark.slow
+def test_pausing_and_resuming_a_lora_job_ends_with_the_weights_of_an_uninterrupted_run(
+    api, small_dataset, stack, tiny_shakespeare
+):
+    base = api.wait_terminal(tiny_shakespeare[0].id)
+    assert base.state == S.JOB_STATE_SUCCEEDED
+    # Adapter dropout draws from the torch RNG every step: the resume must restore it too.
+    spec = dict(
+        init_from=base.model_id,
+        lora_rank=4,
+        lora_alpha=8.0,
+        lora_dropout=0.1,
+        lora_targets="q_proj,v_proj,down_proj",
+        max_steps=300,
+        eval_interval=100,
+        checkpoint_interval=1000,
+        log_interval=10,
+    )
+    straight = api.create(small_dataset.id, **spec)
+    assert api.wait_terminal(straight.id).state == S.JOB_STATE_SUCCEEDED
+
+    job = api.create(small_dataset.id, **spec)
+    api.wait_for(job.id, lambda j: j.state == S.JOB_STATE_RUNNING and j.progress.step >= 20)
+    api.jobs.PauseJob(S.PauseJobRequest(id=job.id))
+    paused = api.wait_for(job.id, lambda j: j.state == S.JOB_STATE_PAUSED, timeout=60)
+    assert paused.progress.step < 300, "the job ended before the pause: nothing was tested"
+    api.jobs.ResumeJob(S.ResumeJobRequest(id=job.id))
+    done = api.wait_terminal(job.id)
+    assert done.state == S.JOB_STATE_SUCCEEDED and done.attempt == 2, done.error
+
+    a, b = _final_weights(stack, straight.id), _final_weights(stack, job.id)
+    adapters = {k for k in a if ".lora_" in k}
+    assert len(adapters) == 2 * 3 * 2 and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed LoRA run diverged"
+    assert done.progress.best_val_loss == api.get(straight.id).progress.best_val_loss
+
+
 def test_pause_and_resume_answer_clearly_in_every_state(api, small_dataset):
     code, details = _abort_code(api.jobs.PauseJob, S.PauseJobRequest(id="job_nope"))
     assert code == grpc.StatusCode.NOT_FOUND
@@ -488,6 +525,46 @@ def test_throughput_is_a_moving_average_per_device_class_with_a_fallback_rate(re
     }
 
 
+def test_validation_estimates_count_attention_scores_and_lora_flops_by_the_formula():
+    from lmforge_server import specs, validation
+    from lmforge_server import store as st
+
+    ds = st.DatasetRecord("d" * 64, "o", "d", "d" * 64, 1 << 20, 1 << 20, 65, 0.0, "/nowhere")
+    model = dict(n_layers=4, n_heads=4, d_model=128, context_length=64)
+    full = specs.resolve(
+        "small", model, {"max_steps": 10, "warmup_steps": 0}, num_distinct_chars=65
+    )
+    L, H, d, T, B, V, ff = 4, 4, 128, 64, 12, 66, 384
+    r = validation.report(full, ds, {"cpu": 1e9})
+    # Per token, layer and width 34 values, 2 per logit; per layer 2 x B x heads x T x T.
+    assert r.activations_bytes == 4 * (B * T * (34 * L * d + 2 * V) + L * 2 * B * H * T * T)
+    n = L * (4 * d * d + 3 * d * ff) + V * d  # weights of the matmuls, lm_head included
+    assert specs.training_flops_per_token(full) == 6 * n + 12 * L * d * T
+    assert r.training_flops == (6 * n + 12 * L * d * T) * B * T * 10
+
+    # LoRA: 2N forward and 2N for the input gradients through frozen weights, none for
+    # their own gradients; the adapters (r x (in + out) each) cost 6 per parameter.
+    lora = specs.resolve(
+        "small",
+        model,
+        {
+            "max_steps": 10,
+            "warmup_steps": 0,
+            "lora_rank": 8,
+            "lora_targets": "q_proj,down_proj",
+            "init_from": "x",
+        },
+        num_distinct_chars=65,
+    )
+    trainable = L * 8 * ((d + d) + (ff + d))
+    assert specs.trainable_parameters(lora) == trainable
+    flops = 4 * n + 6 * trainable + 12 * L * d * T
+    assert specs.training_flops_per_token(lora) == flops
+    r = validation.report(lora, ds, {"cpu": 1e9})
+    assert r.training_flops == flops * B * T * 10
+    assert r.estimated_seconds["cpu"] == pytest.approx(flops * B * T * 10 / 1e9)
+
+
 @pytest.mark.slow
 def test_lora_trains_only_the_adapters_and_exports_the_merged_model(
     api, stack, tiny_shakespeare, tmp_path
@@ -584,3 +661,11 @@ def test_lora_settings_are_checked_and_counted_before_training(api, tiny_shakesp
     assert r.trainable_parameters == 2 * 8 * (32 + 32) == answer.parameters.trainable
     assert r.optimizer_bytes == 12 * r.trainable_parameters
     assert answer.spec.training.lora_alpha == 16.0  # the default
+    # Frozen weights need no weight gradients: 4N + 6 N_trainable, not 6N, per token.
+    m, t = answer.spec.model, answer.spec.training
+    n = m.n_layers * (4 * m.d_model**2 + 3 * m.d_model * m.intermediate_size)
+    n += m.vocab_size * m.d_model
+    attention = 12 * m.n_layers * m.d_model * m.context_length
+    assert answer.parameters.flops_per_token == 4 * n + 6 * r.trainable_parameters + attention
+    tokens = t.batch_size * t.grad_accum_steps * m.context_length * t.max_steps
+    assert r.training_flops == answer.parameters.flops_per_token * tokens

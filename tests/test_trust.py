@@ -4,7 +4,6 @@ that end and are capped, UNAVAILABLE when Redis is down, DeleteJob, tenant isola
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -309,12 +308,17 @@ def test_watch_of_a_terminal_job_after_its_last_event_ends(trust):
     assert trust.alice.events(job.id, after="99999999999999-0", timeout=10) == []
 
 
-def test_open_watches_are_capped_per_owner(trust):
+@pytest.mark.parametrize(
+    "ending",
+    ["cancel", pytest.param("deadline", marks=pytest.mark.slow)],  # waits 5 s
+)
+def test_open_watches_are_capped_per_owner(trust, ending):
     job = trust.alice.create(trust.dataset.id, max_steps=5)
-    # Each watch ends at its deadline, which the server enforces itself.
+    # "deadline": each watch ends at its deadline, which the server enforces itself.
+    timeout = 5 if ending == "deadline" else 60
     streams = [
         trust.alice.jobs.WatchJob(
-            S.WatchJobRequest(id=job.id), metadata=trust.alice.metadata, timeout=8
+            S.WatchJobRequest(id=job.id), metadata=trust.alice.metadata, timeout=timeout
         )
         for _ in range(3)
     ]
@@ -327,9 +331,15 @@ def test_open_watches_are_capped_per_owner(trust):
     assert trust.bob.events_so_far(bob_job.id, wait=1.0)
     # A watch that has ended gives its slot back.
     for s in streams:
+        if ending == "cancel":
+            s.cancel()
         with pytest.raises(grpc.RpcError) as e:
             list(s)
-        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        expected = {
+            "cancel": grpc.StatusCode.CANCELLED,
+            "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+        }
+        assert e.value.code() == expected[ending]
     assert _admitted_within(trust, job.id, 15)
 
 
@@ -348,33 +358,81 @@ def _admitted_within(trust, job_id: str, seconds: float) -> bool:
                 raise
             time.sleep(0.1)
         finally:
-            with contextlib.suppress(grpc.RpcError):
-                list(new)  # to its 2 s deadline: it must not hold a slot after this test
+            new.cancel()  # a cancelled watch gives its slot back at once (tested below)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug: with grpcio 1.85 a client's cancel of an idle WatchJob sometimes "
-    "reaches the handler only with the next traffic on the connection (context.cancelled() "
-    "stays False), so the slot is held until then or until the watch's deadline",
-)
-def test_a_cancelled_watch_gives_its_slot_back(trust):
-    job = trust.alice.create(trust.dataset.id, max_steps=5)
+# A client that ends a watch: cancels it, closes its channel, or dies (the kernel closes
+# its TCP connection). Each leaves the server with an idle watch to end.
+_DYING_WATCHER = """
+import sys, time, grpc
+from lmforge.v1 import training_pb2, training_pb2_grpc
+channel = grpc.insecure_channel(sys.argv[1])
+jobs = training_pb2_grpc.JobServiceStub(channel)
+request = training_pb2.WatchJobRequest(id=sys.argv[2])
+stream = jobs.WatchJob(request, metadata=(("authorization", "Bearer k-alice"),), timeout=120)
+next(stream)
+print("open", flush=True)
+time.sleep(120)
+"""
+
+
+def _open_then_end_a_watch(trust, job_id: str, how: str) -> None:
+    if how == "killed":
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _DYING_WATCHER, trust.api_addr, job_id],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout.readline().strip() == "open"
+        finally:
+            proc.kill()
+            proc.wait()
+        return
+    channel = grpc.insecure_channel(trust.api_addr)
+    jobs = training_pb2_grpc.JobServiceStub(channel)
+    stream = jobs.WatchJob(S.WatchJobRequest(id=job_id), metadata=trust.alice.metadata, timeout=120)
+    next(stream)
+    if how == "cancelled":
+        stream.cancel()
+    channel.close()  # "closed": the channel goes with the stream still open
+
+
+def test_a_cancelled_closed_or_killed_watch_gives_its_slot_back(trust):
+    """A watch's end reaches the server however the client ends it, and frees its slot;
+    before the fix a cancel that landed while the handler sent an XREAD was lost and the
+    idle watch kept its slot (forever, on a job with no new events)."""
+    idle = trust.alice.create(trust.dataset.id, max_steps=5)  # no worker: no new events
+    ended = trust.alice.create(trust.dataset.id, max_steps=5)
+    trust.alice.jobs.CancelJob(S.CancelJobRequest(id=ended.id), metadata=trust.alice.metadata)
+    last = trust.alice.events(ended.id, timeout=10)[-1].id
+
+    def slot_free() -> bool:
+        # A watch after an ended job's last event ends at once: it tests for a free slot.
+        code, details = code_of(trust.alice.events, ended.id, after=last, timeout=10)
+        assert code in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED), details
+        return code == grpc.StatusCode.OK
+
     with grpc.insecure_channel(trust.api_addr) as channel:
         jobs = training_pb2_grpc.JobServiceStub(channel)
-        streams = [
-            jobs.WatchJob(S.WatchJobRequest(id=job.id), metadata=trust.alice.metadata, timeout=6)
-            for _ in range(3)
+        # Two watches hold two of alice's three slots: every round's watch takes the last.
+        held = [
+            jobs.WatchJob(S.WatchJobRequest(id=idle.id), metadata=trust.alice.metadata, timeout=120)
+            for _ in range(2)
         ]
-        for s in streams:
+        for s in held:
             next(s)
-        streams[0].cancel()
         try:
-            assert _admitted_within(trust, job.id, 3)
+            for i, how in enumerate(["cancelled", "closed", "closed"] * 8 + ["killed"] * 2):
+                _open_then_end_a_watch(trust, idle.id, how)
+                # The server may take a moment to see the end; a lost one never frees.
+                deadline = time.monotonic() + 15
+                while not slot_free():
+                    assert time.monotonic() < deadline, f"round {i}: a {how} watch kept its slot"
+                    time.sleep(0.05)
         finally:
-            for s in streams[1:]:
-                with contextlib.suppress(grpc.RpcError):
-                    list(s)  # to their deadline
+            for s in held:
+                s.cancel()
 
 
 # ---------------------------------------------------------------- jobs

@@ -81,6 +81,31 @@ def test_every_variant_is_written_with_parity_loss_and_speed(outlier_model):
     assert by_name["int4"]["bytes"] < by_name["int8"]["bytes"] < by_name["fp32"]["bytes"]
 
 
+def test_export_times_decode_on_the_slot_cache_the_server_uses(outlier_model, monkeypatch):
+    """decode_ms_per_token (what picks the served default) times the graph as the server runs
+    it: steps on one slot of the full context, written in place, not a growing cache."""
+    from lmforge_server.inference.session import SlotGraph
+    from lmforge_worker.export import decode_ms_per_token
+    from lmforge_worker.model import load_pretrained
+
+    _, cfg = load_pretrained(outlier_model)
+    seen = []
+    real_run = SlotGraph.run
+
+    def watched(self, cache, input_ids, seqlens_k, first_slot=0):
+        seen.append((cache.slots, cache.context, input_ids.shape, list(seqlens_k)))
+        return real_run(self, cache, input_ids, seqlens_k, first_slot)
+
+    monkeypatch.setattr(SlotGraph, "run", watched)
+    ms = decode_ms_per_token(outlier_model / "model_int8.onnx", cfg, steps=4, repeats=1)
+    assert ms > 0
+    assert {(slots, ctx) for slots, ctx, _, _ in seen} == {(1, cfg.context_length)}
+    # A prompt, then one token per step at the next position of the same slot.
+    prompt = seen[0][2][1]
+    assert [shape for _, _, shape, _ in seen[1:]] == [(1, 1)] * 4
+    assert [lens[0] for *_, lens in seen] == [prompt - 1 + i for i in range(5)]
+
+
 def test_quality_gate_fails_variants_more_than_one_percent_worse(outlier_model):
     by_name = {v["variant"]: v for v in read_variants(outlier_model)}
     ref = by_name["fp32"]["val_loss"]

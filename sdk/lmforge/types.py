@@ -164,7 +164,8 @@ class ParameterCount:
     attention: int = 0
     mlp: int = 0
     norm: int = 0
-    #: Forward + backward FLOPs per token (6N + 12 L d T).
+    #: Forward + backward FLOPs per token of the job (6N + 12 L d T; with LoRA
+    #: 4N + 6 N_trainable + 12 L d T: frozen weights need no gradients of their own).
     flops_per_token: int = 0
 
 

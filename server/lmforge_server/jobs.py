@@ -232,9 +232,12 @@ def _private_dirs(settings) -> list[Path]:
 
 
 def parameter_count(spec: specs.JobSpec) -> specs.ParameterCount:
-    """The model's parameter count, with what the job trains of it."""
+    """The model's parameter count, with what the job trains of it and the FLOPs per token
+    that training costs (less with LoRA: frozen weights need no weight gradients)."""
     return dataclasses.replace(
-        specs.count_parameters(spec.model), trainable=specs.trainable_parameters(spec)
+        specs.count_parameters(spec.model),
+        trainable=specs.trainable_parameters(spec),
+        flops_per_token=specs.training_flops_per_token(spec),
     )
 
 

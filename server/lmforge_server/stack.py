@@ -30,6 +30,7 @@ class Child:
     def __init__(self, role: str, settings: Settings, log_dir: Path):
         self.role, self.settings, self.log_path = role, settings, log_dir / f"{role}.log"
         self.process: subprocess.Popen | None = None
+        self._terminated = False
 
     def start(self) -> Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,15 +48,22 @@ class Child:
             stderr=subprocess.STDOUT,
         )
         log.close()
+        self._terminated = False
         return self
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def terminate(self) -> None:
+        """Asks the process to stop (SIGTERM, once) without waiting for it."""
+        if self.alive() and not self._terminated:
+            self.process.send_signal(signal.SIGTERM)
+            self._terminated = True
+
     def stop(self, timeout: float = 30.0) -> None:
         if not self.alive():
             return
-        self.process.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -80,7 +88,18 @@ def wait_serving(
     """Blocks until the gRPC health service at addr says SERVING (over TLS with
     `credentials`)."""
     deadline = time.monotonic() + timeout
-    channel = grpc.secure_channel(addr, credentials) if credentials else grpc.insecure_channel(addr)
+    # Retry connecting every 50-200 ms: gRPC's default reconnect backoff (1 s, growing) kept
+    # every start waiting about a second longer than the server took to come up.
+    options = [
+        ("grpc.initial_reconnect_backoff_ms", 50),
+        ("grpc.min_reconnect_backoff_ms", 50),
+        ("grpc.max_reconnect_backoff_ms", 200),
+    ]
+    channel = (
+        grpc.secure_channel(addr, credentials, options)
+        if credentials
+        else grpc.insecure_channel(addr, options)
+    )
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
@@ -211,7 +230,11 @@ class Stack:
         return True
 
     def stop(self) -> None:
-        for child in sorted(self.children, key=lambda c: c.role != "worker"):
+        # All at once, so that their graceful stops overlap (the worker's, Celery's warm
+        # shutdown, takes about a second); only Redis, which they all use, waits for them.
+        for child in self.children:
+            child.terminate()
+        for child in self.children:
             child.stop()
         self.children = []
         if self.redis is not None:

@@ -24,6 +24,8 @@ BYTES_PER_BPE_TOKEN = 4.0
 FALLBACK_FLOPS = 2e10
 # Weight of a new measurement in the moving average of a device class's throughput.
 THROUGHPUT_WEIGHT = 0.3
+# Per layer, B x heads x T x T values kept for backward: the scores and their softmax.
+ATTENTION_SCORE_COPIES = 2
 # Lost characters shown by name in the problem message.
 SHOWN_LOST = 10
 
@@ -76,11 +78,18 @@ def report(
     # Gradients and AdamW's two moments exist only for what trains (LoRA: the adapters).
     trainable = specs.trainable_parameters(spec)
     tokens_per_step = t.batch_size * t.grad_accum_steps * m.context_length
-    flops = params.flops_per_token * tokens_per_step * t.max_steps
+    # LoRA's frozen weights need no weight gradients: fewer FLOPs than 6N per token.
+    flops = specs.training_flops_per_token(spec) * tokens_per_step * t.max_steps
     # fp32 weights, AdamW's two moments plus the gradients; activations: about 34 values
-    # per token, layer and width (attention and SwiGLU MLP saved for backward) plus logits.
+    # per token, layer and width (attention and SwiGLU MLP saved for backward) plus logits,
+    # and per layer the attention scores and their softmax (B x heads x T x T each) that an
+    # attention materialising them keeps for backward (fused kernels keep less: an upper
+    # bound, and the term that grows with the square of the context).
     micro_tokens = t.batch_size * m.context_length
-    activations = 4 * micro_tokens * (34 * m.n_layers * m.d_model + 2 * m.vocab_size)
+    activations = 4 * (
+        micro_tokens * (34 * m.n_layers * m.d_model + 2 * m.vocab_size)
+        + m.n_layers * ATTENTION_SCORE_COPIES * t.batch_size * m.n_heads * m.context_length**2
+    )
     problems = []
     for name, n in (("train", n_train), ("validation", n_val)):
         if n < m.context_length + 1:

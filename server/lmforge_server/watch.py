@@ -3,10 +3,19 @@ and a coroutine, never a thread, and a cap on the open watches of each owner.
 
 A watch ends after the terminal event, and also at once when the job is terminal and has
 nothing after the given id (a client resuming after the end must not wait forever).
+
+The Redis reads run in a task of their own and the RPC's task waits only on a queue.
+grpc.aio ends a call whose client cancelled or went away by cancelling the handler's task
+exactly once. On Python < 3.12 `asyncio.wait_for` swallows a cancel that lands just as
+the awaitable it wraps completes (cpython#86296), and redis-py sends every command
+through `wait_for` when a socket timeout is set: a cancel landing on an XREAD's send was
+lost, and the handler went on polling with the owner's slot taken until an event came to
+write or the job ended. `Queue.get` never swallows a cancel; the reader stops when told.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -21,6 +30,11 @@ from lmforge_server import store as st
 # ASCII digits only (`\d` takes any Unicode digit) and no trailing newline (`$` allows one).
 EVENT_ID_RE = re.compile(r"\A([0-9]{1,20})-([0-9]{1,20})\Z")
 BLOCK_MS = 1000
+# Events read ahead of a slow client; the reader waits for room beyond that.
+READ_AHEAD = 64
+_END = object()
+# Readers still running (a task nobody references may be collected mid-read).
+_readers: set[asyncio.Task] = set()
 
 
 def check_event_id(value: str) -> str:
@@ -73,12 +87,41 @@ class WatchLimiter:
 async def watch(
     limiter: WatchLimiter, r: aredis.Redis, owner: str, job_id: str, after: str, context=None
 ) -> AsyncIterator[st.JobEvent]:
-    """`events` under one of the owner's watch slots; the read (and its Redis connection)
-    is closed as soon as this generator is, never left to the garbage collector."""
+    """`events` under one of the owner's watch slots. Cancelling the task that iterates
+    this ends it at once (slot given back), whatever Redis call the reader is in; the
+    reader stops within one XREAD block."""
     with limiter.slot(owner, context):
-        async with contextlib.aclosing(events(r, job_id, after)) as stream:
+        stop = asyncio.Event()
+        queue: asyncio.Queue = asyncio.Queue(READ_AHEAD)
+        reader = asyncio.create_task(_read_into(events(r, job_id, after, stop), queue, stop))
+        _readers.add(reader)
+        reader.add_done_callback(_readers.discard)
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            reader.cancel()
+
+
+async def _read_into(
+    stream: AsyncIterator[st.JobEvent], queue: asyncio.Queue, stop: asyncio.Event
+) -> None:
+    """Moves `stream` into `queue`, then _END (or the exception that ended it). Its Redis
+    read is closed as soon as it stops, never left to the garbage collector."""
+    try:
+        async with contextlib.aclosing(stream):
             async for ev in stream:
-                yield ev
+                if stop.is_set():
+                    return
+                await queue.put(ev)
+        item = _END
+    except Exception as e:
+        item = e
+    if not stop.is_set():
+        await queue.put(item)
 
 
 def _event(job_id: str, eid: str, f: dict) -> st.JobEvent:
@@ -94,12 +137,18 @@ def _event(job_id: str, eid: str, f: dict) -> st.JobEvent:
     )
 
 
-async def events(r: aredis.Redis, job_id: str, after: str) -> AsyncIterator[st.JobEvent]:
-    """The job's events after `after` ("" = all), live, to the terminal one."""
+async def events(
+    r: aredis.Redis, job_id: str, after: str, stop: asyncio.Event | None = None
+) -> AsyncIterator[st.JobEvent]:
+    """The job's events after `after` ("" = all), live, to the terminal one, or until
+    `stop` is set (checked before every read, so a cancel swallowed inside redis-py still
+    ends it)."""
     key = f"{st.P}job:{job_id}:events"
     after = after or "0-0"
-    while True:
-        res = await r.xread({key: after}, count=500, block=BLOCK_MS)
+    block = None  # the first read does not wait: a job that is over ends its watch at once
+    while stop is None or not stop.is_set():
+        res = await r.xread({key: after}, count=500, block=block)
+        block = BLOCK_MS
         entries = res[0][1] if res else []
         for eid, fields in entries:
             ev = _event(job_id, eid, fields)

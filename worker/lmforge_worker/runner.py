@@ -148,6 +148,14 @@ class _Hooks:
             return "shutdown"
         return None
 
+    def _refused(self, what: str) -> None:
+        """A fenced write was refused: a newer attempt holds the lease; stop training."""
+        # Logged so an operator (and the fencing test) sees why the attempt gave up.
+        log.warning(
+            "job %s: %s of attempt %s refused: lease lost", self.job.id, what, self.job.attempt
+        )
+        self.beat.lost.set()
+
     def _write(self, progress: dict, type_: str = "PROGRESS", msg: str = "") -> None:
         self.pending.append((progress, type_, msg, time.time(), next(self._seq)))
         self.flush()
@@ -162,7 +170,7 @@ class _Hooks:
                 )
                 self.pending.popleft()
         except st.LeaseLost:
-            self.beat.lost.set()
+            self._refused("progress")
             self.pending.clear()
         except redis.RedisError as e:  # training goes on; the events wait for Redis
             if len(self.pending) == 1:
@@ -225,7 +233,7 @@ class _Hooks:
         try:
             self.store.promote_checkpoint(self.job.id, self.job.attempt, self.token, key, step)
         except st.LeaseLost:
-            self.beat.lost.set()
+            self._refused(f"checkpoint at step {step}")
             return
         except redis.RedisError as e:  # the previous checkpoint stays the resume point
             log.warning("job %s: checkpoint at step %s not promoted: %s", self.job.id, step, e)
@@ -240,7 +248,7 @@ class _Hooks:
         try:
             self._keep(step, key)
         except st.LeaseLost:
-            self.beat.lost.set()
+            self._refused(f"checkpoint at step {step}")
         except redis.RedisError as e:
             log.warning("job %s: checkpoint at step %s not registered: %s", self.job.id, step, e)
 

@@ -174,6 +174,11 @@ def _trainable(model: Llama, t: TrainConfig) -> str:
     return f"LoRA r={t.lora_rank} on {t.lora_targets}: {n:,} of "
 
 
+def _threads_note() -> str:
+    n = torch.get_num_threads()
+    return f", {n} thread{'s' if n > 1 else ''}"
+
+
 def _lm_loss(run_model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean"):
     logits, _ = run_model(x)
     return F.cross_entropy(
@@ -483,6 +488,7 @@ def train(
         hooks,
         "on_log",
         f"training {_trainable(model, t)}{count_parameters(m).total:,} parameters on {dev} ({precision}"
+        f"{_threads_note() if dev.type == 'cpu' else ''}"
         f"{', compiled' if compiled else ''}"
         f"{f', {ranks.world} ranks' if ranks.world > 1 else ''}), {info.train_tokens:,} train / "
         f"{info.val_tokens:,} val tokens, from step {step}",

@@ -56,7 +56,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     print(_stats(completion), file=sys.stderr)
             return EXIT_OK
         samples: dict[int, str] = {}
-        with client.stream(args.model, prompt, **_sampling(args)) as stream:
+        # --timeout bounds the whole stream and its restarts, as it bounds a unary call (the
+        # SDK's streams have no deadline unless given one).
+        with client.stream(args.model, prompt, timeout=args.timeout, **_sampling(args)) as stream:
             for delta in stream:
                 if args.json:
                     print_json(delta)
