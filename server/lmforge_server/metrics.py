@@ -13,13 +13,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import REGISTRY, Collector
 
 log = logging.getLogger(__name__)
@@ -140,6 +144,25 @@ class _Live(Collector):
 _LIVE = _Live()
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # scrapes are not worth a log line each
+        pass
+
+
+def _start_http_server(host: str, port: int) -> ThreadingWSGIServer:
+    """prometheus_client's start_http_server, but its loop checks for a stop every 50 ms:
+    with the default 0.5 s, `close` (and so every server's stop) waited 0.25 s on average."""
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+    httpd = make_server(host, port, make_wsgi_app(REGISTRY), Server, handler_class=_QuietHandler)
+    threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="metrics", daemon=True
+    ).start()
+    return httpd
+
+
 class Endpoint:
     """A server's metrics: its scrape-time collectors and, when an address is given,
     /metrics served over HTTP from a daemon thread. `close` undoes both."""
@@ -153,7 +176,7 @@ class Endpoint:
         if addr:
             host, _, port = addr.rpartition(":")
             try:
-                self._http, _thread = start_http_server(int(port), addr=host or "127.0.0.1")
+                self._http = _start_http_server(host or "127.0.0.1", int(port))
             except OSError as e:  # a port in use is logged, never fatal
                 log.warning("metrics not served on %s: %s", addr, e)
             else:
