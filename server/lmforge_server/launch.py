@@ -48,5 +48,18 @@ def main(role: str) -> None:
         raise SystemExit(f"unknown role {role!r}; expected api, inference, worker or http")
 
 
+def _exit_code(e: SystemExit) -> int:
+    if e.code is None or isinstance(e.code, int):
+        return e.code or 0
+    print(e.code, file=sys.stderr)
+    return 1
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "")
+    from lmforge_server.lifecycle import exit_process
+
+    try:
+        main(sys.argv[1] if len(sys.argv) > 1 else "")
+    except SystemExit as e:  # Celery's worker_main ends with one, exit code and all
+        exit_process(_exit_code(e))
+    exit_process(0)
