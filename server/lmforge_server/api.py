@@ -45,7 +45,7 @@ from lmforge_server.interceptor import ServiceInterceptor, caller
 from lmforge_server.labels import check_labels
 from lmforge_server.lifecycle import run_until_signalled
 from lmforge_server.settings import Settings
-from lmforge_server.taskqueue import make_celery
+from lmforge_server.taskqueue import LazyCelery
 
 log = logging.getLogger("lmforge.api")
 
@@ -427,7 +427,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         settings.redis_url, decode_responses=True, max_connections=settings.max_concurrent_rpcs
     )
     artifacts = ArtifactStore.from_settings(settings)
-    celery = make_celery(settings)
+    celery = LazyCelery(settings)
     pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="api-redis")
     server = grpc.aio.server(
         interceptors=[metrics.MetricsInterceptor("api"), ServiceInterceptor(keyring)],
