@@ -122,7 +122,7 @@ class RedisServer:
                         return self
             except OSError:
                 pass
-            time.sleep(0.05)
+            time.sleep(0.01)
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout}s")
 
