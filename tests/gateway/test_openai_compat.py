@@ -7,16 +7,24 @@ import json
 import time
 import urllib.error
 import urllib.request
+from typing import TYPE_CHECKING
 
-import openai
 import pytest
 from conftest import SMALL_CORPUS
 
 from .conftest import ALICE, BOB, scrape
 
+if TYPE_CHECKING:
+    import openai
+
+# `openai` is imported where it is used: every test here trains a model (slow), and the
+# import alone was a second of every fast run's collection.
+
 
 @pytest.fixture(scope="module")
 def client(base_url) -> openai.OpenAI:
+    import openai
+
     with openai.OpenAI(base_url=f"{base_url}/v1", api_key=ALICE, max_retries=0) as c:
         yield c
 
@@ -119,6 +127,8 @@ def test_stop_sequence_ends_the_completion_with_reason_stop(client, trained_mode
 
 
 def test_errors_have_openai_shape_and_status(client, trained_model):
+    import openai
+
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
     assert e.value.status_code == 404 and "no-such-model" in e.value.message
@@ -182,6 +192,8 @@ def test_cancelling_a_running_fine_tuning_job(client, gateway_api, gateway_stack
 def test_each_caller_sees_only_its_own_tenant_through_the_gateway(
     client, base_url, trained_model, gateway_api
 ):
+    import openai
+
     ds = gateway_api.upload(b"alice's private corpus\n" * 100, name="alice-only")
     with openai.OpenAI(base_url=f"{base_url}/v1", api_key=BOB, max_retries=0) as bob:
         assert f"file-{ds.id}" not in [f.id for f in bob.files.list()]
