@@ -24,17 +24,35 @@ def _code(call, *a, **kw):
     return grpc.StatusCode.OK, ""
 
 
-def test_dataset_count_and_stored_bytes_are_capped_per_tenant(tmp_path):
-    keys = {"k-a": "alice", "k-b": "bob"}
+# Tenants of the shared stack; each test uses its own.
+TENANTS = ("alice", "bob", "carol", "dave", "erin", "frank")
+
+
+@pytest.fixture(scope="module")
+def quota_stack(tmp_path_factory):
+    """One API and inference server with small per-tenant quotas, shared by the tests here:
+    each test uses tenants of its own, so one's usage never counts against another's."""
     settings = make_settings(
-        tmp_path, api_keys=keys, max_datasets_per_owner=2, max_stored_bytes_per_owner=3000
+        tmp_path_factory.mktemp("quotas"),
+        api_keys={f"k-{name}": name for name in TENANTS},
+        max_datasets_per_owner=2,
+        max_stored_bytes_per_owner=3000,
+        max_queued_jobs_per_owner=1,
+        max_generations_per_owner=1,
+        max_new_tokens_limit=4000,
     )
-    with (
-        Stack(settings, inference=False, worker=False) as s,
-        grpc.insecure_channel(s.api_addr) as ch,
-    ):
-        alice = Api(ch, [("authorization", "Bearer k-a")])
-        bob = Api(ch, [("authorization", "Bearer k-b")])
+    with Stack(settings, worker=False) as s:
+        yield s
+
+
+def _auth(name: str) -> tuple:
+    return (("authorization", f"Bearer k-{name}"),)
+
+
+def test_dataset_count_and_stored_bytes_are_capped_per_tenant(quota_stack):
+    with grpc.insecure_channel(quota_stack.api_addr) as ch:
+        alice = Api(ch, _auth("alice"))
+        bob = Api(ch, _auth("bob"))
         first = alice.upload(b"a" * 1000)
         alice.upload(b"b" * 1000)
         alice.upload(b"a" * 1000)  # the same content again is no new dataset
@@ -86,91 +104,79 @@ def test_finished_jobs_expire_after_the_retention_and_leave_lists_clean(redis_se
         store.get_job("o", jobs[0].id)
 
 
-def test_concurrent_generations_are_capped_per_tenant(tmp_path):
+def test_concurrent_generations_are_capped_per_tenant(quota_stack, tmp_path):
     from _tiny_models import build_cycle_model_dir
 
-    settings = make_settings(
-        tmp_path,
-        api_keys={"k-a": "alice", "k-b": "bob"},
-        max_generations_per_owner=1,
-        max_new_tokens_limit=4000,
-    )
-    with Stack(settings, worker=False) as s:
-        store = st.Store.from_url(s.settings.redis_url)
-        model_dir = build_cycle_model_dir(tmp_path / "models" / "cyc", b"abc", context_length=4096)
-        for owner in ("alice", "bob"):
-            rec = st.ModelRecord(
-                id=f"mdl_{owner}",
-                owner=owner,
-                name="cyc",
-                version=1,
-                job_id="job_none",
-                state=st.MODEL_READY,
-                spec={"model": {}},
-                parameters={},
-                path=str(model_dir),
-                created_at=time.time(),
-            )
-            store.r.hset(f"{st.P}model:{rec.id}", mapping=st._encode(rec))
-            store.r.zadd(f"{st.P}modelname:{owner}:cyc", {rec.id: 1})
-        with grpc.insecure_channel(s.inference_addr) as ch:
-            kw = dict(
-                request_serializer=inference_pb2.GenerateRequest.SerializeToString,
-                response_deserializer=inference_pb2.GenerateStreamResponse.FromString,
-            )
-            stream_call = ch.unary_stream("/lmforge.v1.InferenceService/GenerateStream", **kw)
-            unary = ch.unary_unary(
-                "/lmforge.v1.InferenceService/Generate",
-                request_serializer=inference_pb2.GenerateRequest.SerializeToString,
-                response_deserializer=inference_pb2.GenerateResponse.FromString,
-            )
-            long = inference_pb2.GenerateRequest(
-                model="cyc",
-                prompt="a",
-                sampling=inference_pb2.SamplingParams(max_new_tokens=4000, temperature=0),
-            )
-            short = inference_pb2.GenerateRequest(
-                model="cyc", prompt="a", sampling=inference_pb2.SamplingParams(max_new_tokens=2)
-            )
-            alice = (("authorization", "Bearer k-a"),)
-            stream = stream_call(long, metadata=alice, timeout=60)
-            next(stream)  # alice's one generation is running
-            code, details = _code(unary, short, metadata=alice, timeout=30)
-            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "max_generations_per_owner" in details and "1" in details
-            bob = (("authorization", "Bearer k-b"),)
-            assert unary(short, metadata=bob, timeout=30).usage.completion_tokens == 2
-            stream.cancel()
-            for _ in range(100):  # the slot comes back once the cancelled stream ends
-                if _code(unary, short, metadata=alice, timeout=30)[0] == grpc.StatusCode.OK:
-                    break
-                time.sleep(0.1)
-            else:
-                pytest.fail("a cancelled generation never gave its slot back")
+    store = st.Store.from_url(quota_stack.settings.redis_url)
+    model_dir = build_cycle_model_dir(tmp_path / "models" / "cyc", b"abc", context_length=4096)
+    for owner in ("carol", "dave"):
+        rec = st.ModelRecord(
+            id=f"mdl_{owner}",
+            owner=owner,
+            name="cyc",
+            version=1,
+            job_id="job_none",
+            state=st.MODEL_READY,
+            spec={"model": {}},
+            parameters={},
+            path=str(model_dir),
+            created_at=time.time(),
+        )
+        store.r.hset(f"{st.P}model:{rec.id}", mapping=st._encode(rec))
+        store.r.zadd(f"{st.P}modelname:{owner}:cyc", {rec.id: 1})
+    with grpc.insecure_channel(quota_stack.inference_addr) as ch:
+        kw = dict(
+            request_serializer=inference_pb2.GenerateRequest.SerializeToString,
+            response_deserializer=inference_pb2.GenerateStreamResponse.FromString,
+        )
+        stream_call = ch.unary_stream("/lmforge.v1.InferenceService/GenerateStream", **kw)
+        unary = ch.unary_unary(
+            "/lmforge.v1.InferenceService/Generate",
+            request_serializer=inference_pb2.GenerateRequest.SerializeToString,
+            response_deserializer=inference_pb2.GenerateResponse.FromString,
+        )
+        long = inference_pb2.GenerateRequest(
+            model="cyc",
+            prompt="a",
+            sampling=inference_pb2.SamplingParams(max_new_tokens=4000, temperature=0),
+        )
+        short = inference_pb2.GenerateRequest(
+            model="cyc", prompt="a", sampling=inference_pb2.SamplingParams(max_new_tokens=2)
+        )
+        carol = _auth("carol")
+        stream = stream_call(long, metadata=carol, timeout=60)
+        next(stream)  # carol's one generation is running
+        code, details = _code(unary, short, metadata=carol, timeout=30)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_generations_per_owner" in details and "1" in details
+        dave = _auth("dave")
+        assert unary(short, metadata=dave, timeout=30).usage.completion_tokens == 2
+        stream.cancel()
+        for _ in range(100):  # the slot comes back once the cancelled stream ends
+            if _code(unary, short, metadata=carol, timeout=30)[0] == grpc.StatusCode.OK:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("a cancelled generation never gave its slot back")
 
 
-def test_a_paused_job_keeps_its_queue_slot_and_only_its_owner_resumes_it(tmp_path):
-    keys = {"k-a": "alice", "k-b": "bob"}
-    settings = make_settings(tmp_path, api_keys=keys, max_queued_jobs_per_owner=1)
-    with (
-        Stack(settings, inference=False, worker=False) as s,
-        grpc.insecure_channel(s.api_addr) as ch,
-    ):
-        alice = Api(ch, [("authorization", "Bearer k-a")])
-        bob = Api(ch, [("authorization", "Bearer k-b")])
-        ds = alice.upload(b"some text to train on " * 50)
-        job = alice.create(ds.id, max_steps=5)
-        paused = alice.jobs.PauseJob(S.PauseJobRequest(id=job.id), metadata=alice.metadata)
+def test_a_paused_job_keeps_its_queue_slot_and_only_its_owner_resumes_it(quota_stack):
+    with grpc.insecure_channel(quota_stack.api_addr) as ch:
+        erin = Api(ch, _auth("erin"))
+        frank = Api(ch, _auth("frank"))
+        ds = erin.upload(b"some text to train on " * 50)
+        job = erin.create(ds.id, max_steps=5)
+        paused = erin.jobs.PauseJob(S.PauseJobRequest(id=job.id), metadata=erin.metadata)
         assert paused.state == S.JOB_STATE_PAUSED
         # Resuming must never exceed the quota: the paused job still holds its slot.
-        code, details = _code(alice.create, ds.id, max_steps=5)
+        code, details = _code(erin.create, ds.id, max_steps=5)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queued_jobs_per_owner" in details
         for call, request in (
-            (bob.jobs.ResumeJob, S.ResumeJobRequest(id=job.id)),
-            (bob.jobs.PauseJob, S.PauseJobRequest(id=job.id)),
-            (bob.jobs.ListCheckpoints, S.ListCheckpointsRequest(id=job.id)),
+            (frank.jobs.ResumeJob, S.ResumeJobRequest(id=job.id)),
+            (frank.jobs.PauseJob, S.PauseJobRequest(id=job.id)),
+            (frank.jobs.ListCheckpoints, S.ListCheckpointsRequest(id=job.id)),
         ):
-            assert _code(call, request, metadata=bob.metadata)[0] == grpc.StatusCode.NOT_FOUND
-        assert alice.get(job.id).state == S.JOB_STATE_PAUSED
-        resumed = alice.jobs.ResumeJob(S.ResumeJobRequest(id=job.id), metadata=alice.metadata)
+            assert _code(call, request, metadata=frank.metadata)[0] == grpc.StatusCode.NOT_FOUND
+        assert erin.get(job.id).state == S.JOB_STATE_PAUSED
+        resumed = erin.jobs.ResumeJob(S.ResumeJobRequest(id=job.id), metadata=erin.metadata)
         assert resumed.state == S.JOB_STATE_QUEUED
