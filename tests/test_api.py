@@ -219,57 +219,63 @@ def test_list_jobs_with_an_unknown_state_is_invalid_argument(api):
     assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT and "state" in e.value.details()
 
 
-def test_tenants_never_see_each_other(tmp_path):
+@pytest.fixture(scope="module")
+def keyed_api_stack(tmp_path_factory):
+    """An API server with keys on and two active jobs per owner, shared by the tests here
+    that need one: each test uses tenants of its own."""
     from conftest import make_settings
 
     from lmforge_server.stack import Stack
 
-    keys = {"key-a": "alice", "key-b": "bob"}
-    with Stack(make_settings(tmp_path, api_keys=keys), inference=False, worker=False) as s:
-        with grpc.insecure_channel(s.api_addr) as channel:
-            alice = Api(channel, [("authorization", "Bearer key-a")])
-            bob = Api(channel, [("authorization", "Bearer key-b")])
-            anonymous = Api(channel)
-            ds = alice.upload(SMALL_CORPUS[:2000].encode())
-            job = alice.create(ds.id, max_steps=5)
-            assert job.owner == "alice"
-            with pytest.raises(grpc.RpcError) as e:
-                bob.get(job.id)
-            assert _code(e) == grpc.StatusCode.NOT_FOUND
-            with pytest.raises(grpc.RpcError) as e:
-                bob.create(ds.id)
-            assert _code(e) == grpc.StatusCode.NOT_FOUND
-            with pytest.raises(grpc.RpcError) as e:
-                bob.jobs.CancelJob(training_pb2.CancelJobRequest(id=job.id), metadata=bob.metadata)
-            assert _code(e) == grpc.StatusCode.NOT_FOUND
-            assert not bob.jobs.ListJobs(training_pb2.ListJobsRequest(), metadata=bob.metadata).jobs
-            with pytest.raises(grpc.RpcError) as e:
-                anonymous.get(job.id)
-            assert _code(e) == grpc.StatusCode.UNAUTHENTICATED
-            assert alice.get(job.id).state == training_pb2.JOB_STATE_QUEUED
-
-
-def test_too_many_active_jobs_is_resource_exhausted_until_one_ends(tmp_path):
-    from conftest import make_settings
-
-    from lmforge_server.stack import Stack
-
-    settings = make_settings(tmp_path, max_queued_jobs_per_owner=2)
+    keys = {f"key-{name}": name for name in ("alice", "bob", "carol")}
+    settings = make_settings(
+        tmp_path_factory.mktemp("keyed-api"), api_keys=keys, max_queued_jobs_per_owner=2
+    )
     with Stack(settings, inference=False, worker=False) as s:
-        with grpc.insecure_channel(s.api_addr) as channel:
-            api = Api(channel)
-            ds = api.upload(SMALL_CORPUS[:2000].encode())
-            first = api.create(ds.id)
+        yield s
+
+
+def test_tenants_never_see_each_other(keyed_api_stack):
+    with grpc.insecure_channel(keyed_api_stack.api_addr) as channel:
+        alice = Api(channel, [("authorization", "Bearer key-alice")])
+        bob = Api(channel, [("authorization", "Bearer key-bob")])
+        anonymous = Api(channel)
+        ds = alice.upload(SMALL_CORPUS[:2000].encode())
+        job = alice.create(ds.id, max_steps=5)
+        assert job.owner == "alice"
+        with pytest.raises(grpc.RpcError) as e:
+            bob.get(job.id)
+        assert _code(e) == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as e:
+            bob.create(ds.id)
+        assert _code(e) == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as e:
+            bob.jobs.CancelJob(training_pb2.CancelJobRequest(id=job.id), metadata=bob.metadata)
+        assert _code(e) == grpc.StatusCode.NOT_FOUND
+        assert not bob.jobs.ListJobs(training_pb2.ListJobsRequest(), metadata=bob.metadata).jobs
+        with pytest.raises(grpc.RpcError) as e:
+            anonymous.get(job.id)
+        assert _code(e) == grpc.StatusCode.UNAUTHENTICATED
+        assert alice.get(job.id).state == training_pb2.JOB_STATE_QUEUED
+
+
+def test_too_many_active_jobs_is_resource_exhausted_until_one_ends(keyed_api_stack):
+    with grpc.insecure_channel(keyed_api_stack.api_addr) as channel:
+        api = Api(channel, [("authorization", "Bearer key-carol")])
+        ds = api.upload(SMALL_CORPUS[:2000].encode())
+        first = api.create(ds.id)
+        api.create(ds.id)
+        with pytest.raises(grpc.RpcError) as e:
             api.create(ds.id)
-            with pytest.raises(grpc.RpcError) as e:
-                api.create(ds.id)
-            assert _code(e) == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "limit per owner is 2" in e.value.details()
-            with pytest.raises(grpc.RpcError) as e:
-                api.datasets.DeleteDataset(training_pb2.DeleteDatasetRequest(id=ds.id))
-            assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
-            api.jobs.CancelJob(training_pb2.CancelJobRequest(id=first.id))
-            assert api.create(ds.id).state == training_pb2.JOB_STATE_QUEUED
+        assert _code(e) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit per owner is 2" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            api.datasets.DeleteDataset(
+                training_pb2.DeleteDatasetRequest(id=ds.id), metadata=api.metadata
+            )
+        assert _code(e) == grpc.StatusCode.FAILED_PRECONDITION
+        api.jobs.CancelJob(training_pb2.CancelJobRequest(id=first.id), metadata=api.metadata)
+        assert api.create(ds.id).state == training_pb2.JOB_STATE_QUEUED
 
 
 def test_a_unary_call_is_answered_while_an_upload_is_being_hashed_and_written(
