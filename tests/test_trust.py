@@ -328,7 +328,11 @@ def test_open_watches_are_capped_per_owner(trust, ending):
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit per owner is 3" in details
     # Another owner is not affected.
     bob_job = trust.bob.create(trust.bob.upload(b"bob's text " * 50).id, max_steps=5)
-    assert trust.bob.events_so_far(bob_job.id, wait=1.0)
+    bobs = trust.bob.jobs.WatchJob(
+        S.WatchJobRequest(id=bob_job.id), metadata=trust.bob.metadata, timeout=10
+    )
+    assert next(bobs).type == S.JOB_EVENT_TYPE_STATE  # admitted: the "job created" event
+    bobs.cancel()
     # A watch that has ended gives its slot back.
     for s in streams:
         if ending == "cancel":
