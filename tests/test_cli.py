@@ -194,11 +194,11 @@ def test_an_unreachable_server_is_a_one_line_error_not_a_traceback():
         addr = f"127.0.0.1:{s.getsockname()[1]}"
         exe = shutil.which("lmforge") or ""
         command = [exe] if exe else [sys.executable, "-m", "lmforge.cli"]
-        # --timeout 1: the SDK's retries of UNAVAILABLE stop there (the message is the same).
-        # Both commands run at once: each waits out its second.
+        # --timeout 0.3: the SDK's retries of UNAVAILABLE stop there (the message is the same).
+        # Both commands run at once: each waits out its 0.3 s.
         runs = [
             subprocess.Popen(
-                [*command, "--timeout", "1", *argv],
+                [*command, "--timeout", "0.3", *argv],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
