@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -20,7 +21,15 @@ AUTH = {"Authorization": f"Bearer {ALICE}"}
 
 
 @pytest.fixture(scope="session")
-def gateway_stack(tmp_path_factory) -> Iterator[Stack]:
+def gateway_stack(request, tmp_path_factory) -> Iterator[Stack]:
+    # A worker only when a slow gateway test was selected (they train a model, or drive a
+    # job through the console): the fast ones never train, and a worker's start (Celery,
+    # torch and ONNX preloaded) is seconds of CPU taken from the tests running meanwhile.
+    here = Path(__file__).parent
+    worker = any(
+        here in item.path.parents and item.get_closest_marker("slow")
+        for item in request.session.items
+    )
     settings = make_settings(
         tmp_path_factory.mktemp("gateway"),
         http_addr=FREE,
@@ -30,7 +39,7 @@ def gateway_stack(tmp_path_factory) -> Iterator[Stack]:
         api_keys=KEYS,
         max_upload_bytes=1 << 20,
     )
-    with Stack(settings, http=True) as stack:
+    with Stack(settings, http=True, worker=worker) as stack:
         yield stack
 
 
