@@ -86,17 +86,26 @@ def client(stack) -> Client:
 
 
 @pytest.fixture(scope="module")
-def own_stack(tmp_path_factory):
+def own_stack(request, tmp_path_factory):
     """Keys on, a 200 kB upload limit, one generation at a time; tests may restart its API."""
     from lmforge_server.stack import Stack
 
+    # A worker only when a selected test trains on this stack (the API-restart one, a fault
+    # test): the others only queue jobs, and a worker's start (Celery, torch and ONNX
+    # preloaded) is seconds of CPU taken from the tests running meanwhile.
+    worker = any(
+        item.module is request.module
+        and "own_stack" in item.fixturenames
+        and (item.get_closest_marker("fault") or item.get_closest_marker("slow"))
+        for item in request.session.items
+    )
     settings = make_settings(
         tmp_path_factory.mktemp("sdk-stack"),
         api_keys={API_KEY: "alice", "sk-test-bob": "bob"},
         max_upload_bytes=200_000,
         max_batch_size=1,
     )
-    with Stack(settings) as s:
+    with Stack(settings, worker=worker) as s:
         yield s
 
 
