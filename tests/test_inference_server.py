@@ -378,7 +378,7 @@ def test_deadline_stops_generation(stub, server):
     finished_before = dict(server.stats()["cyc"]["finished"])
     with DecodeGate(server, "cyc", allow=8) as gate:  # held after its first token: it cannot finish
         call = stub.GenerateStream(
-            request("cyc", "a", temperature=0, max_new_tokens=4000), timeout=2.0
+            request("cyc", "a", temperature=0, max_new_tokens=4000), timeout=1.0
         )
         assert next(call).text  # admitted and generating before its deadline
         with pytest.raises(grpc.RpcError) as e:
