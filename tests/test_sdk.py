@@ -454,12 +454,12 @@ def test_idempotent_calls_retry_until_a_late_server_starts():
     servicer = _Jobs()
     started: list[grpc.Server] = []
     with reserved_addr() as addr:
-        timer = threading.Timer(1.0, lambda: started.append(serve_jobs(servicer, addr)[0]))
+        timer = threading.Timer(0.5, lambda: started.append(serve_jobs(servicer, addr)[0]))
         timer.start()
         try:
             with Client(api_addr=addr, retry=FAST_RETRY, timeout=20) as c:
                 assert c.jobs.get("job_1").id == "job_1"
-            # The server came up a second after the call began: only a retry could reach it.
+            # The server came up 0.5 s after the call began: only a retry could reach it.
             assert started and len(servicer.requests) == 1
         finally:
             timer.join()
