@@ -75,18 +75,10 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
 BUCKET = "lmforge-test"
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server on a free loopback port, with one bucket (the way s3fs's own tests
-    run against a real S3 protocol endpoint). In a process of its own: in this one it would
-    compete for the GIL with the test driving the servers."""
+def _start_moto():
+    """moto's S3 server starting on a free loopback port: (process, url)."""
     import subprocess
     import sys
-    import urllib.request
-
-    # A hard import, not importorskip: the S3 tests must fail, not silently skip, where the
-    # test extra (s3fs[boto3], moto[server]) is missing.
-    import boto3  # noqa: F401
 
     from lmforge_server.redis_server import dying_with_this_process, free_port
 
@@ -98,7 +90,26 @@ def s3_endpoint() -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+# moto started when collection ends if a selected test may use S3: its start (a second or
+# two of imports) then overlaps the tests before the first S3 one instead of delaying it.
+_EARLY_MOTO: list = []
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free loopback port, with one bucket (the way s3fs's own tests
+    run against a real S3 protocol endpoint). In a process of its own: in this one it would
+    compete for the GIL with the test driving the servers."""
+    import urllib.request
+
+    # A hard import, not importorskip: the S3 tests must fail, not silently skip, where the
+    # test extra (s3fs[boto3], moto[server]) is missing.
+    import boto3  # noqa: F401
+
+    proc, url = _EARLY_MOTO.pop() if _EARLY_MOTO else _start_moto()
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -107,7 +118,7 @@ def s3_endpoint() -> Iterator[str]:
                 break
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, "moto did not start"
-                time.sleep(0.1)
+                time.sleep(0.05)
         # s3fs.mkdir sends a LocationConstraint that moto rejects in us-east-1: use boto3.
         s3_client(url).create_bucket(Bucket=BUCKET)
         yield url
@@ -335,3 +346,11 @@ def pytest_collection_finish(session):
     # Collection imports torch, transformers, onnx, grpc...: ~340k objects that live for the
     # whole session. Frozen, every full garbage collection stops walking them again.
     gc.freeze()
+    if not session.config.option.collectonly and any("s3" in i.nodeid for i in session.items):
+        _EARLY_MOTO.append(_start_moto())
+
+
+def pytest_sessionfinish(session):
+    for proc, _ in _EARLY_MOTO:  # started, but no test asked for it
+        proc.kill()
+        proc.wait()
