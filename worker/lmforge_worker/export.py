@@ -272,11 +272,14 @@ def quantize_prefill(src: Path, dst: Path) -> None:
     """Writes the w8a8 prefill graph of the fp32 graph `src` to `dst`: same inputs, outputs
     and KV cache, for running prompt tokens (M > 1), where MatMulNBits is slow.
 
-    Every MatMul with a constant weight W [K, N] becomes MatMulInteger on int8 weights
+    Every MatMul with a constant weight W [K, N] becomes an int8 GEMM on int8 weights
     (symmetric, one scale per output column) and uint8 activations quantised PER ROW (each
     token row its own scale absmax/127, zero point 128), so a row's result never depends on
     the other rows: batching, padding and chunking leave a request's tokens alone, which
-    DynamicQuantizeLinear (one scale per tensor) would not.
+    DynamicQuantizeLinear (one scale per tensor) would not. The GEMM is ORT's
+    MatMulIntegerToFloat (com.microsoft, column scales applied inside; the row scale after):
+    one node for MatMulInteger + Cast + Mul, 426 -> 340 nodes and ~5-10% of a 64-token
+    prefill's CPU time on the 10.65M model.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -328,9 +331,14 @@ def quantize_prefill(src: Path, dst: Path) -> None:
         wq = const(f"{w.name}_int8", np.clip(np.round(W / ws), -127, 127).astype(np.int8))
         wscale = const(f"{w.name}_scale", ws.astype(np.float32))
         zp = const("w8a8_zero_point", np.array(128, np.uint8))
-        acc = op("MatMulInteger", [q, wq, zp], f"{y}/acc")
-        f = op("Cast", [acc], f"{y}/float", to=TensorProto.FLOAT)
-        op("Mul", [op("Mul", [f, wscale], f"{y}/colscaled"), scale], y)
+        one = const("w8a8_one", np.array(1.0, np.float32))
+        f = op(
+            "MatMulIntegerToFloat",
+            [q, wq, one, wscale, zp],
+            f"{y}/colscaled",
+            domain="com.microsoft",
+        )
+        op("Mul", [f, scale], y)
     del graph.node[:]
     graph.node.extend(nodes)
     live = {i for n in graph.node for i in n.input}
