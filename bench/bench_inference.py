@@ -287,7 +287,8 @@ def ttft_only(root: Path, repeats: int) -> None:
     tok = build_tokenizer("char", CORPUS.read_text())
     hf = LlamaForCausalLM.from_pretrained(path).eval()
     hf_generate(hf, torch.tensor([tok.encode(prompts[0]).ids]), 4)
-    med = ttft_before_after(root, hf, tok, 2 * max(7, repeats))
+    med, table = ttft_before_after(root, hf, tok, 2 * max(7, repeats))
+    print(table)
     print(
         f"target: TTFT <= 0.5x (d): {med['a'] / med['d']:.2f}x (medians; before: "
         f"{med['before'] / med['d']:.2f}x)"
@@ -373,7 +374,7 @@ def run(root: Path, repeats: int) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
-    med = ttft_before_after(root, hf, tok, 2 * max(7, repeats))
+    med, ttft_table = ttft_before_after(root, hf, tok, 2 * max(7, repeats))
     costs = step_costs(path, list(variants))
 
     served = info.variant
@@ -394,6 +395,7 @@ def run(root: Path, repeats: int) -> None:
             f"{name:44} {ttft * 1e3:8.2f} {ttft / d_ttft:6.2f} {tok_s * 1e3:9.2f} "
             f"{d_tok / tok_s:6.2f} {fl * 1e3:9.2f}"
         )
+    print(ttft_table)
     print(
         f"target: (a) >= 4x (d) per token: {d_tok / a_tok:.2f}x; "
         f"TTFT <= 0.5x (d): {med['a'] / med['d']:.2f}x (medians; before: "
@@ -401,7 +403,8 @@ def run(root: Path, repeats: int) -> None:
     )
     print("\nvariants (validation loss on the corpus' last tenth; gate: <= 1% over fp32)")
     print(
-        f"{'':8} {'MB':>7} {'val loss':>9} {'vs fp32':>8} {'gate':>5} {'export ms/tok':>14} {'prefill64 ms':>13}"
+        f"{'':8} {'MB':>7} {'val loss':>9} {'vs fp32':>8} {'gate':>5} {'export ms/tok':>14} "
+        f"{'prefill64 ms':>13}"
     )
     ref = variants["fp32"]["val_loss"]
     listed = dict(variants)
@@ -573,10 +576,10 @@ def itl_figures(root: Path, text: str) -> dict[str, tuple[float, float, float]]:
     }
 
 
-def ttft_before_after(root: Path, hf, tok, reps: int) -> dict[str, float]:
+def ttft_before_after(root: Path, hf, tok, reps: int) -> tuple[dict[str, float], str]:
     """Time to first token, interleaved: (a) the server as it serves (prompts of a quantised
     variant through the w8a8 prefill graph), (a') the same with the prefill graph off (the
-    before), (d) transformers. Prints the table; returns the medians (s)."""
+    before), (d) transformers. Returns the medians (s) and the table to print."""
     proc, addr = start_server(root, max_batch_size=64)
     proc2, addr2 = start_server(root, max_batch_size=64, inference_prefill_graph=False)
     try:
@@ -605,23 +608,25 @@ def ttft_before_after(root: Path, hf, tok, reps: int) -> dict[str, float]:
         "before": f"(a') gRPC, {info2.variant}, prompt through {info2.variant} (before)",
         "d": "(d) transformers generate",
     }
-    print(
+    lines = [
         f"\ntime to first token, {PROMPT_TOKENS}-token prompt, a new one each: median of "
         f"{len(ttft['a'])} interleaved repetitions (load average {load[0][0]:.2f} before, "
-        f"{load[1][0]:.2f} after)"
-    )
-    print(f"{'':64} {'median ms':>9} {'range ms':>15} {'/ (d)':>6}")
+        f"{load[1][0]:.2f} after)",
+        f"{'':64} {'median ms':>9} {'range ms':>15} {'/ (d)':>6}",
+    ]
     for k, label in labels.items():
         lo, hi = min(ttft[k]) * 1e3, max(ttft[k]) * 1e3
-        print(f"{label:64} {med[k] * 1e3:9.2f} {f'{lo:.2f}-{hi:.2f}':>15} {med[k] / med['d']:6.2f}")
+        lines.append(
+            f"{label:64} {med[k] * 1e3:9.2f} {f'{lo:.2f}-{hi:.2f}':>15} {med[k] / med['d']:6.2f}"
+        )
     if info.HasField("prefill"):
-        print(
+        lines.append(
             f"prefill graph: {info.prefill.bytes / 1e6:.1f} MB file, loaded once per model "
             f"(server RSS {rss['a']:.0f} MB with it, {rss['before']:.0f} MB without); "
             f"val loss {info.prefill.val_loss:.4f}, "
             f"gate {'pass' if info.prefill.passes_quality_gate else 'FAIL'}"
         )
-    return med
+    return med, "\n".join(lines)
 
 
 def ttft_interleaved(stubs: dict, hf, tok, text: str, repeats: int) -> dict[str, list[float]]:

@@ -368,6 +368,13 @@ class OrtModel:
                 ort.InferenceSession(str(file), so, providers=[CPU_EP]), self.device
             )
             self.prefill_info, self.prefill_bytes = pre, file.stat().st_size
+            log.info(
+                "%s: %s prompts through the prefill graph %s (%.1f MB)",
+                path.name,
+                self.variant,
+                pre["file"],
+                self.prefill_bytes / 1e6,
+            )
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
