@@ -8,8 +8,11 @@ last tenth). Printed, in one run:
      (a) GenerateStream through gRPC (server process, the variant it serves by default),
      (b) the in-process Engine for every variant, beside its weight-bandwidth floor,
      (c) PyTorch eager with a KV cache, (d) transformers `generate` (the baseline);
-     time to first token again as the median of interleaved repetitions of (a) and (d),
-     each on a prompt of its own (a repeated prompt would hit the prefix cache);
+     time to first token again as the median of interleaved repetitions of (a), (a') the
+     same server with prompts through the served variant's own graph instead of the w8a8
+     prefill graph (LMFORGE_INFERENCE_PREFILL_GRAPH=0, the before) and (d), each on a
+     prompt of its own (a repeated prompt would hit the prefix cache), with the load
+     (`--ttft`: this table alone);
   3. aggregate tokens/s through gRPC at 1, 4, 16 and 64 concurrent streams, then what a
      decode step costs ONNX Runtime per variant at 1, 16 and 64 rows (one thread, CPU
      time, by op type) and the arithmetic that bounds 16 streams against one;
@@ -261,14 +264,35 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gpt2", action="store_true", help="also the 124M GPT-2-small shape")
+    ap.add_argument(
+        "--ttft", action="store_true", help="only the interleaved time-to-first-token table"
+    )
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="lmforge-bench-"))
     try:
+        if args.ttft:
+            ttft_only(root, args.repeats)
+            return
         run(root, args.repeats)
         if args.gpt2:
             gpt2(root, args.repeats)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def ttft_only(root: Path, repeats: int) -> None:
+    from transformers import LlamaForCausalLM
+
+    path, prompts, _ = build_model(root)
+    tok = build_tokenizer("char", CORPUS.read_text())
+    hf = LlamaForCausalLM.from_pretrained(path).eval()
+    hf_generate(hf, torch.tensor([tok.encode(prompts[0]).ids]), 4)
+    med, table = ttft_before_after(root, hf, tok, 2 * max(7, repeats))
+    print(table)
+    print(
+        f"target: TTFT <= 0.5x (d): {med['a'] / med['d']:.2f}x (medians; before: "
+        f"{med['before'] / med['d']:.2f}x)"
+    )
 
 
 def run(root: Path, repeats: int) -> None:
@@ -347,10 +371,10 @@ def run(root: Path, repeats: int) -> None:
             a_conc = {c: float(np.median(r)) for c, r in rounds.items()}
             reps = max(7, repeats)
             prefix = prefix_figures(stub, CORPUS.read_text(), reps)
-            ttft_a, ttft_d = ttft_interleaved(stub, hf, tok, CORPUS.read_text(), reps)
     finally:
         proc.terminate()
         proc.wait(30)
+    med, ttft_table = ttft_before_after(root, hf, tok, 2 * max(7, repeats))
     costs = step_costs(path, list(variants))
 
     served = info.variant
@@ -371,24 +395,26 @@ def run(root: Path, repeats: int) -> None:
             f"{name:44} {ttft * 1e3:8.2f} {ttft / d_ttft:6.2f} {tok_s * 1e3:9.2f} "
             f"{d_tok / tok_s:6.2f} {fl * 1e3:9.2f}"
         )
-    med_a, med_d = float(np.median(ttft_a)), float(np.median(ttft_d))
-    print(
-        f"time to first token, median of {len(ttft_a)} interleaved repetitions, a new "
-        f"{PROMPT_TOKENS}-token prompt each: (a) gRPC {med_a * 1e3:.2f} ms "
-        f"[{min(ttft_a) * 1e3:.2f}-{max(ttft_a) * 1e3:.2f}], (d) transformers "
-        f"{med_d * 1e3:.2f} ms [{min(ttft_d) * 1e3:.2f}-{max(ttft_d) * 1e3:.2f}]"
-    )
+    print(ttft_table)
     print(
         f"target: (a) >= 4x (d) per token: {d_tok / a_tok:.2f}x; "
-        f"TTFT <= 0.5x (d): {med_a / med_d:.2f}x (medians)"
+        f"TTFT <= 0.5x (d): {med['a'] / med['d']:.2f}x (medians; before: "
+        f"{med['before'] / med['d']:.2f}x)"
     )
     print("\nvariants (validation loss on the corpus' last tenth; gate: <= 1% over fp32)")
-    print(f"{'':8} {'MB':>7} {'val loss':>9} {'vs fp32':>8} {'gate':>5} {'export ms/tok':>14}")
+    print(
+        f"{'':8} {'MB':>7} {'val loss':>9} {'vs fp32':>8} {'gate':>5} {'export ms/tok':>14} "
+        f"{'prefill64 ms':>13}"
+    )
     ref = variants["fp32"]["val_loss"]
-    for n, v in variants.items():
+    listed = dict(variants)
+    if facts.get("prefill"):
+        listed["prefill"] = facts["prefill"]
+    for n, v in listed.items():
         print(
             f"{n:8} {v['bytes'] / 1e6:7.1f} {v['val_loss']:9.4f} {v['val_loss'] / ref - 1:+8.2%} "
-            f"{'pass' if v['passes_quality_gate'] else 'FAIL':>5} {v['decode_ms_per_token']:14.2f}"
+            f"{'pass' if v['passes_quality_gate'] else 'FAIL':>5} {v['decode_ms_per_token']:14.2f} "
+            f"{v.get('prefill_ms', float('nan')):13.2f}"
         )
 
     print("\nintra-op threads (in-process Engine, served variant)")
@@ -550,22 +576,83 @@ def itl_figures(root: Path, text: str) -> dict[str, tuple[float, float, float]]:
     }
 
 
-def ttft_interleaved(stub, hf, tok, text: str, repeats: int) -> tuple[list[float], list[float]]:
-    """Time to first token (s) of (a) gRPC and (d) transformers for a 64-token prompt,
-    alternated (which goes first alternates too); each repetition on a prompt new to both,
-    so the server's prefix cache never serves it."""
-    a, d = [], []
+def ttft_before_after(root: Path, hf, tok, reps: int) -> tuple[dict[str, float], str]:
+    """Time to first token, interleaved: (a) the server as it serves (prompts of a quantised
+    variant through the w8a8 prefill graph), (a') the same with the prefill graph off (the
+    before), (d) transformers. Returns the medians (s) and the table to print."""
+    proc, addr = start_server(root, max_batch_size=64)
+    proc2, addr2 = start_server(root, max_batch_size=64, inference_prefill_graph=False)
+    try:
+        with grpc.insecure_channel(addr) as ch, grpc.insecure_channel(addr2) as ch2:
+            stubs = {
+                "a": inference_pb2_grpc.InferenceServiceStub(ch),
+                "before": inference_pb2_grpc.InferenceServiceStub(ch2),
+            }
+            req = inference_pb2.GetModelInfoRequest(model="baby")
+            info, info2 = (stub.GetModelInfo(req) for stub in stubs.values())
+            for stub in stubs.values():
+                grpc_stream(stub, CORPUS.read_text()[:PROMPT_TOKENS], n=2)  # loads the model
+            rss = {"a": rss_mb(proc.pid), "before": rss_mb(proc2.pid)}
+            load = os.getloadavg()
+            ttft = ttft_interleaved(stubs, hf, tok, CORPUS.read_text(), reps)
+            load = (load, os.getloadavg())
+    finally:
+        for pr in (proc, proc2):
+            pr.terminate()
+            pr.wait(30)
+    served = info.variant
+    med = {k: float(np.median(v)) for k, v in ttft.items()}
+    graph = f"the prefill graph ({info.prefill.variant})" if info.HasField("prefill") else None
+    labels = {
+        "a": f"(a) gRPC, {served}, prompt through {graph or f'{served} (no prefill graph)'}",
+        "before": f"(a') gRPC, {info2.variant}, prompt through {info2.variant} (before)",
+        "d": "(d) transformers generate",
+    }
+    lines = [
+        f"\ntime to first token, {PROMPT_TOKENS}-token prompt, a new one each: median of "
+        f"{len(ttft['a'])} interleaved repetitions (load average {load[0][0]:.2f} before, "
+        f"{load[1][0]:.2f} after)",
+        f"{'':64} {'median ms':>9} {'range ms':>15} {'/ (d)':>6}",
+    ]
+    for k, label in labels.items():
+        lo, hi = min(ttft[k]) * 1e3, max(ttft[k]) * 1e3
+        lines.append(
+            f"{label:64} {med[k] * 1e3:9.2f} {f'{lo:.2f}-{hi:.2f}':>15} {med[k] / med['d']:6.2f}"
+        )
+    if info.HasField("prefill"):
+        lines.append(
+            f"prefill graph: {info.prefill.bytes / 1e6:.1f} MB file, loaded once per model "
+            f"(server RSS {rss['a']:.0f} MB with it, {rss['before']:.0f} MB without); "
+            f"val loss {info.prefill.val_loss:.4f}, "
+            f"gate {'pass' if info.prefill.passes_quality_gate else 'FAIL'}"
+        )
+    return med, "\n".join(lines)
+
+
+def ttft_interleaved(stubs: dict, hf, tok, text: str, repeats: int) -> dict[str, list[float]]:
+    """Time to first token (s) of each gRPC server in `stubs` and of (d) transformers for a
+    64-token prompt, interleaved (the order rotates each repetition); each repetition on a
+    prompt new to all, so no server's prefix cache serves it."""
+    out: dict[str, list[float]] = {k: [] for k in [*stubs, "d"]}
+    order = list(out)
     for r in range(repeats):
         prompt = text[300_000 + 1_000 * r : 300_000 + 1_000 * r + PROMPT_TOKENS]
         ids = torch.tensor([tok.encode(prompt).ids])
         assert ids.shape[1] == PROMPT_TOKENS
-        first, second = (a, d) if r % 2 == 0 else (d, a)
-        for out in (first, second):
-            if out is a:
-                a.append(grpc_stream(stub, prompt, n=1)[0])
+        for k in order[r % len(order) :] + order[: r % len(order)]:
+            if k == "d":
+                out[k].append(hf_generate(hf, ids, 1))
             else:
-                d.append(hf_generate(hf, ids, 1))
-    return a, d
+                out[k].append(grpc_stream(stubs[k], prompt, n=1)[0])
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process `pid` (MB), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def step_costs(path: Path, variants: list[str], rows=(1, 16, 64), length: int = 128) -> dict:

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from _scheduler_runs import Collector, alone
-from test_variants import outlier_model  # noqa: F401  (the fixture)
+from test_variants import outlier_model, trained_model  # noqa: F401  (the fixtures)
 
 from lmforge_server.inference.sampling import SamplingParams
 from lmforge_server.inference.scheduler import PrefixCache, Scheduler, make_requests
@@ -184,3 +184,56 @@ def test_a_graph_from_before_the_static_cache_is_refused_naming_the_fix(outlier_
     onnx.save(helper.make_model(graph, ir_version=10, opset_imports=opset), str(old / "model.onnx"))
     with pytest.raises(ModelNotReady, match="export it again"):
         OrtModel(old, providers=[CPU_EP])
+
+
+def test_prompts_through_the_prefill_graph_give_the_same_tokens_whole_chunked_or_reused(
+    trained_model,  # noqa: F811
+):
+    """int4 on the CPU: prompt tokens run through the w8a8 prefill graph, generated ones through
+    the int4 graph, on one KV cache. A prompt whole, in chunks (one-token chunks too), or on
+    top of a reused prefix gives the same greedy tokens: activations are quantised per row,
+    so no row's numbers depend on what else was in the call."""
+    model = OrtModel(trained_model, providers=[CPU_EP], variant="int4")
+    assert model.prefill_info is not None and model.prefill_graph is not model.graph
+    prompt = model.encode("First Citizen:\nBefore we proceed any further, hear me speak.\n")
+    n = 24
+
+    def greedy(chunks: list[int], slot: int) -> tuple[np.ndarray, list[int]]:
+        cache = model.new_cache(3)
+        done = 0
+        for c in [*chunks, len(prompt) - sum(chunks)]:
+            ids = np.array([prompt[done : done + c]])
+            logits = model.prefill(cache, ids, [done + c - 1], slot)
+            done += c
+        first = logits[0].copy()
+        out = [int(first.argmax())]
+        for _ in range(n - 1):
+            step = model.run(cache, np.array([[out[-1]]]), [len(prompt) + len(out) - 1], slot)
+            out.append(int(step[0].argmax()))
+        return first, out
+
+    whole_logits, whole = greedy([], 0)
+    for chunks, slot in (([8, 8, 8], 2), ([1, 1, 1, 20], 0), ([13, 1], 1)):
+        logits, tokens = greedy(chunks, slot)
+        assert tokens == whole, chunks
+        assert np.abs(logits - whole_logits).max() <= 1e-3 * np.abs(whole_logits).max(), chunks
+
+    # Prefix reuse on the scheduler: the second prompt reuses the first one's prefix cache.
+    prefix = "First Citizen:\nBefore we proceed any further, hear me"
+    first, second = prefix + " speak.\n", prefix + " now, all.\n"
+    want = alone(model, second, n)
+    sched = Scheduler(model, max_batch_size=2)
+    try:
+        outs = []
+        for text in (first, second):
+            out = Collector()
+            ids = model.encode(text)
+            params = SamplingParams(temperature=0)
+            sched.submit(make_requests(model, ids, params, out, model_id="m", max_new=n))
+            outs.append(out)
+            out.final()
+    finally:
+        sched.close(wait=True)
+    assert outs[0].tokens() == whole
+    assert outs[1].final().cached_prompt_tokens >= 16
+    assert outs[1].tokens() == want

@@ -9,6 +9,7 @@ lose real quality: the gate must catch that from the validation loss alone.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import shutil
 import tempfile
@@ -36,25 +37,67 @@ def _eval_tokens(tok) -> np.ndarray:
     return np.asarray(tok.encode(CORPUS[20000:24000]).ids)
 
 
-@pytest.fixture(scope="module")
-def outlier_model(tmp_path_factory) -> Path:
-    """A model dir with fp32, int8 and int4 graphs and variants.json (cached on disk)."""
+def _train_briefly(model, tok, steps: int = 150) -> None:
+    """A few seconds of training on the corpus: a random model's validation loss cannot
+    tell a good quantised graph from a bad one (it may even improve), a trained one's can."""
+    data = torch.tensor(tok.encode(CORPUS[:20000]).ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ix = torch.randint(0, len(data) - 65, (16,), generator=g)
+        x = torch.stack([data[i : i + 64] for i in ix])
+        y = torch.stack([data[i + 1 : i + 65] for i in ix])
+        logits, _ = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _variants_model(tmp_path_factory, kind: str) -> Path:
+    """A tiny model dir with fp32, int8 and int4 graphs, the prefill graph and variants.json
+    (cached on disk).
+
+    kind "outliers": random weights scaled by 20 (so greedy text varies with the context)
+    with an outlier per quantisation block (4-bit weights fail the gate); "trained": briefly
+    trained; "activations": the trained model's function with one hidden channel 100x
+    larger going into every projection (its weights' rows 100x smaller), as real LLMs'
+    outlier channels are: one int8 scale per activation row then leaves the other channels
+    a level or two, so the w8a8 prefill graph fails the gate (at this width, 32 = one block,
+    the MatMulNBits variants' int8 activations fail it too).
+    """
     from lmforge_worker.export import export_onnx
     from lmforge_worker.model import Llama, save_pretrained
     from lmforge_worker.tokenization import build_tokenizer, save_tokenizer
 
     tok = build_tokenizer("char", CORPUS[:20000] + EXTRA_CHARS)
     cfg = ModelConfig(**{**tiny_config().__dict__, "vocab_size": tok.get_vocab_size()})
-    key = hashlib.sha256(json.dumps([cfg.__dict__, "outliers", _cache_salt()]).encode())
+    # Keyed by this recipe's source too: a changed recipe rebuilds.
+    recipe = inspect.getsource(_variants_model) + inspect.getsource(_train_briefly)
+    key = hashlib.sha256(json.dumps([cfg.__dict__, kind, recipe, _cache_salt()]).encode())
     cache = Path(tempfile.gettempdir()) / "lmforge-test-models" / f"var-{key.hexdigest()[:20]}"
     if not (cache / "variants.json").is_file():
         torch.manual_seed(0)
         model = Llama(cfg)
+        if kind != "outliers":
+            _train_briefly(model, tok)
+        model.eval()
+        sd = model.state_dict()
         with torch.no_grad():
             for p in model.parameters():
-                if p.dim() == 2:
+                if p.dim() == 2 and kind == "outliers":
                     p.mul_(20.0)
                     p[:, ::32] *= 30  # an outlier per quantisation block
+            for i in range(cfg.n_layers if kind == "activations" else 0):
+                pre = f"model.layers.{i}."
+                for norm, projs in (
+                    ("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+                    ("post_attention_layernorm", ("gate_proj", "up_proj")),
+                ):
+                    sd[f"{pre}{norm}.weight"][0] *= 100
+                    for proj in projs:
+                        mod = "self_attn" if proj[0] in "qkv" else "mlp"
+                        sd[f"{pre}{mod}.{proj}.weight"][:, 0] /= 100
         tmp = cache.with_name(f"{cache.name}.tmp-{torch.randint(1 << 30, ()).item()}")
         save_pretrained(model, tmp)
         save_tokenizer(tok, tmp / "tokenizer.json")
@@ -63,9 +106,24 @@ def outlier_model(tmp_path_factory) -> Path:
             tmp.rename(cache)
         except OSError:  # another process built it first
             shutil.rmtree(tmp, ignore_errors=True)
-    dest = tmp_path_factory.mktemp("models") / "outliers"
+    dest = tmp_path_factory.mktemp("models") / {"outliers": "outliers"}.get(kind, kind)
     shutil.copytree(cache, dest)
     return dest
+
+
+@pytest.fixture(scope="module")
+def outlier_model(tmp_path_factory) -> Path:
+    return _variants_model(tmp_path_factory, "outliers")
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory) -> Path:
+    return _variants_model(tmp_path_factory, "trained")
+
+
+@pytest.fixture(scope="module")
+def activation_outlier_model(tmp_path_factory) -> Path:
+    return _variants_model(tmp_path_factory, "activations")
 
 
 def test_every_variant_is_written_with_parity_loss_and_speed(outlier_model):
@@ -191,3 +249,91 @@ def test_each_variant_batched_with_joins_and_leaves_matches_itself_alone(outlier
     finally:
         sched.close(wait=True)
     assert got == want
+
+
+# --- the w8a8 prefill graph --------------------------------------------------------------------
+
+
+def _torch_last_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]), last_only=True)
+    return logits[0, -1].numpy()
+
+
+def test_prefill_graph_is_written_gated_and_matches_pytorch(trained_model):
+    """The prefill graph (int8 weights, int8 activations per row) is listed with its parity
+    and validation loss, passes the 1% gate here, and its prompt logits (right-padded batch,
+    several lengths) stay close to PyTorch's with the same greedy token."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from lmforge_server.inference.session import SlotGraph, read_prefill
+    from lmforge_worker.model import load_pretrained
+
+    listing = json.loads((trained_model / "variants.json").read_text())
+    pre, ref = read_prefill(trained_model), listing["variants"][0]
+    assert pre == listing["prefill"] and ref["variant"] == "fp32"
+    assert pre["file"] == "model_prefill.onnx" and pre["kind"] == "w8a8"
+    assert pre["prefill_for"] == ["int8", "int4"]
+    assert (trained_model / pre["file"]).stat().st_size == pre["bytes"]
+    assert pre["prefill_ms"] > 0
+    # Export's parity (prompt and decode steps): within twice the int8 weight-only graph's.
+    int8 = next(v for v in listing["variants"] if v["variant"] == "int8")
+    assert pre["max_abs_logit_diff"] <= 2 * int8["max_abs_logit_diff"]
+    assert pre["passes_quality_gate"] == (pre["val_loss"] <= ref["val_loss"] * 1.01)
+    assert pre["passes_quality_gate"]
+
+    torch_model, _ = load_pretrained(trained_model)
+    torch_model.eval()
+    graph = SlotGraph(ort.InferenceSession(str(trained_model / pre["file"]), providers=[CPU_EP]))
+    tok = Tokenizer.from_file(str(trained_model / "tokenizer.json"))
+    seqs = [tok.encode(CORPUS[i : i + n]).ids for i, n in ((30000, 5), (31000, 23), (32000, 60))]
+    ids = np.zeros((len(seqs), max(map(len, seqs))), np.int64)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = s
+    logits = graph.run(graph.new_cache(len(seqs), 96), ids, [len(s) - 1 for s in seqs])
+    for r, s in enumerate(seqs):
+        want = _torch_last_logits(torch_model, s)
+        # Measured: 0.7-1.5% of the largest logit (the int8 weight-only graph 0.5-1.1%).
+        assert np.abs(logits[r] - want).max() <= 0.03 * np.abs(want).max(), r
+        assert logits[r].argmax() == want.argmax(), r
+
+
+def test_a_prefill_graph_that_fails_the_gate_is_never_used(trained_model, activation_outlier_model):
+    """The gate refuses a bad prefill graph: prompts then run through the variant's own graph
+    (same tokens as with the prefill graph switched off), and ModelInfo names no prefill
+    graph; where it passed, ModelInfo reports it with its size."""
+    pre = json.loads((activation_outlier_model / "variants.json").read_text())["prefill"]
+    ref = read_variants(activation_outlier_model)[0]["val_loss"]
+    assert not pre["passes_quality_gate"] and pre["val_loss"] > ref * 1.01
+
+    model = OrtModel(activation_outlier_model, providers=[CPU_EP], variant="int8")
+    assert model.prefill_info is None and model.prefill_graph is model.graph
+    assert model.prefill_bytes == 0
+    off = OrtModel(
+        activation_outlier_model, providers=[CPU_EP], variant="int8", prefill_graph=False
+    )
+    assert alone(model, "ROMEO: wherefore") == alone(off, "ROMEO: wherefore")
+
+    root = trained_model.parent
+    shutil.copytree(activation_outlier_model, root / "activations")
+    s = ServerThread(settings(), DirectoryResolver(root))
+    try:
+        with grpc.insecure_channel(s.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            bad = stub.GetModelInfo(
+                inference_pb2.GetModelInfoRequest(model="activations", variant="int8")
+            )
+            assert bad.variant == "int8" and not bad.HasField("prefill")
+            good = stub.GetModelInfo(
+                inference_pb2.GetModelInfoRequest(model="trained", variant="int8")
+            )
+            assert good.HasField("prefill") and good.prefill.variant == "prefill"
+            assert good.prefill.passes_quality_gate
+            assert good.prefill.bytes == (trained_model / "model_prefill.onnx").stat().st_size
+            fp32 = stub.GetModelInfo(
+                inference_pb2.GetModelInfoRequest(model="trained", variant="fp32")
+            )
+            assert not fp32.HasField("prefill")  # fp32 prompts run through fp32
+    finally:
+        s.stop()

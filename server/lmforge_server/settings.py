@@ -114,6 +114,9 @@ class Settings:
     # Let ONNX Runtime's CPU threads spin-wait: faster on cores of its own, much slower on
     # cores shared with other work.
     inference_spin: bool = False
+    # Prefill prompts of a quantised variant through the model's w8a8 prefill graph where it
+    # was exported and passed the quality gate (off: through the variant's own graph).
+    inference_prefill_graph: bool = True
     # ONNX Runtime intra-op threads per model (0: one per physical core, ORT's default).
     # Measured on 2 cores (README, "Inference"): 2 threads without spinning was best or near
     # it at batch 1 and at 16 streams; 1 thread lost at 16 streams.

@@ -528,10 +528,11 @@ def _export_register(
             "val_loss": best_val_loss,
             "val_bits_per_byte": best_val_bpb,
             "onnx_parity_max_abs_diff": float(parity.get("max_abs_diff", 0.0)),
-            # Per graph variant: validation loss and whether it passed the quality gate.
+            # Per graph variant, and the prefill graph ("onnx_prefill_*"): validation loss and
+            # whether it passed the quality gate.
             **{
                 f"onnx_{v['variant']}_{k}": v[k]
-                for v in parity.get("variants", [])
+                for v in [*parity.get("variants", []), *filter(None, [parity.get("prefill")])]
                 for k in ("val_loss", "passes_quality_gate", "max_abs_logit_diff")
                 if v.get(k) is not None
             },

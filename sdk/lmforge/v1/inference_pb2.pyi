@@ -211,7 +211,7 @@ class GraphVariant(_message.Message):
     def __init__(self, variant: _Optional[str] = ..., val_loss: _Optional[float] = ..., passes_quality_gate: _Optional[bool] = ..., decode_ms_per_token: _Optional[float] = ..., max_abs_logit_diff: _Optional[float] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "name", "version", "execution_provider", "dtype", "context_length", "vocab_size", "eos_token_id", "loaded", "variant", "variants")
+    __slots__ = ("model_id", "name", "version", "execution_provider", "dtype", "context_length", "vocab_size", "eos_token_id", "loaded", "variant", "variants", "prefill")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +223,7 @@ class ModelInfo(_message.Message):
     LOADED_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     name: str
     version: int
@@ -234,4 +235,5 @@ class ModelInfo(_message.Message):
     loaded: bool
     variant: str
     variants: _containers.RepeatedCompositeFieldContainer[GraphVariant]
-    def __init__(self, model_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., execution_provider: _Optional[str] = ..., dtype: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., loaded: _Optional[bool] = ..., variant: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[GraphVariant, _Mapping]]] = ...) -> None: ...
+    prefill: GraphVariant
+    def __init__(self, model_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., execution_provider: _Optional[str] = ..., dtype: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., loaded: _Optional[bool] = ..., variant: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[GraphVariant, _Mapping]]] = ..., prefill: _Optional[_Union[GraphVariant, _Mapping]] = ...) -> None: ...

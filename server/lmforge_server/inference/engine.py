@@ -81,6 +81,8 @@ class ModelInfo:
     # The graph variant served ("fp32", "int8", "int4", "fp16") and every exported one.
     variant: str = "fp32"
     variants: list[dict] = field(default_factory=list)
+    # The w8a8 prefill graph's facts when prompts run through it (loaded), else None.
+    prefill: dict | None = None
 
 
 @dataclass
@@ -147,6 +149,7 @@ class Engine:
                 spin=self.settings.inference_spin,
                 variant=variant,
                 threads=self.settings.inference_threads,
+                prefill_graph=self.settings.inference_prefill_graph,
             )
             sched = Scheduler(
                 model, max_batch_size=self.settings.max_batch_size, name=resolved.model_id
@@ -203,6 +206,7 @@ class Engine:
             loaded=True,
             variant=m.variant,
             variants=m.variants,
+            prefill=m.prefill_info,
         )
 
     # -- generation

@@ -454,7 +454,7 @@ class Scheduler:
         P = g.done
         ids = np.asarray([g.ids[P : P + self.prefill_chunk]], np.int64)
         end = P + ids.shape[1]
-        self.model.run(self.cache, ids, [end - 1], g.slot)
+        self.model.prefill(self.cache, ids, [end - 1], g.slot)
         self.prefill_calls += 1
         g.done = self._lens[g.slot] = end
 
@@ -468,7 +468,7 @@ class Scheduler:
         ids = np.zeros((len(groups), S), np.int64)  # right-padded
         for i, (g, n) in enumerate(zip(groups, lens, strict=True)):
             ids[i, :n] = g.ids[g.done :]
-        logits = m.run(self.cache, ids, [len(g.ids) - 1 for g in groups], groups[0].slot)
+        logits = m.prefill(self.cache, ids, [len(g.ids) - 1 for g in groups], groups[0].slot)
         self.prefill_calls += 1
         self.prefilled_groups += len(groups)
         joins: list[Request] = []

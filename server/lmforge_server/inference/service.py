@@ -201,17 +201,8 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             eos_token_id=info.eos_token_id,
             loaded=info.loaded,
             variant=info.variant,
-            variants=[
-                inference_pb2.GraphVariant(
-                    variant=v["variant"],
-                    val_loss=v.get("val_loss") or 0.0,
-                    passes_quality_gate=bool(v.get("passes_quality_gate")),
-                    decode_ms_per_token=v.get("decode_ms_per_token") or 0.0,
-                    max_abs_logit_diff=v.get("max_abs_logit_diff") or 0.0,
-                    bytes=v.get("bytes") or 0,
-                )
-                for v in info.variants
-            ],
+            variants=[_graph_variant(v) for v in info.variants],
+            prefill=None if info.prefill is None else _graph_variant(info.prefill),
         )
 
     async def Abort(
@@ -223,3 +214,14 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         except Exception as e:  # every failure becomes a status; none reaches the server
             await self._fail(context, e)
         return inference_pb2.AbortResponse(aborted=aborted)
+
+
+def _graph_variant(v: dict) -> inference_pb2.GraphVariant:
+    return inference_pb2.GraphVariant(
+        variant=v["variant"],
+        val_loss=v.get("val_loss") or 0.0,
+        passes_quality_gate=bool(v.get("passes_quality_gate")),
+        decode_ms_per_token=v.get("decode_ms_per_token") or 0.0,
+        max_abs_logit_diff=v.get("max_abs_logit_diff") or 0.0,
+        bytes=v.get("bytes") or 0,
+    )

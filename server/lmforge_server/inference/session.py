@@ -80,6 +80,18 @@ def read_variants(path: Path) -> list[dict]:
     return [v for v in variants if (path / v["file"]).is_file()]
 
 
+def read_prefill(path: Path) -> dict | None:
+    """The w8a8 prefill graph exported for the model in `path` (variants.json "prefill":
+    its file, figures and the variants it prefills for), None when there is none."""
+    try:
+        prefill = json.loads((path / "variants.json").read_text()).get("prefill")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(prefill, dict) or not (path / str(prefill.get("file"))).is_file():
+        return None
+    return prefill
+
+
 def choose_variant(variants: list[dict], name: str = "", *, cuda: bool) -> dict:
     """The variant named, else the one served by default.
 
@@ -282,7 +294,14 @@ class OrtModel:
     """An exported model: its ORT session, tokenizer and shapes.
 
     `new_cache` makes a KV cache for it (`KVCache`, slots of the full context, on the
-    session's device); `run` runs rows on a range of those slots and gives their logits.
+    session's device); `run` runs rows on a range of those slots and gives their logits,
+    `prefill` does the same for prompt tokens.
+
+    Prompt tokens of a quantised variant on the CPU run through the model's w8a8 prefill
+    graph (`read_prefill`) where it passed the quality gate and `prefill_graph` allows:
+    MatMulNBits is slow at many rows, MatMulInteger on per-row int8 activations twice as
+    fast there, half as fast at one row. Both graphs read and write the same KV cache; the
+    prefill session is loaded once per model, beside the decode one (`prefill_bytes`).
     """
 
     def __init__(
@@ -293,6 +312,7 @@ class OrtModel:
         spin: bool = False,
         variant: str = "",
         threads: int = 0,
+        prefill_graph: bool = True,
     ):
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -339,6 +359,23 @@ class OrtModel:
             raise ModelNotReady(f"model {path.name!r}: {e}") from None
         self.vocab_size = int(self.graph.vocab or config["vocab_size"])
 
+        # The graph prompts run through: the variant's own, or the gated w8a8 prefill graph.
+        self.prefill_graph, self.prefill_info, self.prefill_bytes = self.graph, None, 0
+        pre = read_prefill(path) if prefill_graph and self.device == "cpu" else None
+        if pre and pre.get("passes_quality_gate") and self.variant in pre.get("prefill_for", ()):
+            file = path / pre["file"]
+            self.prefill_graph = SlotGraph(
+                ort.InferenceSession(str(file), so, providers=[CPU_EP]), self.device
+            )
+            self.prefill_info, self.prefill_bytes = pre, file.stat().st_size
+            log.info(
+                "%s: %s prompts through the prefill graph %s (%.1f MB)",
+                path.name,
+                self.variant,
+                pre["file"],
+                self.prefill_bytes / 1e6,
+            )
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -354,3 +391,12 @@ class OrtModel:
     ) -> np.ndarray:
         """`SlotGraph.run` on this model's session."""
         return self.graph.run(cache, input_ids, seqlens_k, first_slot)
+
+    def prefill(
+        self, cache: KVCache, input_ids: np.ndarray, seqlens_k, first_slot: int = 0
+    ) -> np.ndarray:
+        """`run` for prompt tokens (whole prompts, chunks, the rest after a reused prefix, a
+        context shift's window): through the prefill graph where one serves. Every prompt
+        token goes through here and every generated one through `run`, so a position's cache
+        comes from the same graph however the prompt was split."""
+        return self.prefill_graph.run(cache, input_ids, seqlens_k, first_slot)
