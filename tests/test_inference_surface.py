@@ -348,11 +348,17 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_running_streams_tokens(cha
     sched = Scheduler(char_model, max_batch_size=4, prefill_chunk=8)
     greedy = SamplingParams(temperature=0)
     log, lock = [], threading.Lock()
+    submitted = threading.Event()
 
     def logged(name):
         def emit(d):
             with lock:
                 log.append((name, d))
+            if name == "run":
+                # The scheduler hands over the running stream's first token and waits here
+                # until the long prompt is submitted: the stream is then certainly still
+                # running when it arrives (under load, 40 tokens once ended before it did).
+                submitted.wait(30)
 
         return emit
 
@@ -369,6 +375,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_running_streams_tokens(cha
         sched.submit(
             make_requests(char_model, long_ids, greedy, logged("long"), model_id="c", max_new=10)
         )
+        submitted.set()
         deadline = time.monotonic() + 30
         while sum(1 for n, d in log if d is not None and d.final) < 2:
             assert time.monotonic() < deadline

@@ -9,9 +9,12 @@ import time
 import pytest
 from conftest import SMALL_CORPUS
 
+from lmforge.v1 import training_pb2
+
 from .conftest import ALICE
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
@@ -55,9 +58,19 @@ def _text(driver, css: str) -> str:
 
 
 def _wait(driver, predicate, timeout: float = 60.0, what: str = ""):
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(
-        lambda d: predicate(d), message=what
-    )
+    # The console re-renders its tables as events arrive: an element found a moment ago may
+    # be gone by the time it is read (seen once under load), so a stale one means "try again".
+    return WebDriverWait(
+        driver, timeout, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(lambda d: predicate(d), message=what)
+
+
+def _click(driver, css: str) -> None:
+    def click(d):
+        d.find_element(By.CSS_SELECTOR, css).click()
+        return True
+
+    _wait(driver, click, what=f"click {css}")
 
 
 def test_upload_train_watch_the_curve_grow_and_stream_from_the_playground(
@@ -138,17 +151,25 @@ def test_upload_train_watch_the_curve_grow_and_stream_from_the_playground(
 def test_jobs_table_filters_by_state_and_cancels_a_running_job(browser, base_url, gateway_api):
     ds = gateway_api.upload(SMALL_CORPUS[:20_000].encode(), name="console-cancel")
     job = gateway_api.create(ds.id, max_steps=100_000, model_name="long")
-    gateway_api.wait_for(job.id, lambda j: j.progress.step > 0)
-    browser.get(f"{base_url}/#/jobs")
-    Select(browser.find_element(By.ID, "jobs-filter")).select_by_visible_text("RUNNING")
-    row = f'#jobs-table tr[data-job="{job.id}"]'
-    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row), what="running row")
-    # Only RUNNING jobs are listed, each with its state in the second column.
-    states = {r.find_elements(By.TAG_NAME, "td")[1].text
-              for r in browser.find_elements(By.CSS_SELECTOR, "#jobs-table tbody tr")}  # fmt: skip
-    assert states == {"RUNNING"}
-    browser.find_element(By.CSS_SELECTOR, f"{row} button.cancel").click()
-    done = gateway_api.wait_terminal(job.id, timeout=60)
-    assert done.state == 7  # CANCELLED
+    try:
+        gateway_api.wait_for(job.id, lambda j: j.progress.step > 0)
+        browser.get(f"{base_url}/#/jobs")
+        Select(browser.find_element(By.ID, "jobs-filter")).select_by_visible_text("RUNNING")
+        row = f'#jobs-table tr[data-job="{job.id}"]'
+        _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row), what="running row")
+        # Only RUNNING jobs are listed, each with its state in the second column (read in
+        # one script call, so a re-render cannot swap the rows mid-read).
+        states = browser.execute_script(
+            "return [...document.querySelectorAll('#jobs-table tbody tr')]"
+            ".map(r => r.cells[1].innerText.trim())"
+        )
+        assert states and set(states) == {"RUNNING"}
+        _click(browser, f"{row} button.cancel")
+        done = gateway_api.wait_terminal(job.id, timeout=60)
+        assert done.state == 7  # CANCELLED
+    finally:  # a failure above must not leave the gateway's one worker busy for later tests
+        gateway_api.jobs.CancelJob(
+            training_pb2.CancelJobRequest(id=job.id), metadata=gateway_api.metadata
+        )
     # The table re-lists after the cancel: the job has left the RUNNING filter.
     _wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, row), what="row gone")
