@@ -45,6 +45,23 @@ CORPUS = BUNDLED_CORPUS.read_text()
 SMALL_CORPUS = CORPUS[:60_000]
 
 
+def register_ready_model(store, model_id: str, owner: str, name: str, path: Path) -> None:
+    """Registers the model directory `path` as version 1 of `owner`'s READY model `name`, in
+    Redis as a worker's export would (the record, the owner's list, the name's versions), for
+    tests that serve a hand-built model without training one."""
+    from lmforge_server import store as st
+
+    rec = st.ModelRecord(
+        id=model_id, owner=owner, name=name, version=1, job_id="job_none",
+        state=st.MODEL_READY, spec={"model": {}}, parameters={}, path=str(path),
+        created_at=time.time(),
+    )  # fmt: skip
+    store.r.hset(f"{st.P}model:{rec.id}", mapping=st._encode(rec))
+    store.r.zadd(f"{st.P}models:{owner}", {rec.id: rec.created_at})
+    store.r.zadd(f"{st.P}modelname:{owner}:{name}", {rec.id: 1})
+    store.r.incr(f"{st.P}modelver:{owner}:{name}")
+
+
 def make_settings(data_dir: Path, **overrides) -> Settings:
     base = dict(
         data_dir=data_dir,

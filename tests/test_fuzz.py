@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from _tiny_models import build_model_dir
-from conftest import SMALL_CORPUS, Api, make_settings
+from conftest import SMALL_CORPUS, Api, make_settings, register_ready_model
 from google.protobuf.descriptor import FieldDescriptor as F
 
 from lmforge.v1 import inference_pb2, training_pb2
@@ -196,22 +196,7 @@ def fuzz_stack(tmp_path_factory):
         store = st.Store.from_url(s.settings.redis_url)
         for model_id, name in (("mdl_fuzz0", "tiny"), ("mdl_fuzz1", KEPT_MODEL)):
             model_dir = build_model_dir(root / "artifacts" / "models" / model_id)
-            rec = st.ModelRecord(
-                id=model_id,
-                owner="fuzz",
-                name=name,
-                version=1,
-                job_id="job_none",
-                state=st.MODEL_READY,
-                spec={"model": {}},
-                parameters={},
-                path=str(model_dir),
-                created_at=time.time(),
-            )
-            store.r.hset(f"{st.P}model:{rec.id}", mapping=st._encode(rec))
-            store.r.zadd(f"{st.P}models:fuzz", {rec.id: rec.created_at})
-            store.r.zadd(f"{st.P}modelname:fuzz:{name}", {rec.id: 1})
-            store.r.incr(f"{st.P}modelver:fuzz:{name}")
+            register_ready_model(store, model_id, "fuzz", name, model_dir)
         with grpc.insecure_channel(s.api_addr) as api_ch:
             api = Api(api_ch, [("authorization", f"Bearer {KEY}")])
             ds = api.upload(SMALL_CORPUS[:2000].encode())

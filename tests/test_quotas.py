@@ -7,7 +7,7 @@ import time
 
 import grpc
 import pytest
-from conftest import Api, make_settings
+from conftest import Api, make_settings, register_ready_model
 
 from lmforge.v1 import inference_pb2, training_pb2
 from lmforge_server import store as st
@@ -110,20 +110,7 @@ def test_concurrent_generations_are_capped_per_tenant(quota_stack, tmp_path):
     store = st.Store.from_url(quota_stack.settings.redis_url)
     model_dir = build_cycle_model_dir(tmp_path / "models" / "cyc", b"abc", context_length=4096)
     for owner in ("carol", "dave"):
-        rec = st.ModelRecord(
-            id=f"mdl_{owner}",
-            owner=owner,
-            name="cyc",
-            version=1,
-            job_id="job_none",
-            state=st.MODEL_READY,
-            spec={"model": {}},
-            parameters={},
-            path=str(model_dir),
-            created_at=time.time(),
-        )
-        store.r.hset(f"{st.P}model:{rec.id}", mapping=st._encode(rec))
-        store.r.zadd(f"{st.P}modelname:{owner}:cyc", {rec.id: 1})
+        register_ready_model(store, f"mdl_{owner}", owner, "cyc", model_dir)
     with grpc.insecure_channel(quota_stack.inference_addr) as ch:
         kw = dict(
             request_serializer=inference_pb2.GenerateRequest.SerializeToString,
