@@ -95,7 +95,7 @@ def test_async_client_has_the_same_inference_surface(server, client, addr):
                 "char", "JULIET:", max_tokens=5, temperature=0, n=2, request_id="aio-n"
             )
             info = await c.models.info("char", variant="fp32")
-            stream = c.stream("cyc", "a", max_tokens=3000, request_id="aio-abort")
+            stream = c.stream("cyc", "a", max_tokens=3000, temperature=0, request_id="aio-abort")
             deltas = []
             async with stream:
                 async for d in stream:
