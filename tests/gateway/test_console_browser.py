@@ -155,7 +155,7 @@ def test_jobs_table_filters_by_state_and_cancels_a_running_job(browser, base_url
         gateway_api.wait_for(job.id, lambda j: j.progress.step > 0)
         browser.get(f"{base_url}/#/jobs")
         Select(browser.find_element(By.ID, "jobs-filter")).select_by_visible_text("RUNNING")
-        row = f'#jobs-table tr[data-job="{job.id}"]'
+        row = f'#jobs-table[data-state="RUNNING"] tr[data-job="{job.id}"]'
         _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row), what="running row")
         # Only RUNNING jobs are listed, each with its state in the second column (read in
         # one script call, so a re-render cannot swap the rows mid-read).

@@ -86,9 +86,13 @@ function cell(row, text) {
 
 // ------------------------------------------------------------------ jobs
 
+let jobsListed = 0; // the latest listing asked for: an older answer arriving later is dropped
+
 async function showJobs() {
   const state = $("#jobs-filter").value;
+  const listing = ++jobsListed;
   const { jobs } = await api("/api/jobs" + (state ? `?state=${state}` : ""));
+  if (listing !== jobsListed) return;
   const body = $("#jobs-table tbody");
   body.replaceChildren();
   for (const j of jobs) {
@@ -115,6 +119,7 @@ async function showJobs() {
     }
     body.appendChild(tr);
   }
+  $("#jobs-table").dataset.state = state; // the filter these rows answer ("" for all)
 }
 $("#jobs-filter").addEventListener("change", showJobs);
 
