@@ -135,9 +135,16 @@ def main() -> None:
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="the worker's torch threads (0: its default)"
     )
-    parser.add_argument("--train-spin", action="store_true", help="Settings.train_spin")
+    parser.add_argument(
+        "--train-spin",
+        action=argparse.BooleanOptionalAction,
+        default=Settings().train_spin,
+        help="Settings.train_spin: OpenMP threads spin between kernels (default: on)",
+    )
     args = parser.parse_args()
     print(f"load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if not args.api:
+        print(f"worker OpenMP threads {'spin (bounded)' if args.train_spin else 'wait passively'}")
     if args.api:
         run(args.api, args.steps)
         return

@@ -3,6 +3,7 @@ someone takes before we bind them are picked again (Redis, the stack's servers).
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -75,3 +76,33 @@ def test_stack_servers_pick_other_ports_when_theirs_are_taken(tmp_path):
             assert stack.api_addr not in taken and stack.inference_addr not in taken
             with grpc.insecure_channel(stack.api_addr) as channel:
                 assert Api(channel).upload(b"port test\n").size_bytes == 10
+
+
+def test_a_spinning_worker_gives_its_cores_back_once_it_is_idle(tmp_path):
+    # The worker's own OpenMP environment, in a fresh process (libgomp reads it when torch
+    # loads): two threads work, then the process idles and its CPU time is read.
+    from lmforge_worker.app import openmp_env
+
+    script = textwrap.dedent(
+        """
+        import time, torch
+        torch.set_num_threads(2)
+        x, w = torch.randn(768, 384), torch.randn(384, 384)
+        for _ in range(200):
+            (x @ w).relu_()
+        c0 = time.process_time()
+        time.sleep(2.0)
+        print(time.process_time() - c0)
+        """
+    )
+    spinning = openmp_env(make_settings(tmp_path, train_spin=True))
+    assert spinning["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert openmp_env(make_settings(tmp_path, train_spin=False)) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env={**env, **spinning}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    # Unbounded ACTIVE spins one thread through the whole idle window (2.0 s of CPU).
+    idle_cpu_s = float(out.stdout.split()[-1])
+    assert idle_cpu_s < 1.0, f"{idle_cpu_s:.2f} s of CPU while idle for 2 s"

@@ -90,9 +90,11 @@ class Settings:
     device: str = "auto"
     # Torch threads for training on CPU (0: torch's default).
     torch_threads: int = 0
-    # Let torch's OpenMP threads spin-wait between kernels (OMP_WAIT_POLICY=ACTIVE): a little
-    # faster on cores of its own, many times slower on cores shared with other work.
-    train_spin: bool = False
+    # Let torch's OpenMP threads spin-wait between kernels (OMP_WAIT_POLICY=ACTIVE, for at
+    # most ~0.3 s once work stops): on 2 cores of its own a CPU step of the char recipe took
+    # 31 ms against 62 waiting passively; beside one busy process, 104 against 71 (README,
+    # "Training on a CPU"). Off for workers on cores shared with other work.
+    train_spin: bool = True
     # Checkpoints kept per job: the newest this many, and the best by validation loss.
     keep_checkpoints: int = 3
     # ONNX exporter: "auto" or "gqa", the graph builder (worker/lmforge_worker/graph.py):
