@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import psutil
 import pytest
@@ -106,3 +107,34 @@ def test_a_spinning_worker_gives_its_cores_back_once_it_is_idle(tmp_path):
     # Unbounded ACTIVE spins one thread through the whole idle window (2.0 s of CPU).
     idle_cpu_s = float(out.stdout.split()[-1])
     assert idle_cpu_s < 1.0, f"{idle_cpu_s:.2f} s of CPU while idle for 2 s"
+
+
+def test_an_idle_inference_session_gives_its_cores_back(tmp_path):
+    # Spinning ORT threads (inference_spin) park when a run returns: measured on the
+    # threads the session started, over an idle window after a few runs.
+    import numpy as np
+    from _tiny_models import build_model_dir
+
+    from lmforge_server.inference.session import CPU_EP, OrtModel
+
+    path = build_model_dir(tmp_path / "m", d_model=128, n_heads=4, n_kv_heads=4, n_layers=4)
+    me = psutil.Process()
+    before = {t.id for t in me.threads()}
+    model = OrtModel(path, providers=[CPU_EP], spin=True, threads=2)
+    cache = model.new_cache(4)
+    ids = np.ones((4, 32), np.int64)
+    for _ in range(3):
+        model.prefill(cache, ids, [31] * 4)
+
+    def pool_cpu_s() -> float:
+        return sum(t.user_time + t.system_time for t in me.threads() if t.id not in before)
+
+    assert any(t.id not in before for t in me.threads()), "the session started no threads"
+    idle_s = 0.0
+    for _ in range(5):  # CPU times come in 10 ms ticks: several windows of 0.1 s
+        model.prefill(cache, ids, [31] * 4)
+        start = pool_cpu_s()
+        time.sleep(0.1)
+        idle_s += pool_cpu_s() - start
+    # Without session.force_spinning_stop each run left ~40 ms of a core spinning.
+    assert idle_s < 0.05, f"the session's threads spent {idle_s * 1e3:.0f} ms of CPU while idle"

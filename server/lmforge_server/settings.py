@@ -113,9 +113,9 @@ class Settings:
     max_loaded_models: int = 4
     # "auto" (CUDA when a GPU is present, else CPU), "cpu" or "cuda".
     inference_device: str = "auto"
-    # Let ONNX Runtime's CPU threads spin-wait: faster on cores of its own, much slower on
-    # cores shared with other work.
-    inference_spin: bool = False
+    # Let ONNX Runtime's CPU threads spin-wait between a run's kernels (they park when the
+    # run returns): README, "Inference", for what it buys. Off for cores shared with other work.
+    inference_spin: bool = True
     # Prefill prompts of a quantised variant through the model's w8a8 prefill graph where it
     # was exported and passed the quality gate (off: through the variant's own graph).
     inference_prefill_graph: bool = True

@@ -65,6 +65,9 @@ __all__ = [
 # max_new_tokens when a request leaves it unset (fewer where the context ends sooner).
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_REQUEST_ID_CHARS = 128
+# Prompts up to this long are tokenised on the event loop (~0.3 ms at most with a
+# byte-level BPE); longer ones in a thread, so a 1 MB prompt never stalls other streams.
+INLINE_TOKENIZE_CHARS = 1024
 
 
 @dataclass
@@ -121,6 +124,10 @@ class Engine:
             raise ModelNotReady(f"model {ref!r} is still training; it serves once its job succeeds")
         if resolved.state != "READY":
             raise ModelNotReady(f"model {ref!r} is {resolved.state.lower()}; it cannot serve")
+        loaded = self._loaded.get((resolved.model_id, variant))
+        if loaded is not None:  # serving already: its files were checked when it loaded
+            self._loaded.move_to_end((resolved.model_id, variant))
+            return loaded
         names = [v["variant"] for v in read_variants(resolved.path)]
         if "fp32" not in names:
             # Its files are gone (deleted under a record that still says READY).
@@ -299,9 +306,7 @@ class Engine:
             raise InvalidArgument(f"sampling.{name}", why) from None
         # Refuse a full queue before paying for tokenisation (a flood of huge prompts).
         sched.check_capacity()
-        ids = await asyncio.to_thread(m.encode, prompt)
-        # A char tokenizer has no unknown token: name what it would silently drop.
-        missing = set(prompt) - set(await asyncio.to_thread(m.decode, ids))
+        ids, missing = await self._tokenize(m, prompt)
         if missing:
             shown = "".join(sorted(missing)[:20])
             raise InvalidArgument(
@@ -351,6 +356,21 @@ class Engine:
             for req in rows:
                 if not req.done:
                     sched.cancel(req)
+
+    @staticmethod
+    async def _tokenize(m: OrtModel, prompt: str) -> tuple[list[int], set[str]]:
+        """The prompt's ids, and the characters its tokenizer would silently drop (a char
+        tokenizer has no unknown token). A long prompt is tokenised off the event loop; a
+        short one in place: two thread hand-offs cost ~0.4 ms of a 64-token prompt's time
+        to first token, its tokenisation ~20 us."""
+
+        def tokenize() -> tuple[list[int], set[str]]:
+            ids = m.encode(prompt)
+            return ids, set(prompt) - set(m.decode(ids))
+
+        if len(prompt) <= INLINE_TOKENIZE_CHARS:
+            return tokenize()
+        return await asyncio.to_thread(tokenize)
 
     def abort(self, owner: str, request_id: str) -> bool:
         """Cancels the caller's request in flight with this id; False when there is none."""

@@ -475,8 +475,6 @@ class Scheduler:
         for i, g in enumerate(groups):
             L, first = len(g.ids), g.slot
             g.done = self._lens[first] = L
-            if not g.rows[0].context_shifts and L >= self.prefixes.min_tokens:
-                self.prefixes.put(g.ids, self.cache.read(first, L))
             for req in g.rows[1:]:  # n samples: one prefill, copied into each slot
                 self.cache.copy(first, req.slot, L)
                 self._lens[req.slot] = L
@@ -485,7 +483,10 @@ class Scheduler:
                     joins.append(req)
                 elif req.done:
                     self._release(req)
-        self._flush()  # first tokens go out now
+        self._flush()  # first tokens go out now, before the prompts are remembered
+        for g in groups:
+            if not g.rows[0].context_shifts and len(g.ids) >= self.prefixes.min_tokens:
+                self.prefixes.put(g.ids, self.cache.read(g.slot, len(g.ids)))
         self._rows += joins
 
     # -- decode
