@@ -268,6 +268,10 @@ def quantize(src: Path, dst: Path, variant: str) -> None:
         onnx.save(proto, str(dst))
 
 
+# Blocked QuantizeLinear (a scale per block of a row) came with opset 21 (IR 10).
+PREFILL_OPSET = 21
+
+
 def quantize_prefill(src: Path, dst: Path) -> None:
     """Writes the w8a8 prefill graph of the fp32 graph `src` to `dst`: same inputs, outputs
     and KV cache, for running prompt tokens (M > 1), where MatMulNBits is slow.
@@ -279,7 +283,9 @@ def quantize_prefill(src: Path, dst: Path) -> None:
     DynamicQuantizeLinear (one scale per tensor) would not. The GEMM is ORT's
     MatMulIntegerToFloat (com.microsoft, column scales applied inside; the row scale after):
     one node for MatMulInteger + Cast + Mul, 426 -> 340 nodes and ~5-10% of a 64-token
-    prefill's CPU time on the 10.65M model.
+    prefill's CPU time on the 10.65M model. A row is quantised by one blocked QuantizeLinear
+    (opset 21, the row one block) where Div, Round, Add and Cast made four passes over it:
+    the same numbers (logits bit-identical), a 64-token prefill 4.55 against 4.85 ms.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -320,10 +326,23 @@ def quantize_prefill(src: Path, dst: Path) -> None:
             scale = op(
                 "Max", [scale, const("w8a8_tiny", np.array(1e-30, np.float32))], f"{p}/scale"
             )
-            q = op("Round", [op("Div", [x, scale], f"{p}/div")], f"{p}/round")
-            # uint8 with zero point 128: MLAS's int8 GEMM path (s8 x s8 measured 8x slower).
-            q = op("Add", [q, const("w8a8_128", np.array(128, np.float32))], f"{p}/shift")
-            rows[x] = (op("Cast", [q], f"{p}/q", to=TensorProto.UINT8), scale)
+            # The zero points must have the scales' shape ([B, S, 1]; [B, 1, 1] before the
+            # output projection, which sees the last position only).
+            zero_point = op(
+                "Expand",
+                [const("w8a8_128_u8", np.array(128, np.uint8)), op("Shape", [scale], f"{p}/bs1")],
+                f"{p}/zero_point",
+            )
+            # One block of the whole row (opset 21): round(x / scale) + 128, saturated to
+            # uint8, in one node where Div, Round, Add and Cast took four passes.
+            q = op(
+                "QuantizeLinear",
+                [x, scale, zero_point],
+                f"{p}/q",
+                axis=-1,
+                block_size=int(w.dims[0]),
+            )
+            rows[x] = (q, scale)
         q, scale = rows[x]
         W = numpy_helper.to_array(w).astype(np.float32)
         ws = np.abs(W).max(axis=0) / 127
@@ -345,6 +364,9 @@ def quantize_prefill(src: Path, dst: Path) -> None:
     kept = [i for i in graph.initializer if i.name in live]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+    for o in proto.opset_import:  # blocked QuantizeLinear
+        if o.domain in ("", "ai.onnx"):
+            o.version = max(o.version, PREFILL_OPSET)
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     onnx.save(proto, str(dst))
 

@@ -168,21 +168,24 @@ def build_graph(model: Llama, path: Path, *, dtype: np.dtype = np.float32) -> No
     for i in range(L):
         p = f"model.layers.{i}."
         h = b.rms(x, b.weight(f"ln1_{i}", sd[p + "input_layernorm.weight"]), eps)
-        q = b.linear(h, b.weight(f"q_{i}", _pad_out(sd[p + "self_attn.q_proj.weight"], H, D, Dp).T))
-        k = b.linear(
-            h, b.weight(f"k_{i}", _pad_out(sd[p + "self_attn.k_proj.weight"], KV, D, Dp).T)
+        # q, k and v in one product, packed as GroupQueryAttention takes them (its key and
+        # value inputs left empty): one weight read and one kernel launch for three.
+        qkv_w = torch.cat(
+            [
+                _pad_out(sd[p + "self_attn.q_proj.weight"], H, D, Dp),
+                _pad_out(sd[p + "self_attn.k_proj.weight"], KV, D, Dp),
+                _pad_out(sd[p + "self_attn.v_proj.weight"], KV, D, Dp),
+            ]
         )
-        v = b.linear(
-            h, b.weight(f"v_{i}", _pad_out(sd[p + "self_attn.v_proj.weight"], KV, D, Dp).T)
-        )
+        qkv = b.linear(h, b.weight(f"qkv_{i}", qkv_w.T))
         attn_out = f"attn_{i}"
         b.nodes.append(
             helper.make_node(
                 "GroupQueryAttention",
                 [
-                    q,
-                    k,
-                    v,
+                    qkv,
+                    "",
+                    "",
                     f"past_key_values.{i}.key",
                     f"past_key_values.{i}.value",
                     "seqlens_k",
@@ -205,8 +208,15 @@ def build_graph(model: Llama, path: Path, *, dtype: np.dtype = np.float32) -> No
         )
         x = b.op("Add", [x, a])
         h = b.rms(x, b.weight(f"ln2_{i}", sd[p + "post_attention_layernorm.weight"]), eps)
-        g = b.linear(h, b.weight(f"gate_{i}", sd[p + "mlp.gate_proj.weight"].T))
-        u = b.linear(h, b.weight(f"up_{i}", sd[p + "mlp.up_proj.weight"].T))
+        # gate and up in one product, split after.
+        gate_up = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+        g, u = b.op(
+            "Split",
+            [b.linear(h, b.weight(f"gate_up_{i}", gate_up.T))],
+            n_out=2,
+            axis=-1,
+            num_outputs=2,
+        )
         act = b.op("Mul", [b.op("Mul", [g, b.op("Sigmoid", [g])]), u])
         x = b.op("Add", [x, b.linear(act, b.weight(f"down_{i}", sd[p + "mlp.down_proj.weight"].T))])
 
