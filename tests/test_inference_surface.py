@@ -343,6 +343,25 @@ def test_prefix_reuse_gives_the_output_of_a_cold_prompt(char_model, reference):
         sched.close(wait=True)
 
 
+def test_a_prompt_whose_request_ends_at_its_first_token_is_remembered_whole(
+    char_model, reference
+):
+    # max_new_tokens=1 gives the slot back while the prompt is being remembered: the cache
+    # kept must be the prompt's, not the released slot's nothing.
+    torch_model, tok = reference
+    sched = Scheduler(char_model, max_batch_size=4)
+    greedy = SamplingParams(temperature=0)
+    base = tok.encode(LONG).ids
+    try:
+        submit(sched, char_model, base, greedy, 1).final()
+        ids = tok.encode(LONG + " Speak!").ids
+        out = submit(sched, char_model, ids, greedy, 12)
+        assert out.final().cached_prompt_tokens == len(base)
+        assert out.tokens() == torch_greedy(torch_model, ids, 12)
+    finally:
+        sched.close(wait=True)
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_between_running_streams_tokens(char_model, reference):
     torch_model, tok = reference
     sched = Scheduler(char_model, max_batch_size=4, prefill_chunk=8)

@@ -472,6 +472,13 @@ class Scheduler:
         self.prefill_calls += 1
         self.prefilled_groups += len(groups)
         joins: list[Request] = []
+        # Remembered for prefix reuse after the first tokens go out; the slots are taken
+        # now, since a request that ends at its first token gives its slot back.
+        remember = [
+            (g.ids, g.slot)
+            for g in groups
+            if not g.rows[0].context_shifts and len(g.ids) >= self.prefixes.min_tokens
+        ]
         for i, g in enumerate(groups):
             L, first = len(g.ids), g.slot
             g.done = self._lens[first] = L
@@ -483,10 +490,9 @@ class Scheduler:
                     joins.append(req)
                 elif req.done:
                     self._release(req)
-        self._flush()  # first tokens go out now, before the prompts are remembered
-        for g in groups:
-            if not g.rows[0].context_shifts and len(g.ids) >= self.prefixes.min_tokens:
-                self.prefixes.put(g.ids, self.cache.read(g.slot, len(g.ids)))
+        self._flush()  # first tokens go out now
+        for ids, slot in remember:  # a released slot keeps its cache until the next turn
+            self.prefixes.put(ids, self.cache.read(slot, len(ids)))
         self._rows += joins
 
     # -- decode
