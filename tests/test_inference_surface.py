@@ -343,9 +343,7 @@ def test_prefix_reuse_gives_the_output_of_a_cold_prompt(char_model, reference):
         sched.close(wait=True)
 
 
-def test_a_prompt_whose_request_ends_at_its_first_token_is_remembered_whole(
-    char_model, reference
-):
+def test_a_prompt_whose_request_ends_at_its_first_token_is_remembered_whole(char_model, reference):
     # max_new_tokens=1 gives the slot back while the prompt is being remembered: the cache
     # kept must be the prompt's, not the released slot's nothing.
     torch_model, tok = reference
