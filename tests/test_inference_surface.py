@@ -417,6 +417,28 @@ def test_prefix_cache_stays_within_its_byte_bound():
     assert cache.get([9, 1, 2, 3, 4])[0] == 4 and cache.get([0, 1, 2, 3, 4])[1] is None
 
 
+def test_prefix_cache_finds_the_longest_remembered_prefix_as_a_full_scan_would():
+    # Random prompts over a 3-token vocabulary share prefixes of every length; the cache,
+    # which only compares prompts with the same first min_tokens ids, must agree with a
+    # scan of everything it still holds (evictions included).
+    rng = np.random.default_rng(0)
+    cache = PrefixCache(max_bytes=40 * 400, min_tokens=3)
+    for _ in range(300):
+        ids = rng.integers(0, 3, rng.integers(3, 12)).tolist()
+        held = list(cache._entries)
+        expect = 0
+        for key in held:
+            n = 0
+            while n < min(len(key), len(ids) - 1) and key[n] == ids[n]:
+                n += 1
+            expect = max(expect, n)
+        k, past = cache.get(ids)
+        assert k == (expect if expect >= 3 else 0)
+        assert (past is None) == (k == 0) and (past is None or past[0].shape[2] == k)
+        cache.put(ids, [np.zeros((1, 1, len(ids), 100), np.float32)])
+        assert cache.bytes <= cache.max_bytes
+
+
 def test_streams_joining_and_leaving_at_random_steps_match_each_alone(models, reference):
     torch_model, tok = reference
     rng = random.Random(5)

@@ -307,7 +307,10 @@ def quantize_prefill(src: Path, dst: Path) -> None:
         nodes.append(helper.make_node(op_type, inputs, [out], name=f"w8a8/{out}", **attrs))
         return out
 
+    zero_points: dict[str, str] = {}
+    gathered = False  # past the GatherElements that keeps each row's last position
     for node in graph.node:
+        gathered = gathered or node.op_type == "GatherElements"
         w = inits.get(node.input[1]) if node.op_type == "MatMul" else None
         if w is None or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
             nodes.append(node)
@@ -326,13 +329,19 @@ def quantize_prefill(src: Path, dst: Path) -> None:
             scale = op(
                 "Max", [scale, const("w8a8_tiny", np.array(1e-30, np.float32))], f"{p}/scale"
             )
-            # The zero points must have the scales' shape ([B, S, 1]; [B, 1, 1] before the
-            # output projection, which sees the last position only).
-            zero_point = op(
-                "Expand",
-                [const("w8a8_128_u8", np.array(128, np.uint8)), op("Shape", [scale], f"{p}/bs1")],
-                f"{p}/zero_point",
-            )
+            # The zero points must have the scales' shape: [B, S, 1] in the layers, [B, 1, 1]
+            # after the last position is gathered for the output projection. One per shape.
+            shape_class = "last" if gathered else "all"
+            if shape_class not in zero_points:
+                zero_points[shape_class] = op(
+                    "Expand",
+                    [
+                        const("w8a8_128_u8", np.array(128, np.uint8)),
+                        op("Shape", [scale], f"w8a8/{shape_class}/bs1"),
+                    ],
+                    f"w8a8/{shape_class}/zero_point",
+                )
+            zero_point = zero_points[shape_class]
             # One block of the whole row (opset 21): round(x / scale) + 128, saturated to
             # uint8, in one node where Div, Round, Add and Cast took four passes.
             q = op(
