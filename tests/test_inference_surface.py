@@ -325,13 +325,16 @@ def test_requests_arriving_together_prefill_in_one_call_and_match_pytorch(char_m
         sched.close(wait=True)
 
 
-def test_prefix_reuse_gives_the_output_of_a_cold_prompt(char_model, reference):
+# A first request of one token gives its slot back while its prompt is being remembered:
+# what is kept must be the prompt's cache, not the released slot's nothing.
+@pytest.mark.parametrize("first_tokens", [5, 1], ids=["first-runs-on", "first-ends-at-once"])
+def test_prefix_reuse_gives_the_output_of_a_cold_prompt(char_model, reference, first_tokens):
     torch_model, tok = reference
     sched = Scheduler(char_model, max_batch_size=4)
     greedy = SamplingParams(temperature=0)
     base = tok.encode(LONG).ids
     try:
-        submit(sched, char_model, base, greedy, 5).final()
+        submit(sched, char_model, base, greedy, first_tokens).final()
         for extra in (" Speak!", "\nFirst", ""):
             ids = tok.encode(LONG + extra).ids
             out = submit(sched, char_model, ids, greedy, 12)
@@ -339,23 +342,6 @@ def test_prefix_reuse_gives_the_output_of_a_cold_prompt(char_model, reference):
             assert final.cached_prompt_tokens == min(len(base), len(ids) - 1)
             assert out.tokens() == torch_greedy(torch_model, ids, 12)
         assert sched.prefixes.hits == 3
-    finally:
-        sched.close(wait=True)
-
-
-def test_a_prompt_whose_request_ends_at_its_first_token_is_remembered_whole(char_model, reference):
-    # max_new_tokens=1 gives the slot back while the prompt is being remembered: the cache
-    # kept must be the prompt's, not the released slot's nothing.
-    torch_model, tok = reference
-    sched = Scheduler(char_model, max_batch_size=4)
-    greedy = SamplingParams(temperature=0)
-    base = tok.encode(LONG).ids
-    try:
-        submit(sched, char_model, base, greedy, 1).final()
-        ids = tok.encode(LONG + " Speak!").ids
-        out = submit(sched, char_model, ids, greedy, 12)
-        assert out.final().cached_prompt_tokens == len(base)
-        assert out.tokens() == torch_greedy(torch_model, ids, 12)
     finally:
         sched.close(wait=True)
 
