@@ -554,10 +554,15 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in BLOCKED:
             raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
 sys.meta_path.insert(0, Block())
+# Imported before the blocker (a startup hook, a .pth file): the check would prove nothing,
+# and `lmforge demo` below would really run.
+already = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+if already:
+    sys.exit(f"blocked modules were imported before the blocker: {already}")
 """
 
 
-def test_sdk_and_cli_import_without_server_dependencies():
+def test_sdk_and_cli_import_without_server_dependencies(tmp_path):
     code = BLOCKER + (
         "import lmforge, lmforge.aio, lmforge.cli\n"
         "from lmforge import Client, AsyncClient\n"
@@ -565,7 +570,10 @@ def test_sdk_and_cli_import_without_server_dependencies():
         "sys.argv = ['lmforge', 'demo']\n"
         "lmforge.cli.main()\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    # In a directory of its own: were the blocker to fail, the demo's data stays out of ours.
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert out.returncode == 1, out.stderr
     assert out.stderr.count("\n") == 1 and "pip install 'lmforge[all]'" in out.stderr
     assert "Traceback" not in out.stderr
