@@ -140,10 +140,7 @@ class Engine:
         return await self._load(resolved, variant)
 
     async def _load(self, resolved: ResolvedModel, variant: str) -> _Loaded:
-        key = (resolved.model_id, variant)
-        if key in self._loaded:
-            self._loaded.move_to_end(key)
-            return self._loaded[key]
+        key = (resolved.model_id, variant)  # not loaded yet (`_get` serves loaded ones)
         if key in self._loading:
             return await asyncio.shield(self._loading[key])
         fut = asyncio.get_running_loop().create_future()
