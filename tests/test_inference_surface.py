@@ -326,11 +326,16 @@ def test_requests_arriving_together_prefill_in_one_call_and_match_pytorch(char_m
 
 
 # A first request of one token gives its slot back while its prompt is being remembered:
-# what is kept must be the prompt's cache, not the released slot's nothing.
+# what is kept must be the prompt's cache, not the released slot's nothing. Requests one
+# after another run in the same slot, which still holds the previous prompt: the prefix
+# comes from there (in_slot) or, with that turned off, from the PrefixCache (copied in).
+@pytest.mark.parametrize("in_slot", [True, False], ids=["from-the-slot", "from-the-lru"])
 @pytest.mark.parametrize("first_tokens", [5, 1], ids=["first-runs-on", "first-ends-at-once"])
-def test_prefix_reuse_gives_the_output_of_a_cold_prompt(char_model, reference, first_tokens):
+def test_prefix_reuse_gives_the_output_of_a_cold_prompt(
+    char_model, reference, first_tokens, in_slot
+):
     torch_model, tok = reference
-    sched = Scheduler(char_model, max_batch_size=4)
+    sched = Scheduler(char_model, max_batch_size=4, reuse_resident=in_slot)
     greedy = SamplingParams(temperature=0)
     base = tok.encode(LONG).ids
     try:
@@ -341,7 +346,30 @@ def test_prefix_reuse_gives_the_output_of_a_cold_prompt(char_model, reference, f
             final = out.final()
             assert final.cached_prompt_tokens == min(len(base), len(ids) - 1)
             assert out.tokens() == torch_greedy(torch_model, ids, 12)
-        assert sched.prefixes.hits == 3
+        assert (sched.resident_hits, sched.prefixes.hits) == ((3, 0) if in_slot else (0, 3))
+    finally:
+        sched.close(wait=True)
+
+
+def test_a_slot_under_a_running_row_forgets_the_prompt_it_held(char_model, reference):
+    """A free slot below the batch's highest one runs a throwaway row at position 0 of each
+    decode step: the prompt it held is gone, and the next prompt there starts cold."""
+    torch_model, tok = reference
+    sched = Scheduler(char_model, max_batch_size=2, prefix_cache=PrefixCache(max_bytes=0))
+    greedy = SamplingParams(temperature=0)
+    base = tok.encode(LONG).ids
+    try:
+        with sched._cv:  # admitted together: the long prompt in slot 0, the stream in 1
+            ends = submit(sched, char_model, base, greedy, 1)
+            runs = submit(sched, char_model, tok.encode("ROMEO:").ids, greedy, 20)
+        ends.final()
+        runs.final()
+        for extra, cached in ((" Speak!", 0), ("\nFirst", len(base))):
+            ids = tok.encode(LONG + extra).ids
+            out = submit(sched, char_model, ids, greedy, 12)
+            assert out.final().cached_prompt_tokens == cached
+            assert out.tokens() == torch_greedy(torch_model, ids, 12)
+        assert sched.resident_hits == 1
     finally:
         sched.close(wait=True)
 

@@ -114,7 +114,9 @@ class Engine:
         if not ref:
             raise InvalidArgument("model", "is required")
         try:
-            return await asyncio.to_thread(self.resolver.resolve, owner, ref)
+            if getattr(self.resolver, "blocking", True):
+                return await asyncio.to_thread(self.resolver.resolve, owner, ref)
+            return self.resolver.resolve(owner, ref)
         except KeyError:
             raise ModelNotFound(f"model {ref!r} not found") from None
 
@@ -421,7 +423,8 @@ class Engine:
                 "active": v.scheduler.active,
                 "queued": v.scheduler.queued,
                 "finished": dict(v.scheduler.finished),
-                "prefix_hits": v.scheduler.prefixes.hits,
+                "prefix_hits": v.scheduler.prefixes.hits + v.scheduler.resident_hits,
+                "prefix_hits_in_slot": v.scheduler.resident_hits,
                 "prefill_calls": v.scheduler.prefill_calls,
                 "prefilled_groups": v.scheduler.prefilled_groups,
             }

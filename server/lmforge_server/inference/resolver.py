@@ -30,6 +30,10 @@ class ResolvedModel:
 
 
 class ModelResolver(Protocol):
+    # Whether `resolve` may block (a network store): the engine then calls it in a thread.
+    # A resolver without the attribute is taken to block.
+    blocking: bool
+
     def resolve(self, owner: str, ref: str) -> ResolvedModel:
         """The model `ref` names for `owner`; raises KeyError when there is none."""
         ...
@@ -41,6 +45,10 @@ class DirectoryResolver:
     metadata.json may set name, version, state and owner; a model with an owner is
     visible to that owner only.
     """
+
+    # A stat and two small local files (~15 us): cheaper on the event loop than the thread
+    # hand-off around it (~0.1 ms of each request's time to first token, measured).
+    blocking = False
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
@@ -68,6 +76,8 @@ class DirectoryResolver:
 class StoredResolver:
     """A registry whose records name artifacts in the store: a READY model's files are
     fetched into this process's cache on first use (blocking; called in a thread)."""
+
+    blocking = True
 
     def __init__(self, registry: ModelResolver, artifacts: ArtifactStore):
         self.registry, self.artifacts = registry, artifacts

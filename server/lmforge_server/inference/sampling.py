@@ -129,8 +129,8 @@ class Sampler:
         self.params = params
         # Any int64 seed (the proto's type) works: negatives map onto the uint64 range.
         # Sample i of a request with n > 1 draws from seed + i.
-        seed = None if params.seed is None else (params.seed + index) & (2**64 - 1)
-        self.rng = np.random.default_rng(seed)
+        self._seed = None if params.seed is None else (params.seed + index) & (2**64 - 1)
+        self._rng: np.random.Generator | None = None
         self.count = 0  # tokens taken so far (min_tokens)
         self.bias = None
         if params.logit_bias:
@@ -220,5 +220,7 @@ class Sampler:
             x = x[order]
         probs = np.exp(x - np.max(x))
         probs /= probs.sum()
-        choice = int(self.rng.choice(probs.size, p=probs))
+        if self._rng is None:  # made on first use: greedy requests never draw
+            self._rng = np.random.default_rng(self._seed)
+        choice = int(self._rng.choice(probs.size, p=probs))
         return choice if idx is None else int(idx[choice])

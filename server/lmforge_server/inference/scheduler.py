@@ -9,7 +9,8 @@ Off the asyncio event loop, each turn of the loop:
 - prefills every waiting request that fits in the batch: requests in adjacent slots in one
   ONNX Runtime call, right-padded (`n` samples of one request share that prefill, copied
   into their slots). A prompt that starts with a prefix recently prefilled for this model
-  reuses that prefix's KV cache (`PrefixCache`) and prefills only the rest. While other
+  reuses that prefix's KV cache and prefills only the rest: from the slot it is given when
+  that slot still holds the prefix (nothing copied), else from `PrefixCache`. While other
   rows decode, a long prompt is prefilled PREFILL_CHUNK tokens per turn, so the running
   streams get a token between its chunks instead of waiting for all of it;
 - runs one decode step of all active rows as one batch: slots 0 .. the highest active one
@@ -207,6 +208,9 @@ class Group:
     ids: list[int]
     # The first `done` ids are in the first row's slot already (prefix reuse, chunks).
     done: int = 0
+    # The prompt whose keys and values the first row's slot still held when it was given
+    # to this group (see Scheduler._resident).
+    resident: list[int] | None = None
 
     @property
     def slot(self) -> int:
@@ -214,6 +218,21 @@ class Group:
 
 
 # --- prefix reuse ---------------------------------------------------------------------------
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids `a` and `b` share (slice comparisons, which run in C)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class PrefixCache:
@@ -252,20 +271,24 @@ class PrefixCache:
             if not same_head:
                 del self._by_head[old_key[: self.min_tokens]]
 
-    def get(self, ids: list[int]) -> tuple[int, list[np.ndarray] | None]:
+    def holds(self, ids: list[int]) -> bool:
+        """Whether `put(ids, ...)` would store nothing (checked before reading a slot out)."""
+        return len(ids) < self.min_tokens or tuple(ids) in self._entries
+
+    def get(self, ids: list[int], longer_than: int = 0) -> tuple[int, list[np.ndarray] | None]:
         """(k, cache of the first k tokens) for the longest remembered prefix of `ids`,
-        leaving at least one token to prefill; (0, None) when none is long enough."""
+        leaving at least one token to prefill; (0, None) when none is long enough or none
+        is longer than `longer_than` tokens (what the caller holds already)."""
         best, best_key = 0, None
-        target = np.asarray(ids[:-1])
+        target = ids[:-1]
         for key in self._by_head.get(tuple(ids[: self.min_tokens]), ()):
             n = min(len(key), len(target))
-            if n < max(self.min_tokens, best + 1):
+            if n < max(self.min_tokens, best + 1, longer_than + 1):
                 continue
-            same = np.asarray(key[:n]) == target[:n]
-            k = n if same.all() else int(np.argmin(same))
+            k = common_prefix(list(key[:n]), target[:n])
             if k > best:
                 best, best_key = k, key
-        if best < self.min_tokens or best_key is None:
+        if best < self.min_tokens or best <= longer_than or best_key is None:
             return 0, None
         self._entries.move_to_end(best_key)
         self.hits += 1
@@ -286,6 +309,7 @@ class Scheduler:
         name: str = "model",
         prefix_cache: PrefixCache | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        reuse_resident: bool = True,
     ):
         self.model = model
         self.max_batch_size = max(1, max_batch_size)
@@ -299,6 +323,15 @@ class Scheduler:
         # Who holds each cache slot, and how many positions of it are filled.
         self._holders: list[Request | None] = [None] * self.max_batch_size
         self._lens = np.zeros(self.max_batch_size, np.int32)
+        # The prompt whose keys and values each slot holds at positions [0, len(prompt)),
+        # from the prefill graph: still there once the slot is given back, until something
+        # writes over them. A prompt given that slot reuses the prefix it shares with it, as
+        # it would one from the PrefixCache, without copying it in (a sequence of requests,
+        # a conversation's turns, runs in the same slot). `reuse_resident=False` turns this
+        # off (tests of the PrefixCache on its own).
+        self._resident: list[list[int] | None] = [None] * self.max_batch_size
+        self.reuse_resident = reuse_resident
+        self.resident_hits = 0
         # The batch: the samples being decoded (each in its own slot).
         self._rows: list[Request] = []
         # Groups that hold slots outside the batch: rows that reached the context and are
@@ -371,6 +404,10 @@ class Scheduler:
                         req.slot = free.pop(0)
                         self._holders[req.slot] = req
                         self._lens[req.slot] = 0
+                    if self.reuse_resident:
+                        group.resident = self._resident[group.slot]
+                    for req in group.rows:  # what they held is about to be written over
+                        self._resident[req.slot] = None
                     new.append(group)
             try:
                 if new:
@@ -385,6 +422,7 @@ class Scheduler:
                     if not req.done:
                         self._finish(req, "error", error=e)
                 self._rows, self._carried = [], []
+                self._resident = [None] * self.max_batch_size  # a failed run wrote who knows what
                 for req in self._holders:
                     if req is not None:
                         self._release(req)
@@ -427,17 +465,12 @@ class Scheduler:
                     self._release(req)
             else:
                 live.append(g)
-        # A prompt sharing a remembered prefix prefills on top of that prefix's cache, a long
-        # one a chunk per turn; the others prefill together, right-padded.
+        # A prompt sharing a cached prefix prefills on top of it, a long one a chunk per turn;
+        # the others prefill together, right-padded.
         cold = []
         for g in live:
             if g.done == 0 and not g.rows[0].context_shifts:
-                k, past = self.prefixes.get(g.ids)
-                if past is not None:
-                    self.cache.write(g.slot, past)
-                    g.done = self._lens[g.slot] = k
-                    for req in g.rows:
-                        req.cached_prompt_tokens = k
+                self._reuse_prefix(g)
             # Chunks only when other rows wait for their tokens; else the whole prompt at once.
             busy = bool(self._rows) or len(live) > 1
             if busy and len(g.ids) - g.done > self.prefill_chunk:
@@ -457,6 +490,26 @@ class Scheduler:
             run.append(g)
         if run:
             self._run_prefill(run)
+
+    def _reuse_prefix(self, g: Group) -> None:
+        """Starts the group after the longest prefix of its prompt whose cache is at hand: in
+        its slot already (that slot's last prompt, nothing copied) or remembered by the
+        PrefixCache (copied into the slot). One prompt token is always left to prefill."""
+        k = 0
+        if g.resident is not None:
+            k = common_prefix(g.resident, g.ids[:-1])
+            if k < self.prefixes.min_tokens:
+                k = 0
+        k_lru, past = self.prefixes.get(g.ids, longer_than=k)
+        if past is not None:
+            self.cache.write(g.slot, past)
+            k = k_lru
+        elif k:
+            self.resident_hits += 1
+        if k:
+            g.done = self._lens[g.slot] = k
+            for req in g.rows:
+                req.cached_prompt_tokens = k
 
     def _run_chunk(self, g: Group) -> None:
         """Prefills the group's next `prefill_chunk` ids into its slot (no token yet)."""
@@ -494,6 +547,9 @@ class Scheduler:
             for req in g.rows[1:]:  # n samples: one prefill, copied into each slot
                 self.cache.copy(first, req.slot, L)
                 self._lens[req.slot] = L
+            if not g.rows[0].context_shifts:
+                for req in g.rows:
+                    self._resident[req.slot] = g.ids
             for req in g.rows:
                 if not req.done and self._accept(req, logits[i]):
                     joins.append(req)
@@ -501,7 +557,8 @@ class Scheduler:
                     self._release(req)
         self._flush()  # first tokens go out now
         for ids, slot in remember:  # a released slot keeps its cache until the next turn
-            self.prefixes.put(ids, self.cache.read(slot, len(ids)))
+            if not self.prefixes.holds(ids):
+                self.prefixes.put(ids, self.cache.read(slot, len(ids)))
         self._rows += joins
 
     # -- decode
@@ -514,6 +571,9 @@ class Scheduler:
         # A slot not in the batch (free, or a prompt between chunks) writes a throwaway row
         # at its own end, which its next prefill overwrites.
         seqlens = np.minimum(self._lens[:B], self.model.context_length - 1)
+        for s in range(B):
+            if self._holders[s] is None:  # its throwaway row lands on position 0
+                self._resident[s] = None
         for r in rows:
             ids[r.slot, 0] = r.generated[-1]
         logits = self.model.run(self.cache, ids, seqlens, 0)
@@ -651,6 +711,7 @@ class Scheduler:
                 req.window_start = len(req.prompt_ids) + len(req.generated) - n
                 req.context_shifts += 1
                 self._lens[req.slot] = 0
+                self._resident[req.slot] = None
                 self._carried.append(Group([req], req.window()))
                 continue
             if req.done:
